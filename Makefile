@@ -1,0 +1,43 @@
+# make example : create .venv on first use, install, run the main job
+# make test    : create .venv on first use, install, run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 (a CPU build) is pinned: an unpinned torch pulls a multi-GB CUDA build
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+DEPS := numpy "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*) $(wildcard csrc/*/*)
+
+.PHONY: install example demo test test-fast lint bench info clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC) $(TRITON_SPEC) $(DEPS)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+example: install
+	$(PY) -m esper_kernels example
+
+info: install
+	$(PY) -m esper_kernels info
+
+test: install
+	$(PY) -m ruff check esper_kernels tests benchmarks
+	cd tests && ../$(PY) -m pytest -q -c ../pyproject.toml .
+
+lint: install
+	$(PY) -m ruff check esper_kernels tests benchmarks
+
+bench: install
+	$(PY) -m esper_kernels bench
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .hypothesis

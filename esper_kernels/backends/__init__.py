@@ -1,0 +1,121 @@
+"""Backend registry: which backends can run here, why the others cannot, and what "auto" picks.
+
+Each backend says why it cannot run (``not_supported_reasons``, xformers style); an explicit request for a
+backend that cannot run raises with every reason. "auto" takes the first backend that supports the call
+from a per-device order: for CPU tensors the fused C++ ``cpu`` backend, for CUDA tensors ``triton`` and
+``cuda`` in the order the benchmarks measured fastest for the shape, and ``reference`` last everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..config import ResolvedConfig
+from ..inputs import PPOInputs
+from .base import Backend, ReferenceBackend
+
+__all__ = ["BackendInfo", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
+           "BackendUnavailableError"]
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+
+# fused backends live in their own modules; a module that is missing or fails to import makes that
+# backend unavailable with the import error as its reason
+_MODULES = {"triton": "esper_kernels.backends.triton_backend", "cuda": "esper_kernels.backends.native",
+            "cpu": "esper_kernels.backends.native"}
+_cache: dict[str, Backend | str] = {"reference": ReferenceBackend()}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reasons: tuple[str, ...]  # why it cannot run here (empty when available)
+    devices: tuple[str, ...]  # device types it runs on
+
+    def __str__(self) -> str:
+        status = "available" if self.available else "unavailable: " + "; ".join(self.reasons)
+        return f"{self.name} ({', '.join(self.devices) or '-'}): {status}"
+
+
+def _load(name: str) -> Backend | str:
+    """The backend object, or the reason it cannot be loaded."""
+    if name in _cache:
+        return _cache[name]
+    try:
+        module = importlib.import_module(_MODULES[name])
+        backend = module.BACKENDS[name]
+    except ModuleNotFoundError as e:
+        result: Backend | str = (f"not part of this build (module {_MODULES[name]} not found)"
+                                 if e.name == _MODULES[name] else f"import failed: {e}")
+    except Exception as e:  # an import error is a reason, not a crash
+        result = f"import failed: {type(e).__name__}: {e}"
+    else:
+        result = backend
+    _cache[name] = result
+    return result
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    """Every backend name with whether it can run on this machine and, if not, why."""
+    out = {}
+    for name in BACKEND_NAMES:
+        b = _load(name)
+        if isinstance(b, str):
+            out[name] = BackendInfo(name, False, (b,), ())
+        else:
+            reasons = tuple(b.unavailable_reasons())
+            out[name] = BackendInfo(name, not reasons, reasons, tuple(b.devices))
+    return out
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {list(BACKEND_NAMES) + ['auto']}")
+    b = _load(name)
+    if isinstance(b, str):
+        raise BackendUnavailableError(f"backend {name!r} cannot run: {b}")
+    return b
+
+
+def _call_reasons(b: Backend, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
+    reasons = list(b.unavailable_reasons())
+    if not reasons:
+        reasons += b.not_supported_reasons(inputs, cfg)
+    return reasons
+
+
+def _auto_order(inputs: PPOInputs) -> list[str]:
+    if inputs.device.type == "cuda":
+        from .choice import cuda_preference
+
+        return cuda_preference(inputs) + ["reference"]
+    if inputs.device.type == "cpu":
+        return ["cpu", "reference"]
+    return ["reference"]
+
+
+def select_backend(name: str, inputs: PPOInputs, cfg: ResolvedConfig) -> Backend:
+    """The backend that runs this call: ``name``, or the first that supports it for "auto"."""
+    if name == "auto":
+        tried = []
+        for candidate in _auto_order(inputs):
+            b = _load(candidate)
+            if isinstance(b, str):
+                tried.append(f"{candidate}: {b}")
+                continue
+            reasons = _call_reasons(b, inputs, cfg)
+            if not reasons:
+                return b
+            tried.append(f"{candidate}: " + "; ".join(reasons))
+        raise BackendUnavailableError("backend 'auto': no backend supports this call:\n  " + "\n  ".join(tried))
+    b = get_backend(name)
+    reasons = _call_reasons(b, inputs, cfg)
+    if reasons:
+        raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  " + "\n  ".join(reasons))
+    return b

@@ -1,0 +1,229 @@
+"""Shared plumbing of the fused backends: one custom-op pair (forward, backward) serving every fused backend.
+
+A fused backend implements two kernels' host sides:
+
+* ``kernel_forward(call) -> (losses[4], log_probs[N, H], entropy[N, H], joint_ratio[N], stats[K], saved)``
+  with ``losses = (loss, policy_loss, entropy_loss, value_loss)`` (float32), per-step outputs in float32,
+  ``stats`` the vector of ``esper_kernels.stats`` and ``saved`` whatever small per-step coefficients its
+  backward needs (shape ``saved_shape(n, H)``, float32; never an [N, S] intermediate).
+* ``kernel_backward(call, stats, saved, grad_losses[4] | None, grad_log_probs[N, H] | None,
+  grad_entropy[N, H] | None) -> (grad_logits, grad_values)``: ``grad_logits`` is a list shaped and typed
+  like ``call.logits`` (the logits' dtype); ``grad_values`` is [N] float32 or None. Gradients of absent
+  steps and of masked actions are exactly 0, whatever the incoming gradients hold.
+
+``grad_losses[k]`` is the incoming gradient of ``losses[k]``: loss = PL + entropy_coef * EL + value_coef * VL,
+so d/d ell gets ``g0 + g1`` times dPL/d ell, d/d H gets ``entropy_coef * g0 + g2`` times dEL/dH, and d/d v gets
+``value_coef * g0 + g3`` times dVL/dv.
+
+Both kernels are registered as ``torch.library`` custom ops with fake (meta) implementations and autograd,
+so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque op per direction. Advantage
+normalisation (a few [N]-sized reductions, no pass over the logits) runs before the op, so kernels always
+see ``cfg.normalize_advantages == False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ResolvedConfig
+from ..inputs import PPOInputs
+from ..reference import RawOutput, normalize_advantages
+from ..stats import stats_size
+from .base import Backend
+
+__all__ = ["FusedBackend", "FusedCall", "cfg_to_list", "cfg_from_list", "register_fused"]
+
+_FUSED: dict[str, FusedBackend] = {}
+
+
+def cfg_to_list(cfg: ResolvedConfig) -> list[float]:
+    """ResolvedConfig -> flat floats (the custom op's config argument)."""
+    return [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, cfg.joint_log_ratio_clamp, float(cfg.per_head),
+            float(cfg.normalize_advantages), float(cfg.normalize_entropy), cfg.entropy_coef, cfg.value_coef,
+            cfg.value_clip, cfg.mask_fill, *cfg.entropy_coef_per_head, *cfg.prob_floor]
+
+
+def cfg_from_list(values: list[float], num_heads: int) -> ResolvedConfig:
+    v = list(values)
+    return ResolvedConfig(
+        eps_low=v[0], eps_high=v[1], log_ratio_clamp=v[2], joint_log_ratio_clamp=v[3], per_head=bool(v[4]),
+        normalize_advantages=bool(v[5]), normalize_entropy=bool(v[6]), entropy_coef=v[7], value_coef=v[8],
+        value_clip=v[9], mask_fill=v[10], entropy_coef_per_head=tuple(v[11:11 + num_heads]),
+        prob_floor=tuple(v[11 + num_heads:11 + 2 * num_heads]))
+
+
+@dataclass
+class FusedCall:
+    """One call's inputs as the kernels see them (N rows, H heads)."""
+
+    logits: list[torch.Tensor]  # [N, S] (packed, head h at column offsets[h]) or H tensors [N, A_h]
+    masks: list[torch.Tensor]  # like logits (bool/uint8) or empty = all valid
+    actions: list[torch.Tensor]  # H x [N] int32/int64 (any stride)
+    old_log_probs: list[torch.Tensor]  # H x [N] float (any stride)
+    advantages: torch.Tensor  # [N] or [N, H]
+    relevance: list[torch.Tensor]  # H x [N] bool/uint8, or empty = all relevant
+    weights: torch.Tensor | None
+    values: torch.Tensor | None
+    returns: torch.Tensor | None
+    old_values: torch.Tensor | None
+    value_weights: torch.Tensor | None
+    head_sizes: tuple[int, ...]
+    cfg: ResolvedConfig
+
+    @property
+    def n(self) -> int:
+        return self.logits[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_sizes)
+
+    @property
+    def packed(self) -> bool:
+        return len(self.logits) == 1
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out = [0]
+        for a in self.head_sizes[:-1]:
+            out.append(out[-1] + a)
+        return tuple(out)
+
+
+class FusedBackend(Backend):
+    """A backend whose forward and backward are its own kernels, called through the shared custom ops."""
+
+    def saved_shape(self, n: int, num_heads: int) -> list[int]:
+        """Shape of the float32 per-step coefficients saved between forward and backward."""
+        return [n, num_heads]
+
+    def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
+                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
+        reasons = super().not_supported_reasons(inputs, cfg)
+        if inputs.logits_dtype == torch.float64:
+            reasons.append("float64 logits are supported by the reference backend only")
+        return reasons
+
+    def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
+        adv = inputs.advantages
+        if cfg.normalize_advantages:
+            adv = normalize_advantages(adv, inputs.weights)
+            cfg = cfg._replace(normalize_advantages=False)
+        losses, log_probs, entropy, joint_ratio, stats, _ = torch.ops.esper_kernels.fused_forward(
+            self.name, list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
+            list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights, inputs.values,
+            inputs.returns, inputs.old_values, inputs.value_weights, list(inputs.layout.sizes), cfg_to_list(cfg))
+        return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
+                         log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+
+
+def register_fused(backend: FusedBackend) -> FusedBackend:
+    """Make ``backend`` reachable from the custom ops under its name."""
+    _FUSED[backend.name] = backend
+    return backend
+
+
+def _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
+          old_values, value_weights, head_sizes, cfg) -> tuple[FusedBackend, FusedCall]:
+    if backend not in _FUSED:
+        raise RuntimeError(f"esper_kernels: fused backend {backend!r} is not registered")
+    call = FusedCall(list(logits), list(masks), list(actions), list(old_log_probs), advantages, list(relevance),
+                     weights, values, returns, old_values, value_weights, tuple(head_sizes),
+                     cfg_from_list(cfg, len(head_sizes)))
+    return _FUSED[backend], call
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("esper_kernels::fused_forward", mutates_args=())
+def fused_forward(backend: str, logits: list[Tensor], masks: list[Tensor], actions: list[Tensor],
+                  old_log_probs: list[Tensor], advantages: Tensor, relevance: list[Tensor],
+                  weights: Tensor | None, values: Tensor | None, returns: Tensor | None,
+                  old_values: Tensor | None, value_weights: Tensor | None, head_sizes: list[int],
+                  cfg: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl, call = _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values,
+                       returns, old_values, value_weights, head_sizes, cfg)
+    return tuple(impl.kernel_forward(call))
+
+
+@fused_forward.register_fake
+def _(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
+      old_values, value_weights, head_sizes, cfg):
+    n, H = logits[0].shape[0], len(head_sizes)
+    like = logits[0]
+    f32 = dict(dtype=torch.float32, device=like.device)
+    saved_shape = _FUSED[backend].saved_shape(n, H) if backend in _FUSED else [n, H]
+    return (like.new_empty(4, **f32), like.new_empty((n, H), **f32), like.new_empty((n, H), **f32),
+            like.new_empty((n,), **f32), like.new_empty((stats_size(H),), **f32), like.new_empty(saved_shape, **f32))
+
+
+@torch.library.custom_op("esper_kernels::fused_backward", mutates_args=())
+def fused_backward(backend: str, logits: list[Tensor], masks: list[Tensor], actions: list[Tensor],
+                   old_log_probs: list[Tensor], advantages: Tensor, relevance: list[Tensor],
+                   weights: Tensor | None, values: Tensor | None, returns: Tensor | None,
+                   old_values: Tensor | None, value_weights: Tensor | None, head_sizes: list[int],
+                   cfg: list[float], stats: Tensor, saved: Tensor, grad_losses: Tensor | None,
+                   grad_log_probs: Tensor | None, grad_entropy: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    impl, call = _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values,
+                       returns, old_values, value_weights, head_sizes, cfg)
+    grads, grad_values = impl.kernel_backward(call, stats, saved, grad_losses, grad_log_probs, grad_entropy)
+    if grad_values is None:
+        grad_values = stats.new_empty(0)
+    return list(grads), grad_values
+
+
+@fused_backward.register_fake
+def _(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
+      old_values, value_weights, head_sizes, cfg, stats, saved, grad_losses, grad_log_probs, grad_entropy):
+    grad_values = stats.new_empty(0) if values is None else values.new_empty(values.shape, dtype=torch.float32)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in logits], grad_values
+
+
+_ARG_NAMES = ("backend", "logits", "masks", "actions", "old_log_probs", "advantages", "relevance", "weights",
+              "values", "returns", "old_values", "value_weights", "head_sizes", "cfg")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    args = dict(zip(_ARG_NAMES, inputs))
+    ctx.backend = args["backend"]
+    ctx.head_sizes = args["head_sizes"]
+    ctx.cfg = args["cfg"]
+    ctx.counts = (len(args["logits"]), len(args["masks"]), len(args["actions"]), len(args["relevance"]))
+    ctx.values_dtype = None if args["values"] is None else args["values"].dtype
+    tensors = [*args["logits"], *args["masks"], *args["actions"], *args["old_log_probs"], args["advantages"],
+               *args["relevance"], args["weights"], args["values"], args["returns"], args["old_values"],
+               args["value_weights"], output[4], output[5]]
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, g_losses, g_log_probs, g_entropy, g_joint_ratio, g_stats, g_saved):
+    t = list(ctx.saved_tensors)
+    nl, nm, na, nr = ctx.counts
+
+    def take(k: int) -> list[Tensor]:
+        out = t[:k]
+        del t[:k]
+        return out
+
+    logits, masks, actions, olp = take(nl), take(nm), take(na), take(na)
+    (adv,) = take(1)
+    rel = take(nr)
+    weights, values, returns, old_values, value_weights, stats, saved = t
+    grads, grad_values = torch.ops.esper_kernels.fused_backward(
+        ctx.backend, logits, masks, actions, olp, adv, rel, weights, values, returns, old_values, value_weights,
+        ctx.head_sizes, ctx.cfg, stats, saved, g_losses, g_log_probs, g_entropy)
+    gv = None if values is None else grad_values.to(ctx.values_dtype)
+    return (None, list(grads), None, None, None, None, None, None, gv, None, None, None, None, None)
+
+
+torch.library.register_autograd("esper_kernels::fused_forward", _backward, setup_context=_setup_context)

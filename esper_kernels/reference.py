@@ -1,0 +1,267 @@
+"""The reference backend: SPEC sections 2 to 4 in plain PyTorch, the truth every fused backend is tested against.
+
+Readable first: one head at a time, float32 throughout (float64 when the logits are float64, for gradcheck),
+gradients by autograd. Absent steps (w <= 0 or non-finite w), irrelevant heads and masked actions are removed
+with ``torch.where`` before any arithmetic, so NaN or Inf there never reaches the loss, a metric or a gradient.
+No boolean indexing and no host synchronisation, so it runs under torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .config import ResolvedConfig
+from .inputs import PPOInputs
+from .stats import GLOBAL_SIZE, HEAD_SIZE, G, HD
+
+__all__ = ["RawOutput", "reference_forward", "masked_log_softmax", "normalize_advantages"]
+
+_INF = float("inf")
+
+
+class RawOutput(NamedTuple):
+    """What a backend returns before the API wraps it: flat per-step outputs and the statistics vector."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    log_probs: torch.Tensor  # [N, H]
+    entropy: torch.Tensor  # [N, H]
+    joint_ratio: torch.Tensor  # [N]
+    stats: torch.Tensor  # [GLOBAL_SIZE + H * HEAD_SIZE] float32
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den == 0 (the loss-term convention of SPEC 3.7)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def _min_ignore_nan(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep & ~torch.isnan(x), x, _INF).amin() if x.numel() else x.new_tensor(_INF)
+
+
+def _max_ignore_nan(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep & ~torch.isnan(x), x, -_INF).amax() if x.numel() else x.new_tensor(-_INF)
+
+
+def _moments(x: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean and M2 = sum w (x - mean)^2 over ``keep`` (two-pass)."""
+    ws = torch.where(keep, w, 0.0)
+    xs = torch.where(keep, x, 0.0)
+    mean = _safe_div((ws * xs).sum(), ws.sum())
+    m2 = (ws * (xs - mean) ** 2).sum()
+    return mean, m2
+
+
+def masked_log_softmax(z: torch.Tensor, valid: torch.Tensor, fill: float, floor: float) -> torch.Tensor:
+    """SPEC 3.1-3.3: log-softmax of z with invalid actions at ``fill``, then esper's floor if ``floor > 0``.
+
+    Floor: p = softmax(zhat); f = min(floor, 0.99 / max(n, 1)); U = valid & p < f; O = valid & p >= f;
+    s = max(1 - |U| f, 1e-8) / max(sum_O p, 1e-8); q = f on U, p s on O; zhat = log(max(q, 1e-8)) on valid.
+    """
+    zhat = torch.where(valid, z, fill)
+    if floor > 0:
+        p = torch.softmax(zhat, dim=-1)
+        n = valid.sum(-1, keepdim=True).to(z.dtype)
+        f = torch.clamp(0.99 / torch.clamp(n, min=1.0), max=floor)
+        under = valid & (p < f)
+        over = valid & ~(p < f)
+        s = torch.clamp(1.0 - under.sum(-1, keepdim=True).to(z.dtype) * f, min=1e-8) / torch.clamp(
+            torch.where(over, p, 0.0).sum(-1, keepdim=True), min=1e-8)
+        q = torch.where(under, f, p * s)
+        zhat = torch.where(valid, torch.log(torch.clamp(q, min=1e-8)), fill)
+    return zhat - torch.logsumexp(zhat, dim=-1, keepdim=True)
+
+
+def _surrogate(ratio: torch.Tensor, adv: torch.Tensor, cfg: ResolvedConfig) -> torch.Tensor:
+    """min(r A, clip(r, 1 - eps_lo, 1 + eps_hi) A)."""
+    return torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv)
+
+
+def _clipped(ratio: torch.Tensor, cfg: ResolvedConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return ratio > 1.0 + cfg.eps_high, ratio < 1.0 - cfg.eps_low
+
+
+def _normalize(adv: torch.Tensor, w: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(A - mean_w A) / max(std_w A, 1e-8) over present steps (weighted population std)."""
+    mean, m2 = _moments(adv, w, present)
+    std = torch.sqrt(_safe_div(m2, torch.where(present, w, 0.0).sum()))
+    return torch.where(present, (adv - mean) / torch.clamp(std, min=1e-8), 0.0)
+
+
+def normalize_advantages(advantages: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """SPEC 3.8 advantage normalisation over present steps, per column for per-head advantages [N, H]."""
+    ct = torch.float64 if advantages.dtype == torch.float64 else torch.float32
+    w_raw = torch.ones(advantages.shape[0], dtype=ct, device=advantages.device) if weights is None else weights.to(ct)
+    present = torch.isfinite(w_raw) & (w_raw > 0)
+    w = torch.where(present, w_raw, 0.0)
+    adv = advantages.to(ct)
+    if adv.dim() == 2:
+        return torch.stack([_normalize(torch.where(present, adv[:, h], 0.0), w, present)
+                            for h in range(adv.shape[1])], dim=1)
+    return _normalize(torch.where(present, adv, 0.0), w, present)
+
+
+def reference_forward(inp: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
+    """The whole loss, its per-step outputs and its statistics; differentiable in logits and values."""
+    H, N = inp.layout.num_heads, inp.n
+    dev = inp.device
+    ct = torch.float64 if inp.logits_dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=ct, device=dev)
+
+    # steps: w > 0 and finite is present; anything else is absent (and a bad weight if < 0 or non-finite)
+    if inp.weights is None:
+        w_raw = torch.ones(N, dtype=ct, device=dev)
+    else:
+        w_raw = inp.weights.to(ct)
+    finite_w = torch.isfinite(w_raw)
+    present = finite_w & (w_raw > 0)
+    w = torch.where(present, w_raw, 0.0)
+    W = w.sum()
+    bad_weights = (~finite_w | (w_raw < 0)).sum().to(ct)
+
+    if cfg.normalize_advantages:
+        adv_all = normalize_advantages(inp.advantages, inp.weights)
+    else:
+        adv_all = torch.where(present.unsqueeze(-1) if inp.advantages.dim() == 2 else present,
+                              inp.advantages.to(ct), 0.0)
+
+    log_probs, entropies, lrs, rels = [], [], [], []
+    head_stats = []
+    policy_terms = []
+    for h in range(H):
+        A_h = inp.layout.sizes[h]
+        z = inp.head_logits(h).to(ct)
+        m = inp.head_mask(h)
+        valid = torch.ones_like(z, dtype=torch.bool) if m is None else m.bool()
+        use = present.unsqueeze(-1) & valid
+        logp = masked_log_softmax(z, use, cfg.mask_fill, cfg.prob_floor[h])
+        p = torch.exp(logp)
+        ent = -torch.where(use, p * logp, 0.0).sum(-1)
+        n = valid.sum(-1).to(ct)
+        if cfg.normalize_entropy:
+            ent = torch.where(n > 1, ent / torch.log(torch.clamp(n, min=2.0)), 0.0)
+
+        a = inp.actions[h].long()
+        in_range = (a >= 0) & (a < A_h)
+        a_safe = torch.where(in_range, a, 0).unsqueeze(-1)
+        ell = torch.where(in_range, logp.gather(-1, a_safe).squeeze(-1), float("nan"))
+        taken_valid = in_range & valid.gather(-1, a_safe).squeeze(-1)
+
+        rel = present if inp.relevance is None else present & inp.relevance[h].bool()
+        old = torch.where(rel, inp.old_log_probs[h].to(ct), 0.0)
+        lr = torch.clamp(torch.where(rel, ell, 0.0) - old, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        lr = torch.where(rel, lr, 0.0)
+        ratio = torch.exp(lr)
+        wr = torch.where(rel, w, 0.0)
+        den = wr.sum()
+
+        if cfg.per_head:
+            s = _surrogate(ratio, adv_all[:, h] if adv_all.dim() == 2 else adv_all, cfg)
+            num = torch.where(rel, wr * s, 0.0).sum()
+            policy_terms.append(_safe_div(num, den))
+        else:
+            num = zero
+        clip_hi, clip_lo = _clipped(ratio, cfg)
+        ent_num = torch.where(rel, wr * ent, 0.0).sum()
+        stats = torch.stack([
+            den,
+            num,
+            ent_num,
+            torch.where(rel, wr * ((torch.exp(lr) - 1.0) - lr), 0.0).sum(),
+            torch.where(rel & (clip_hi | clip_lo), wr, 0.0).sum(),
+            _max_ignore_nan(ratio, rel),
+            _min_ignore_nan(ell, rel),
+            _max_ignore_nan(ell, rel),
+            (present & ~torch.isfinite(ell)).sum().to(ct),
+            (present & (n == 0)).sum().to(ct),
+            (present & ~taken_valid).sum().to(ct),
+            _min_ignore_nan(n, present),
+            _max_ignore_nan(n, present),
+            torch.where(present, w * n, 0.0).sum(),
+            torch.where(present & (n == 1), w, 0.0).sum(),
+            torch.where(rel & (n > 1), w, 0.0).sum(),
+        ])
+        head_stats.append(stats)
+        log_probs.append(ell)
+        entropies.append(ent)
+        lrs.append(lr)
+        rels.append(rel)
+
+    # the TRUE joint ratio: sum of every relevant head's clamped log-ratio, clamped again
+    L = torch.stack(lrs, dim=1).sum(1)
+    if math.isfinite(cfg.joint_log_ratio_clamp):
+        L = torch.clamp(L, -cfg.joint_log_ratio_clamp, cfg.joint_log_ratio_clamp)
+    L = torch.where(present, L, 0.0)
+    r = torch.exp(L)
+    clip_hi, clip_lo = _clipped(r, cfg)
+    if cfg.per_head:
+        policy_loss = -torch.stack(policy_terms).sum()
+        policy_num = zero
+    else:
+        adv = adv_all if adv_all.dim() == 1 else adv_all[:, 0]
+        policy_num = torch.where(present, w * _surrogate(r, adv, cfg), 0.0).sum()
+        policy_loss = -_safe_div(policy_num, W)
+
+    head_block = torch.stack(head_stats)  # [H, HEAD_SIZE]
+    ent_means = _safe_div(head_block[:, HD.ENTROPY_NUM], head_block[:, HD.REL_WEIGHT])
+    k = torch.tensor(cfg.entropy_coef_per_head, dtype=ct, device=dev)
+    entropy_loss = -(k * ent_means).sum()
+
+    # value loss
+    v_stats = [zero] * 9
+    value_loss = zero
+    if inp.values is not None:
+        vw_raw = w_raw if inp.value_weights is None else inp.value_weights.to(ct)
+        vfinite = torch.isfinite(vw_raw)
+        vpresent = vfinite & (vw_raw > 0)
+        vw = torch.where(vpresent, vw_raw, 0.0)
+        VW = vw.sum()
+        v = torch.where(vpresent, inp.values.to(ct), 0.0)
+        R = torch.where(vpresent, inp.returns.to(ct), 0.0)
+        l1 = (v - R) ** 2
+        if math.isfinite(cfg.value_clip) and inp.old_values is not None:
+            vo = torch.where(vpresent, inp.old_values.to(ct), 0.0)
+            l2 = (vo + torch.clamp(v - vo, -cfg.value_clip, cfg.value_clip) - R) ** 2
+            vl = torch.maximum(l1, l2)
+            vclip = torch.where(vpresent & (l2 > l1), vw, 0.0).sum()
+        else:
+            vl = l1
+            vclip = zero
+        value_num = torch.where(vpresent, vw * vl, 0.0).sum()
+        value_loss = 0.5 * _safe_div(value_num, VW)
+        rmean, rm2 = _moments(R.detach(), vw, vpresent)
+        emean, em2 = _moments((R - v).detach(), vw, vpresent)
+        v_stats = [vpresent.sum().to(ct), VW, value_num, vclip, rmean, rm2, emean, em2,
+                   (~vfinite | (vw_raw < 0)).sum().to(ct)]
+
+    loss = policy_loss + cfg.entropy_coef * entropy_loss + cfg.value_coef * value_loss
+
+    rmean, rm2 = _moments(r, w, present)
+    g = [zero] * GLOBAL_SIZE
+    g[G.STEPS] = present.sum().to(ct)
+    g[G.WEIGHT] = W
+    g[G.POLICY_NUM] = policy_num
+    g[G.KL_K3] = torch.where(present, w * ((torch.exp(L) - 1.0) - L), 0.0).sum()
+    g[G.KL_K1] = torch.where(present, w * -L, 0.0).sum()
+    g[G.CLIP] = torch.where(present & (clip_hi | clip_lo), w, 0.0).sum()
+    g[G.CLIP_POS] = torch.where(present & clip_hi, w, 0.0).sum()
+    g[G.CLIP_NEG] = torch.where(present & clip_lo, w, 0.0).sum()
+    g[G.RATIO_MEAN], g[G.RATIO_M2] = rmean, rm2
+    g[G.RATIO_MIN] = _min_ignore_nan(r, present)
+    g[G.RATIO_MAX] = _max_ignore_nan(r, present)
+    g[G.BAD_WEIGHTS] = bad_weights
+    (g[G.VALUE_STEPS], g[G.VALUE_WEIGHT], g[G.VALUE_NUM], g[G.VALUE_CLIP], g[G.RETURN_MEAN], g[G.RETURN_M2],
+     g[G.RESID_MEAN], g[G.RESID_M2], g[G.BAD_VALUE_WEIGHTS]) = v_stats
+    stats = torch.cat([torch.stack(g), head_block.reshape(-1)]).detach().float()
+    assert stats.numel() == GLOBAL_SIZE + H * HEAD_SIZE
+
+    return RawOutput(
+        loss=loss, policy_loss=policy_loss, entropy_loss=entropy_loss, value_loss=value_loss,
+        log_probs=torch.stack(log_probs, dim=1), entropy=torch.stack(entropies, dim=1),
+        joint_ratio=r.detach(), stats=stats,
+    )
