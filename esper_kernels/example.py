@@ -41,8 +41,7 @@ def run_example(backend: str = "auto", device: str = "cpu", seed: int = 0) -> No
     batch = make_batch((12, 150), layout, device=device, seed=seed)
     logits = batch.pop("logits").requires_grad_(True)
     values = batch.pop("values").requires_grad_(True)
-    config = PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
-                           prob_floor={"op": 0.01, "slot": 0.01})
+    config = PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05)
     out = ppo_loss(logits, values=values, layout=layout, config=config, backend=backend, **batch)
     out.loss.backward()
     m = out.metrics.to_dict()

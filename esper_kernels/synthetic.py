@@ -22,7 +22,7 @@ ESPER_RELEVANCE = {
 def make_batch(batch_shape: tuple[int, ...] = (12, 150), layout: HeadLayout | None = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
                mask_density: float = 0.7, absent_fraction: float = 0.1, values: bool = True,
-               logit_scale: float = 2.0, old_noise: float = 0.3) -> dict:
+               logit_scale: float = 2.0, old_noise: float = 0.1) -> dict:
     """A random batch: ``ppo_loss(**make_batch(...), layout=layout)`` works.
 
     Masks keep the taken action valid and at least one action per head; esper layouts get esper's causal
