@@ -24,7 +24,7 @@ def head_table(metrics: dict[str, float], names, grad_norms: dict[str, float] | 
     rows = [header]
     for name in names:
         cells = []
-        for label, key, fmt in _COLUMNS:
+        for _label, key, fmt in _COLUMNS:
             if key is None:
                 if grad_norms is None:
                     continue

@@ -17,7 +17,7 @@ def info_text() -> str:
         import triton
 
         lines.append(f"triton {triton.__version__}")
-    except Exception as e:  # noqa: BLE001 - report, do not fail
+    except Exception as e:
         lines.append(f"triton: not importable ({type(e).__name__}: {e})")
     lines.append(f"cpu threads: {torch.get_num_threads()}")
     if torch.cuda.is_available():

@@ -135,7 +135,8 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
     # the batch shape and device come from the logits
     if isinstance(logits, torch.Tensor):
         if logits.dim() < 2:
-            raise ValueError(f"logits: expected shape [*batch, {S}] (S = sum of head sizes), got {_shape(logits.shape)}")
+            raise ValueError(f"logits: expected shape [*batch, {S}] (S = sum of head sizes), "
+                             f"got {_shape(logits.shape)}")
         batch, device = logits.shape[:-1], logits.device
     else:
         first = next(iter(logits.values())) if isinstance(logits, Mapping) and logits else (
@@ -148,7 +149,7 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
     if bnd == 0:
         raise ValueError("logits: expected at least one batch dim")
     sizes = layout.sizes
-    lg, lg_packed = _per_head("logits", logits, layout, batch, device, LOGIT_DTYPES,
+    lg, _lg_packed = _per_head("logits", logits, layout, batch, device, LOGIT_DTYPES,
                               f"*batch, S = {S}" if isinstance(logits, torch.Tensor) else "*batch, A_h",
                               S, lambda h: (sizes[h],))
     dtypes = {t.dtype for t in lg}
@@ -156,7 +157,7 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
         raise TypeError(f"logits: expected one dtype for every head, got {sorted(str(d) for d in dtypes)}")
     masks = None
     if action_masks is not None:
-        masks, m_packed = _per_head("action_masks", action_masks, layout, batch, device, MASK_DTYPES,
+        masks, _m_packed = _per_head("action_masks", action_masks, layout, batch, device, MASK_DTYPES,
                                     "like logits", S, lambda h: (sizes[h],))
     acts, _ = _per_head("actions", actions, layout, batch, device, ACTION_DTYPES,
                         f"*batch, H = {H}", H, lambda h: ())

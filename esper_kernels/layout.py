@@ -26,7 +26,7 @@ class HeadLayout:
     9
     """
 
-    __slots__ = ("_names", "_sizes", "_offsets")
+    __slots__ = ("_names", "_offsets", "_sizes")
 
     def __init__(self, heads: Mapping[str, int] | Iterable[tuple[str, int]]):
         items = list(heads.items()) if isinstance(heads, Mapping) else list(heads)

@@ -11,7 +11,7 @@ from .config import PPOLossConfig
 from .inputs import prepare_inputs
 from .layout import HeadLayout
 from .metrics import PPOMetrics
-from .stats import GLOBAL_SIZE, HEAD_SIZE, G, HD
+from .stats import GLOBAL_SIZE, HD, HEAD_SIZE, G
 
 __all__ = ["PPOLossOutput", "ppo_loss", "FactoredPPOLoss", "check_data"]
 

@@ -13,7 +13,7 @@ import torch
 
 from .config import ResolvedConfig
 from .layout import HeadLayout
-from .stats import GLOBAL_SIZE, HEAD_SIZE, G, HD, merge
+from .stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, merge
 
 __all__ = ["PPOMetrics", "GLOBAL_METRICS", "HEAD_METRICS"]
 

@@ -15,7 +15,7 @@ import torch
 
 from .config import ResolvedConfig
 from .inputs import PPOInputs
-from .stats import GLOBAL_SIZE, HEAD_SIZE, G, HD
+from .stats import GLOBAL_SIZE, HD, HEAD_SIZE, G
 
 __all__ = ["RawOutput", "reference_forward", "masked_log_softmax", "normalize_advantages"]
 
