@@ -7,6 +7,8 @@ import sys
 _COMMANDS = {
     "info": "versions, devices and which backends can run here (and why not)",
     "example": "the loss, its gradient and per-head telemetry on an esper-shaped batch",
+    "demo": "train a PPO agent on the built-in factored environment (the main job)",
+    "bench": "benchmark the backends (quick subset; --full for the SPEC matrix)",
 }
 
 
@@ -26,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         from .example import run_example_cli
 
         run_example_cli(rest)
+    elif cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest) or 0
+    elif cmd == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest) or 0
     return 0
 
 

@@ -9,6 +9,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors; this must be set before any Triton
+# kernel module is imported (torch itself does not import Triton at start-up).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/harness.py and tests/spec_loop.py
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
