@@ -30,11 +30,11 @@ info: install
 	$(PY) -m esper_kernels info
 
 test: install
-	$(PY) -m ruff check esper_kernels tests benchmarks
+	$(PY) -m ruff check .
 	cd tests && ../$(PY) -m pytest -q -c ../pyproject.toml .
 
 lint: install
-	$(PY) -m ruff check esper_kernels tests benchmarks
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) -m esper_kernels bench
