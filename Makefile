@@ -1,5 +1,6 @@
-# make example : create .venv on first use, install, run the main job
-# make test    : create .venv on first use, install, run the test suite (what CI runs)
+# make demo    : create .venv on first use, install, run the main job (a PPO training demo)
+# make test    : create .venv on first use, install, run ruff and the test suite (what CI runs)
+# make example : one loss call on an esper-shaped batch with its per-head telemetry table
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,6 +23,9 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m esper_kernels demo
 
 example: install
 	$(PY) -m esper_kernels example
