@@ -79,15 +79,23 @@ class PPOMetrics:
             pl = -_div(hd(HD.POLICY_NUM), rel_w, 0.0).sum()
         else:
             pl = -_div(g(G.POLICY_NUM), W, 0.0)
-        k = torch.tensor(cfg.entropy_coef_per_head, device=s.device)
+        # the per-head coefficients without a host-to-device copy (a copy syncs and cannot be graph-captured)
+        kh = cfg.entropy_coef_per_head
+        k = kh[0] if len(set(kh)) == 1 else torch.stack([torch.full((), c, device=s.device) for c in kh])
         ent_h = _div(hd(HD.ENTROPY_NUM), rel_w)
-        el = -(k * torch.nan_to_num(ent_h, nan=0.0) * (rel_w > 0)).sum()
+        # a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
+        el = -torch.where(rel_w > 0, k * ent_h, 0.0).sum()
         VW = g(G.VALUE_WEIGHT)
         vl = 0.5 * _div(g(G.VALUE_NUM), VW, 0.0)
         loss = pl + cfg.entropy_coef * el + cfg.value_coef * vl
         has_value_data = (g(G.VALUE_STEPS) > 0) if self.has_values else torch.zeros((), dtype=torch.bool,
                                                                                       device=s.device)
         nonfinite_total = hd(HD.NONFINITE).sum()
+        # minima and maxima ignore NaN, so "no data" includes "only NaN data": a ratio is >= 0 and a log-prob
+        # is never +inf, so a ratio maximum of -inf or a log-prob minimum of +inf means nothing was measured
+        has_ratio = (steps > 0) & (g(G.RATIO_MAX) > -math.inf)
+        logp_min = hd(HD.LOGP_MIN).amin()
+        has_logp = (any_rel > 0) & (logp_min < math.inf)
 
         out: dict[str, torch.Tensor] = {
             "loss": torch.where((W > 0) | has_value_data, loss, nan),
@@ -102,10 +110,10 @@ class PPOMetrics:
             "clip_fraction_negative": _div(g(G.CLIP_NEG), W),
             "ratio_mean": torch.where(W > 0, g(G.RATIO_MEAN), nan),
             "ratio_std": torch.sqrt(_div(g(G.RATIO_M2), W)),
-            "ratio_min": torch.where(steps > 0, g(G.RATIO_MIN), nan),
-            "ratio_max": torch.where(steps > 0, g(G.RATIO_MAX), nan),
-            "log_prob_min": torch.where(any_rel > 0, hd(HD.LOGP_MIN).amin(), nan),
-            "log_prob_max": torch.where(any_rel > 0, hd(HD.LOGP_MAX).amax(), nan),
+            "ratio_min": torch.where(has_ratio, g(G.RATIO_MIN), nan),
+            "ratio_max": torch.where(has_ratio, g(G.RATIO_MAX), nan),
+            "log_prob_min": torch.where(has_logp, logp_min, nan),
+            "log_prob_max": torch.where(has_logp, hd(HD.LOGP_MAX).amax(), nan),
             "steps": steps,
             "weight_sum": W,
             "all_finite": ((nonfinite_total == 0) & torch.isfinite(loss)).float(),
@@ -120,7 +128,7 @@ class PPOMetrics:
             "entropy": ent_h,
             "kl": _div(hd(HD.KL_NUM), rel_w),
             "clip_fraction": _div(hd(HD.CLIP_NUM), rel_w),
-            "ratio_max": torch.where(rel_w > 0, hd(HD.RATIO_MAX), _NAN),
+            "ratio_max": torch.where((rel_w > 0) & (hd(HD.RATIO_MAX) > -math.inf), hd(HD.RATIO_MAX), _NAN),
             "nonfinite": hd(HD.NONFINITE),
             "empty_mask": hd(HD.EMPTY_MASK),
             "invalid_action": hd(HD.INVALID_ACTION),
@@ -182,10 +190,13 @@ class PPOMetrics:
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
-        gathered = torch.empty((world,) + tuple(self.stats.shape), dtype=self.stats.dtype,
-                               device=self.stats.device)
-        dist.all_gather_into_tensor(gathered, self.stats.contiguous(), group=group)
-        self.stats = merge(gathered)
+        k = self.stats.numel()
+        # a flat [world * K] output: gloo accepts only that form (NCCL takes it too); recent torch names the
+        # collective all_gather_single and deprecates all_gather_into_tensor
+        gathered = torch.empty(world * k, dtype=self.stats.dtype, device=self.stats.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, self.stats.contiguous(), group=group)
+        self.stats = merge(gathered.view(world, k))
         return self
 
     def __repr__(self) -> str:

@@ -49,12 +49,22 @@ def _max_ignore_nan(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _moments(x: torch.Tensor, w: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean and M2 = sum w (x - mean)^2 over ``keep`` (two-pass)."""
+    """Weighted mean and M2 = sum w (x - mean)^2 over ``keep`` (two-pass, shifted by the first kept x).
+
+    The shift makes constant data exact: sum(w x) / sum(w) is not x in floating point, and that rounding
+    would give one step (or constant returns) a variance of ~1e-14 instead of 0, so explained_variance
+    (1 - var(R - v) / var(R)) and advantage normalisation ((A - mean) / max(std, 1e-8)) returned noise
+    amplified by up to 1e8 instead of NaN and 0.
+    """
+    if x.numel() == 0:
+        return x.new_zeros(()), x.new_zeros(())
     ws = torch.where(keep, w, 0.0)
-    xs = torch.where(keep, x, 0.0)
-    mean = _safe_div((ws * xs).sum(), ws.sum())
-    m2 = (ws * (xs - mean) ** 2).sum()
-    return mean, m2
+    first = torch.argmax(keep.to(torch.uint8)).reshape(1)  # first kept index (0 when none is kept)
+    x0 = torch.where(keep.index_select(0, first), x.index_select(0, first), 0.0).reshape(())
+    d = torch.where(keep, x - x0, 0.0)
+    dm = _safe_div((ws * d).sum(), ws.sum())
+    m2 = (ws * torch.where(keep, d - dm, 0.0) ** 2).sum()
+    return x0 + dm, m2
 
 
 def masked_log_softmax(z: torch.Tensor, valid: torch.Tensor, fill: float, floor: float) -> torch.Tensor:
@@ -209,8 +219,8 @@ def reference_forward(inp: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
 
     head_block = torch.stack(head_stats)  # [H, HEAD_SIZE]
     ent_means = _safe_div(head_block[:, HD.ENTROPY_NUM], head_block[:, HD.REL_WEIGHT])
-    k = torch.tensor(cfg.entropy_coef_per_head, dtype=ct, device=dev)
-    entropy_loss = -(k * ent_means).sum()
+    # per-head coefficients as Python numbers: no host-to-device copy, so the call can be graph-captured
+    entropy_loss = -torch.stack([k * e for k, e in zip(cfg.entropy_coef_per_head, ent_means.unbind())]).sum()
 
     # value loss
     v_stats = [zero] * 9
@@ -226,7 +236,12 @@ def reference_forward(inp: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         l1 = (v - R) ** 2
         if math.isfinite(cfg.value_clip) and inp.old_values is not None:
             vo = torch.where(vpresent, inp.old_values.to(ct), 0.0)
-            l2 = (vo + torch.clamp(v - vo, -cfg.value_clip, cfg.value_clip) - R) ** 2
+            # vo + clamp(v - vo, -d, d), but exactly v where the clamp does not bind: otherwise the rounding of
+            # vo + (v - vo) makes the clipped branch "larger" by an ulp at random and value_clip_fraction counts it
+            dv = v - vo
+            d = cfg.value_clip
+            v_clipped = torch.where(dv > d, vo + d, torch.where(dv < -d, vo - d, v))
+            l2 = (v_clipped - R) ** 2
             vl = torch.maximum(l1, l2)
             vclip = torch.where(vpresent & (l2 > l1), vw, 0.0).sum()
         else:

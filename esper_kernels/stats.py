@@ -113,8 +113,14 @@ def merge(parts: torch.Tensor) -> torch.Tensor:
         w = p[:, wi]
         total = w.sum()
         safe = torch.where(total > 0, total, 1.0)
-        mean = torch.where(total > 0, (w * p[:, mi]).sum() / safe, 0.0)
-        m2 = p[:, m2i].sum() + (w * (p[:, mi] - mean) ** 2).sum()
-        out[mi] = mean
+        # Chan's formula, shifted by the first weighted part's mean so that equal means merge exactly (a
+        # constant quantity keeps M2 = 0: explained_variance stays NaN, ratio_std stays 0)
+        has = w > 0
+        first = torch.argmax(has.to(torch.uint8)).reshape(1)
+        m0 = torch.where(has.index_select(0, first), p[:, mi].index_select(0, first), 0.0).reshape(())
+        dev = torch.where(has, p[:, mi] - m0, 0.0)
+        dm = torch.where(total > 0, (w * dev).sum() / safe, 0.0)
+        m2 = p[:, m2i].sum() + (w * (dev - dm) ** 2).sum()
+        out[mi] = torch.where(total > 0, m0 + dm, 0.0)
         out[m2i] = m2
     return out.float()

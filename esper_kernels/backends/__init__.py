@@ -8,8 +8,10 @@ from a per-device order: for CPU tensors the fused C++ ``cpu`` backend, for CUDA
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from dataclasses import dataclass
+
+import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
@@ -25,6 +27,9 @@ BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 _MODULES = {"triton": "esper_kernels.backends.triton_backend", "cuda": "esper_kernels.backends.native",
             "cpu": "esper_kernels.backends.native"}
 _cache: dict[str, Backend | str] = {"reference": ReferenceBackend()}
+# whether each module is in this build, looked up once (no import) so that _load never calls importlib: a
+# call to importlib is a graph break under torch.compile, while a plain import statement is not
+_PRESENT = {name: importlib.util.find_spec(module) is not None for name, module in _MODULES.items()}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,16 +52,19 @@ def _load(name: str) -> Backend | str:
     """The backend object, or the reason it cannot be loaded."""
     if name in _cache:
         return _cache[name]
-    try:
-        module = importlib.import_module(_MODULES[name])
-        backend = module.BACKENDS[name]
-    except ModuleNotFoundError as e:
-        result: Backend | str = (f"not part of this build (module {_MODULES[name]} not found)"
-                                 if e.name == _MODULES[name] else f"import failed: {e}")
-    except Exception as e:  # an import error is a reason, not a crash
-        result = f"import failed: {type(e).__name__}: {e}"
+    result: Backend | str
+    if not _PRESENT[name]:
+        result = f"not part of this build (module {_MODULES[name]} not found)"
     else:
-        result = backend
+        try:
+            # import statements, not importlib: torch.compile(fullgraph=True) traces through them
+            if name == "triton":
+                from . import triton_backend as module
+            else:
+                from . import native as module
+            result = module.BACKENDS[name]
+        except Exception as e:  # an import error is a reason, not a crash
+            result = f"import failed: {type(e).__name__}: {e}"
     _cache[name] = result
     return result
 
@@ -83,8 +91,16 @@ def get_backend(name: str) -> Backend:
     return b
 
 
+@torch.compiler.assume_constant_result
+def _machine_reasons(name: str) -> tuple[str, ...]:
+    """``unavailable_reasons()`` of a loaded backend. Under torch.compile this runs once, outside the graph, at
+    trace time (the checks find_spec, query the driver or call into the extension, all graph breaks)."""
+    b = _load(name)
+    return (b,) if isinstance(b, str) else tuple(b.unavailable_reasons())
+
+
 def _call_reasons(b: Backend, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-    reasons = list(b.unavailable_reasons())
+    reasons = list(_machine_reasons(b.name))
     if not reasons:
         reasons += b.not_supported_reasons(inputs, cfg)
     return reasons
@@ -105,15 +121,20 @@ def select_backend(name: str, inputs: PPOInputs, cfg: ResolvedConfig) -> Backend
     if name == "auto":
         tried = []
         for candidate in _auto_order(inputs):
+            # _machine_reasons first: under torch.compile it loads the backend outside the graph, so that the
+            # traced _load below finds it in the cache (a traced cache miss would contradict its own guard)
+            machine = _machine_reasons(candidate)
             b = _load(candidate)
             if isinstance(b, str):
                 tried.append(f"{candidate}: {b}")
                 continue
-            reasons = _call_reasons(b, inputs, cfg)
+            reasons = list(machine) or b.not_supported_reasons(inputs, cfg)
             if not reasons:
                 return b
             tried.append(f"{candidate}: " + "; ".join(reasons))
         raise BackendUnavailableError("backend 'auto': no backend supports this call:\n  " + "\n  ".join(tried))
+    if name in BACKEND_NAMES:
+        _machine_reasons(name)  # as above
     b = get_backend(name)
     reasons = _call_reasons(b, inputs, cfg)
     if reasons:

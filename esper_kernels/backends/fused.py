@@ -223,7 +223,9 @@ def _backward(ctx, g_losses, g_log_probs, g_entropy, g_joint_ratio, g_stats, g_s
         ctx.backend, logits, masks, actions, olp, adv, rel, weights, values, returns, old_values, value_weights,
         ctx.head_sizes, ctx.cfg, stats, saved, g_losses, g_log_probs, g_entropy)
     gv = None if values is None else grad_values.to(ctx.values_dtype)
-    return (None, list(grads), None, None, None, None, None, None, gv, None, None, None, None, None)
+    # list inputs take a list of Nones (torch.library checks the structure of what backward returns)
+    return (None, list(grads), [None] * nm, [None] * na, [None] * na, None, [None] * nr, None, gv, None, None,
+            None, None, None)
 
 
 torch.library.register_autograd("esper_kernels::fused_forward", _backward, setup_context=_setup_context)
