@@ -2,7 +2,8 @@
 # One device call: build, check, sanitize and benchmark on the GPU machine, in under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh                      (from the repository root; $OUT defaults to ./gpu_out)
-#   ESPER_BENCH_COMMIT=<sha> GPU_CHECK_SECONDS=440 BENCH_ARGS="--full" bash benchmarks/gpu_check.sh
+#   ESPER_BENCH_COMMIT=<sha> GPU_CHECK_SECONDS=440 BENCH_ARGS="--full" PYTEST_SEL="tests/test_gpu_cuda.py" \
+#       bash benchmarks/gpu_check.sh
 #
 # ESPER_BENCH_COMMIT: the commit to record in the CSV (the device copy may have no .git); BENCH_ARGS: the
 # benchmark's selection (default --full; e.g. "--full --providers reference,triton,cuda,triton_graph,cuda_graph"
@@ -88,7 +89,9 @@ env_info() {
 }
 
 pytest_gpu() {  # pytest's "no tests collected" (rc 5) is not a failure: the gpu tier may be empty
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+    # PYTEST_SEL narrows the gpu tier when device time is short (default: every gpu test)
+    read -r -a sel <<< "${PYTEST_SEL:-tests}"
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE "${sel[@]}"
     local rc=$?
     (( rc == 5 )) && { echo "pytest: no gpu tests collected"; return 0; }
     return $rc

@@ -1,0 +1,234 @@
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension ``esper_kernels._C`` (``csrc/``), host side.
+
+The extension takes plain integers (data pointers, element strides, dtype codes, sizes) and floats (the
+config), never torch objects, so it does not link libtorch and survives PyTorch upgrades. This module
+allocates every output with torch, encodes a call in the order ``csrc/bindings.cpp`` decodes it and runs:
+
+* ``cpu``: ``_C.cpu_forward`` / ``_C.cpu_backward`` with ``torch.get_num_threads()`` threads; results are
+  bitwise independent of the thread count (fixed row chunks, partials merged in a fixed order).
+* ``cuda``: ``_C.cuda_forward`` / ``_C.cuda_backward`` on ``torch.cuda.current_stream(device)`` under the
+  tensors' device; scratch (per-(step, head) flags, per-block float64 partial statistics) comes from torch's
+  allocator, so calls are capturable in CUDA graphs.
+
+Per-head inputs are read in place: packed ``[N, S]`` logits and masks become H pointers into one buffer
+(column offset, common row stride), separate ``[N, A_h]`` tensors H pointers with their own row strides; bool
+tensors are read as bytes (no copy). Saved between forward and backward (``saved_shape``): float32
+``[N, H + 1]``, column h the unnormalised d policy-loss / d ell_ih (the backward divides by W or den_h read
+from the statistics vector), column H the unnormalised d value-loss / d v_i.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ResolvedConfig
+from ..inputs import PPOInputs
+from ..stats import GLOBAL_SIZE, HEAD_SIZE, stats_size
+from .fused import FusedBackend, FusedCall, register_fused
+
+__all__ = ["CpuBackend", "CudaBackend", "BACKENDS", "encode_call"]
+
+try:
+    from .. import _C
+except ImportError as e:  # the extension is not built (or not importable): say why, never crash the registry
+    _C = None
+    _IMPORT_ERROR = (f"the C++ extension esper_kernels._C is not built or cannot be imported ({e}); build it "
+                     "with `pip install --no-build-isolation -e .` (see README)")
+else:
+    _IMPORT_ERROR = ""
+    assert _C.GLOBAL_SIZE == GLOBAL_SIZE and _C.HEAD_SIZE == HEAD_SIZE, "esper_kernels._C: stats layout mismatch"
+
+#: dtype codes of csrc/ppo_params.h (enum DType)
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4, torch.uint8: 4,
+       torch.int32: 5, torch.int64: 6}
+MAX_HEADS = 32 if _C is None else int(_C.MAX_HEADS)
+#: oldest GPU the CUDA part is built for (sm_80 machine code, compute_90 PTX)
+MIN_CAPABILITY = (8, 0)
+_NONE3 = (0, 0, 0)
+_NONE4 = (0, 0, 0, 0)
+
+
+def _vec(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return _NONE3 if t is None else (t.data_ptr(), t.stride(0), _DT[t.dtype])
+
+
+def _col(t: torch.Tensor, h: int) -> tuple[int, int, int]:
+    """Column h of an [N, H] tensor as a strided vector."""
+    return (t.data_ptr() + h * t.stride(1) * t.element_size(), t.stride(0), _DT[t.dtype])
+
+
+def _mat(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return _NONE4 if t is None else (t.data_ptr(), t.stride(0), t.stride(1), _DT[t.dtype])
+
+
+def _head_ptrs(tensors: list[torch.Tensor], offsets: tuple[int, ...], num_heads: int) -> list[tuple[int, int]]:
+    """(pointer, row stride) per head, for packed [N, S] or per-head [N, A_h] tensors."""
+    if not tensors:
+        return [(0, 0)] * num_heads
+    if len(tensors) == 1:
+        t = tensors[0]
+        base, rs, es = t.data_ptr(), t.stride(0), t.element_size()
+        return [(base + off * es, rs) for off in offsets]
+    return [(t.data_ptr(), t.stride(0)) for t in tensors]
+
+
+def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = None, stats: torch.Tensor | None = None,
+                saved: torch.Tensor | None = None, grads: list[torch.Tensor] | None = None,
+                grad_losses: torch.Tensor | None = None, grad_log_probs: torch.Tensor | None = None,
+                grad_entropy: torch.Tensor | None = None,
+                grad_values: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+    """The (ints, floats) of one call, in the order ``csrc/bindings.cpp`` ``decode`` reads them.
+
+    ``outputs`` = (losses, log_probs, entropy, joint_ratio, stats, saved) for the forward; the backward passes
+    ``stats``, ``saved``, ``grads`` and the incoming gradients instead.
+    """
+    cfg = call.cfg
+    H, N = call.num_heads, call.n
+    sizes = call.head_sizes
+    offsets = call.offsets
+    adv = call.advantages
+    adv_ph = adv.dim() == 2
+    has_v = call.values is not None
+    has_vclip = has_v and call.old_values is not None and math.isfinite(cfg.value_clip)
+    has_jclamp = math.isfinite(cfg.joint_log_ratio_clamp)
+    ints = [N, H, max(sizes), _DT[call.logits[0].dtype], int(bool(call.masks)), int(bool(call.relevance)),
+            int(cfg.per_head), int(adv_ph), int(cfg.normalize_entropy), int(has_v), int(has_vclip), int(has_jclamp)]
+    lg = _head_ptrs(call.logits, offsets, H)
+    mk = _head_ptrs(call.masks, offsets, H)
+    gr = _head_ptrs(grads or [], offsets, H)
+    adv0 = _vec(adv) if not adv_ph else None
+    for h in range(H):
+        ints += (sizes[h], *lg[h], *mk[h], *gr[h], *_vec(call.actions[h]), *_vec(call.old_log_probs[h]))
+        ints += _vec(call.relevance[h]) if call.relevance else _NONE3
+        ints += _col(adv, h) if adv_ph else adv0
+    ints += _vec(call.weights)
+    ints += _vec(call.values)
+    ints += _vec(call.returns)
+    ints += _vec(call.old_values if has_vclip else None)
+    ints += _vec(call.value_weights if has_v else None)
+    if outputs is not None:
+        ints += (t.data_ptr() for t in outputs)
+    else:
+        ints += (0, 0, 0, 0, stats.data_ptr(), saved.data_ptr())
+    ints += _vec(grad_losses)
+    ints += _mat(grad_log_probs)
+    ints += _mat(grad_entropy)
+    ints.append(0 if grad_values is None else grad_values.data_ptr())
+    jc = cfg.joint_log_ratio_clamp
+    floats = [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, cfg.entropy_coef,
+              cfg.value_coef, cfg.value_clip if has_vclip else 0.0, cfg.mask_fill]
+    floats += (max(float(f), 0.0) for f in cfg.prob_floor)
+    floats += (float(k) for k in cfg.entropy_coef_per_head)
+    return ints, floats
+
+
+def _forward_outputs(call: FusedCall) -> tuple[torch.Tensor, ...]:
+    N, H = call.n, call.num_heads
+    f32 = dict(dtype=torch.float32, device=call.logits[0].device)
+    return (torch.empty(4, **f32), torch.empty((N, H), **f32), torch.empty((N, H), **f32), torch.empty(N, **f32),
+            torch.empty(stats_size(H), **f32), torch.empty((N, H + 1), **f32))
+
+
+def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    dev = call.logits[0].device
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in call.logits]
+    gv = None if call.values is None else torch.empty(call.n, dtype=torch.float32, device=dev)
+    return grads, gv
+
+
+class _NativeBackend(FusedBackend):
+    def saved_shape(self, n: int, num_heads: int) -> list[int]:
+        return [n, num_heads + 1]
+
+    def unavailable_reasons(self) -> list[str]:
+        return [_IMPORT_ERROR] if _C is None else []
+
+    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
+        reasons = super().not_supported_reasons(inputs, cfg)
+        if inputs.layout.num_heads > MAX_HEADS:
+            reasons.append(f"at most {MAX_HEADS} heads (got {inputs.layout.num_heads})")
+        return reasons
+
+
+class CpuBackend(_NativeBackend):
+    """The fused loss in multi-threaded C++ on CPU tensors."""
+
+    name = "cpu"
+    devices = ("cpu",)
+    #: heads of at most 32 actions without a floor run 16 rows at a time in SIMD lanes; bitwise the same
+    #: results as the row-by-row code the CUDA kernels share (False forces that path: the tests compare them)
+    vectorise = True
+
+    def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
+        outs = _forward_outputs(call)
+        ints, floats = encode_call(call, outputs=outs)
+        _C.cpu_forward(ints, floats, torch.get_num_threads(), self.vectorise)
+        return outs
+
+    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
+                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        grads, gv = _backward_outputs(call)
+        ints, floats = encode_call(call, stats=stats, saved=saved, grads=grads, grad_losses=grad_losses,
+                                   grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, grad_values=gv)
+        _C.cpu_backward(ints, floats, torch.get_num_threads(), self.vectorise)
+        return grads, gv
+
+
+class CudaBackend(_NativeBackend):
+    """The fused loss as CUDA kernels (csrc/ppo_cuda.cu) on CUDA tensors."""
+
+    name = "cuda"
+    devices = ("cuda",)
+
+    def unavailable_reasons(self) -> list[str]:
+        if _C is None:
+            return [_IMPORT_ERROR]
+        if not _C.has_cuda:
+            return ["the extension esper_kernels._C was built without its CUDA part (no nvcc found at build time, "
+                    "or ESPER_CUDA=OFF); rebuild with nvcc on PATH (ESPER_CUDA=ON makes a missing nvcc an error)"]
+        if not torch.cuda.is_available():
+            return ["no CUDA device (torch.cuda.is_available() is False)"]
+        status = _C.cuda_status()
+        return [status] if status else []
+
+    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
+        reasons = super().not_supported_reasons(inputs, cfg)
+        if inputs.device.type == "cuda" and torch.version.hip is None:
+            cap = torch.cuda.get_device_capability(inputs.device)
+            if cap < MIN_CAPABILITY:
+                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
+                               f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} the CUDA kernels are built for")
+        return reasons
+
+    @staticmethod
+    def _stream(device: torch.device) -> tuple[int, int]:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.current_stream(idx).cuda_stream, idx
+
+    def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
+        outs = _forward_outputs(call)
+        dev = call.logits[0].device
+        N, H = call.n, call.num_heads
+        rows = int(_C.CUDA_STEP_ROWS)
+        aux = torch.empty((N, H), dtype=torch.int32, device=dev)
+        parts = torch.empty((max(1, -(-N // rows)), stats_size(H)), dtype=torch.float64, device=dev)
+        ints, floats = encode_call(call, outputs=outs)
+        stream, idx = self._stream(dev)
+        _C.cuda_forward(ints, floats, aux.data_ptr(), parts.data_ptr(), stream, idx)
+        return outs
+
+    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
+                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        grads, gv = _backward_outputs(call)
+        ints, floats = encode_call(call, stats=stats, saved=saved, grads=grads, grad_losses=grad_losses,
+                                   grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, grad_values=gv)
+        stream, idx = self._stream(call.logits[0].device)
+        _C.cuda_backward(ints, floats, stream, idx)
+        return grads, gv
+
+
+BACKENDS = {"cpu": register_fused(CpuBackend()), "cuda": register_fused(CudaBackend())}

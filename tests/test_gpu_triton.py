@@ -1,0 +1,158 @@
+"""The triton backend on a CUDA device: equal to the reference (SPEC section 6) at the SPEC's sizes.
+
+Cases: esper (N = 1,800, 8 heads) in fp32, bf16 and fp16; rl_64k (N = 65,536) in bf16 (many programs, two
+reduction stages) and bitwise determinism there; esper's per_head surrogate with floors, normalised entropy and
+value clipping; per-head separate tensors; wide (N = 16,384, two heads of 1,024) in fp32; vocab (N = 8,192, one
+head of 32,768, the streaming path) in bf16; a batch of more than 2^31 logits (N = 16,500, one head of 131,072,
+bf16: int64 offsets); actions out of range. Skipped without CUDA (conftest). Run alone:
+
+    python -m pytest -q -m gpu tests/test_gpu_triton.py
+
+Each distinct (layout, dtype, options, tile) compiles a kernel pair once (a few seconds each), so the case list
+is kept to about ten compilations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from harness import assert_close, assert_grad_close, per_head, run
+from triton_checks import check_triton
+
+import esper_kernels as ek
+from esper_kernels.synthetic import make_batch
+
+pytestmark = pytest.mark.gpu
+
+ESPER = ek.HeadLayout(ek.ESPER_HEADS)
+JOINT = ek.PPOLossConfig(entropy_coef=0.01)
+PER_HEAD = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
+                            prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.1}, value_clip=0.2,
+                            entropy_coef_per_head={"op": 2.0, "tempo": 0.5})
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cuda():
+    info = ek.available_backends()["triton"]
+    if not info.available or "cuda" not in info.devices:
+        pytest.skip(f"triton does not run on CUDA here: {'; '.join(info.reasons) or info.devices}")
+
+
+def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 0, masks: bool = True,
+                 values: bool = True) -> dict:
+    """A make_batch-like batch generated on the GPU (fast for wide heads): NaN garbage in absent steps."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    H, S = layout.num_heads, layout.total
+    logits = torch.randn(n, S, generator=g, device=dev) * 2.0
+    actions = torch.stack([torch.randint(0, a, (n,), generator=g, device=dev) for a in layout.sizes], -1)
+    mask = None
+    if masks:
+        mask = torch.rand(n, S, generator=g, device=dev) < 0.7
+        for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
+            mask[:, off:off + a].scatter_(-1, actions[:, h:h + 1], True)
+    with torch.no_grad():
+        lp = []
+        for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
+            z = logits[:, off:off + a]
+            if mask is not None:
+                z = z.masked_fill(~mask[:, off:off + a], -1e4)
+            lp.append(torch.log_softmax(z, -1).gather(-1, actions[:, h:h + 1]).squeeze(-1))
+        old = torch.stack(lp, -1) + 0.1 * torch.randn(n, H, generator=g, device=dev)
+    weights = (torch.rand(n, generator=g, device=dev) >= 0.1).float()
+    absent = weights == 0
+    logits[absent] = float("nan")
+    old[absent] = float("nan")
+    adv = torch.randn(n, generator=g, device=dev)
+    adv[absent] = float("nan")
+    out = dict(logits=logits.to(dtype), action_masks=mask, actions=actions, old_log_probs=old, advantages=adv,
+               head_relevance=torch.rand(n, H, generator=g, device=dev) < 0.7, weights=weights)
+    if values:
+        out["values"] = torch.randn(n, generator=g, device=dev)
+        out["returns"] = out["values"] + torch.randn(n, generator=g, device=dev)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_esper(dtype):
+    check_triton(make_batch((12, 150), ESPER, dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
+
+
+def test_esper_per_head_floor_value_clip():
+    b = make_batch((12, 150), ESPER, device="cuda", seed=2)
+    b["old_values"] = b["values"] + 0.3 * torch.randn_like(b["values"])
+    check_triton(b, ESPER, PER_HEAD)
+
+
+def test_per_head_separate_tensors_bf16():
+    """A dict of per-head bf16 logits in separate allocations, uint8 masks, int32 actions, strided old log-probs."""
+    b = make_batch((12, 150), ESPER, dtype=torch.bfloat16, device="cuda", seed=3)
+    b["logits"] = {k: v.clone() for k, v in per_head(b["logits"], ESPER, as_mapping=True).items()}
+    b["action_masks"] = [m.to(torch.uint8) for m in per_head(b["action_masks"], ESPER)]
+    b["actions"] = [b["actions"][..., h].to(torch.int32) for h in range(ESPER.num_heads)]
+    check_triton(b, ESPER, JOINT)
+
+
+def test_rl_64k_bf16_and_deterministic():
+    b = make_batch((65536,), ESPER, dtype=torch.bfloat16, device="cuda", seed=4)
+    check_triton(b, ESPER, JOINT)
+    (o1, g1), (o2, g2) = (run("triton", b, ESPER, JOINT, grad_seed=5) for _ in range(2))
+    for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
+        assert torch.equal(getattr(o1, k).nan_to_num(7.0), getattr(o2, k).nan_to_num(7.0)), k
+    assert torch.equal(o1.metrics.stats, o2.metrics.stats)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_wide_fp32():
+    layout = ek.HeadLayout({"a": 1024, "b": 1024})
+    check_triton(device_batch(16384, layout, torch.float32, seed=6), layout, JOINT)
+
+
+def test_vocab_bf16_streaming():
+    layout = ek.HeadLayout({"token": 32768})
+    check_triton(device_batch(8192, layout, torch.bfloat16, seed=7), layout,
+                  ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True))
+
+
+def test_more_than_2_31_logits():
+    """N x S = 16,500 x 131,072 > 2^31 bf16 logits (4.3 GB; the gradient as much again): per-step outputs and the
+    gradient of rows past the 2^31st element equal the reference run on those rows alone (the incoming gradients
+    are on log_probs and entropy only, so every row's gradient is its own)."""
+    n, a = 16500, 131072
+    assert n * a > 2**31
+    layout = ek.HeadLayout({"token": a})
+    g = torch.Generator(device="cuda").manual_seed(8)
+    logits = torch.randn(n, a, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    actions = torch.randint(0, a, (n, 1), generator=g, device="cuda")
+    old = -math.log(a) + 0.5 * torch.randn(n, 1, generator=g, device="cuda")
+    adv = torch.randn(n, generator=g, device="cuda")
+    g_lp = torch.randn(n, 1, generator=g, device="cuda")
+    g_ent = torch.randn(n, 1, generator=g, device="cuda")
+    out = ek.ppo_loss(logits, None, actions, old, adv, layout=layout, backend="triton", validate=False)
+    torch.autograd.backward([out.log_probs, out.entropy], [g_lp, g_ent])
+    assert math.isfinite(out.loss.item()) and out.metrics.to_dict()["steps"] == n
+    rows = torch.cat([torch.arange(0, 16), torch.arange(n - 112, n)]).cuda()  # rows >= 16,384 start past 2^31
+    sub = logits.detach()[rows].float().requires_grad_(True)
+    ref = ek.ppo_loss(sub, None, actions[rows], old[rows], adv[rows], layout=layout, backend="reference",
+                      validate=False)
+    torch.autograd.backward([ref.log_probs, ref.entropy], [g_lp[rows], g_ent[rows]])
+    assert_close("log_probs", out.log_probs.detach()[rows], ref.log_probs.detach())
+    assert_close("entropy", out.entropy.detach()[rows], ref.entropy.detach())
+    assert_close("joint_ratio", out.joint_ratio[rows], ref.joint_ratio)
+    assert_grad_close("grad logits", logits.grad[rows], sub.grad, torch.bfloat16)
+
+
+def test_out_of_range_actions():
+    """Actions out of range at present steps (negative, = A_h, huge int64): NaN log-probs, counted as invalid,
+    equal to the reference; nothing read out of bounds (compute-sanitizer: benchmarks/sanitize_case.py)."""
+    b = make_batch((64,), ESPER, device="cuda", seed=9)
+    b["weights"][:8] = 1.0
+    acts = b["actions"]
+    acts[0, 0], acts[1, 2], acts[2, 7], acts[3, 3], acts[4, 1] = -1, ESPER.sizes[2], 2**62, -(2**40), 13
+    out, _ = check_triton(b, ESPER, JOINT)
+    m = out.metrics.to_dict()
+    assert m["head_slot_invalid_action"] >= 1 and m["head_blueprint_invalid_action"] >= 1
+    assert torch.isnan(out.log_probs[1, 2])

@@ -1,0 +1,314 @@
+"""The C++ ``cpu`` backend (esper_kernels._C, csrc/) against the reference.
+
+Every comparison goes through ``harness.check_backend`` (SPEC section 6 tolerances, random incoming gradients
+on loss, log_probs and entropy, absent steps' gradients exactly 0). The cpu backend runs the same per-row
+code (csrc/ppo_core.h) as the CUDA kernels, so these tests also cover the CUDA backend's math; the GPU tier
+(tests/test_gpu_cuda.py) covers its threading and reductions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from harness import check_backend, per_head, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ref_cases import cases, layout_of, random_batch
+
+import esper_kernels as ek
+from esper_kernels.stats import G
+from esper_kernels.synthetic import make_batch
+
+pytestmark = pytest.mark.native
+
+LAYOUT = ek.HeadLayout(ek.ESPER_HEADS)
+
+
+def test_extension_is_built():
+    """The extension imports and the cpu backend is available (CI builds it; a missing build must fail here)."""
+    from esper_kernels import _C
+
+    info = ek.available_backends()
+    assert info["cpu"].available, info["cpu"].reasons
+    assert _C.GLOBAL_SIZE == 22 and _C.HEAD_SIZE == 16
+    cuda = info["cuda"]
+    if not torch.cuda.is_available():
+        assert not cuda.available and cuda.reasons
+        expected = "without its CUDA part" if not _C.has_cuda else "no CUDA device"
+        assert expected in cuda.reasons[0], cuda.reasons
+
+
+def check(batch, layout, config=None, **kw):
+    return check_backend("cpu", batch, layout, config or ek.PPOLossConfig(), **kw)
+
+
+# -- every config field, both surrogates, floors, values, messy data and garbage: hypothesis ---------------
+@settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       form=st.sampled_from(["packed", "sequence", "mapping"]))
+def test_equals_reference_hypothesis(case, dtype, form):
+    sizes, kw, config = case
+    if dtype != torch.float32:
+        # messy data (relevant out-of-range actions) makes the loss and every gradient NaN, which
+        # harness.assert_grad_close cannot compare in fp16/bf16 (its ulp bound is NaN); fp32 covers messy data
+        kw = dict(kw, messy=False)
+    layout = layout_of(sizes)
+    batch = random_batch(sizes, dtype=dtype, **kw)
+    if form != "packed":
+        batch["logits"] = per_head(batch["logits"], layout, as_mapping=form == "mapping")
+        if batch["action_masks"] is not None:
+            batch["action_masks"] = per_head(batch["action_masks"], layout, as_mapping=form == "mapping")
+    check(batch, layout, config)
+
+
+@settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")) // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_row_path_equals_vectorised_path(case, dtype):
+    """The row-by-row path (the code the CUDA kernels run per row) and the row-vectorised path give bitwise the
+    same outputs, statistics and gradients."""
+    from esper_kernels.backends import native
+
+    sizes, kw, config = case
+    layout = layout_of(sizes)
+    batch = random_batch(sizes, dtype=dtype, **kw)
+    backend = native.BACKENDS["cpu"]
+    results = []
+    try:
+        for vec in (True, False):
+            backend.vectorise = vec
+            results.append(run("cpu", batch, layout, config, grad_seed=2))
+    finally:
+        backend.vectorise = True
+    _bitwise(results)
+
+
+# -- fixed cases -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [
+    ek.PPOLossConfig(entropy_coef=0.01),
+    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
+                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, value_clip=0.2,
+                     entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
+    ek.PPOLossConfig(normalize_advantages=True, clip_eps=0.1, clip_eps_high=0.5, joint_log_ratio_clamp=None,
+                     log_ratio_clamp=0.5, value_coef=1.0, mask_fill=-30.0),
+], ids=["joint", "per_head_floor", "normadv_asym"])
+def test_esper_batch(dtype, config):
+    """make_batch: esper's causal relevance, NaN garbage in absent steps, values (clipped for per_head)."""
+    batch = make_batch((4, 75), LAYOUT, dtype=dtype, seed=3)
+    if config.value_clip is not None:
+        batch["old_values"] = batch["values"] + 0.3 * torch.randn(batch["values"].shape)
+    check(batch, LAYOUT, config)
+
+
+@pytest.mark.parametrize("vclip", [None, 0.5])
+def test_value_loss_and_value_weights(vclip):
+    sizes = [4, 7]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (40,), seed=12, values=True, old_values=True, value_weights=True)
+    check(b, layout, ek.PPOLossConfig(value_clip=vclip, value_coef=0.7, entropy_coef=0.02))
+    b.pop("value_weights")
+    check(b, layout, ek.PPOLossConfig(value_clip=vclip))
+
+
+def test_per_head_advantages():
+    sizes = [3, 9, 2]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (30,), seed=13, per_head_adv=True)
+    check(b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1))
+    check(b, layout, ek.PPOLossConfig(surrogate="per_head", normalize_advantages=True))
+
+
+@pytest.mark.parametrize(("width", "floor"), [(5000, None), (300, 0.02)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_head(width, floor, dtype):
+    """A wide head between small ones: 5,000 actions, and 300 with a floor (a floor on thousands of tiny
+    probabilities is ill-conditioned in float32: the reference itself is ~1e-5 off its float64 gradient)."""
+    layout = ek.HeadLayout({"a": 3, "wide": width, "b": 5})
+    batch = random_batch(list(layout.sizes), (6,), seed=11, mask_density=0.5, values=True, old_values=True,
+                         logit_scale=3.0, dtype=dtype)
+    config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
+                              prob_floor=None if floor is None else {"wide": floor, "a": 0.1})
+    check(batch, layout, config)
+
+
+def test_widest_head():
+    """One head of 131,072 actions (the largest supported), a few rows."""
+    layout = ek.HeadLayout({"vocab": 131072})
+    batch = random_batch([131072], (3,), seed=5, mask_density=0.9, weights="ones", relevance=False)
+    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.1))
+
+
+def test_per_head_tensors_mapping_sequence_and_strides():
+    """Per-head logits/masks as separate tensors (a mapping), actions as a sequence of int32 and int64 tensors,
+    old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
+    sizes = [6, 3, 13, 4]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (9,), seed=5, weights="bool", values=True)
+    g = torch.Generator().manual_seed(0)
+    logits = {n: t.clone() for n, t in per_head(b["logits"], layout, as_mapping=True).items()}
+    masks = [t.to(torch.uint8) for t in per_head(b["action_masks"], layout)]
+    actions = [b["actions"][:, h].to(torch.int32 if h % 2 else torch.int64) for h in range(len(sizes))]
+    old_cols = torch.randn(9, 2 * len(sizes), generator=g)
+    old_cols[:, ::2] = b["old_log_probs"]
+    old = [old_cols[:, 2 * h] for h in range(len(sizes))]
+    rel = [b["head_relevance"][:, h] for h in range(len(sizes))]
+    batch = dict(b, logits=logits, action_masks=masks, actions=actions, old_log_probs=old, head_relevance=rel)
+    check(batch, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2, prob_floor=[0.05, None, 0.01, 0.2]))
+
+
+def test_per_head_tensors_read_in_place():
+    """Separate per-head leaves with their own row strides (views into padded buffers) are read without a copy:
+    the backend gets the caller's storage."""
+    sizes = [5, 12]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (11,), seed=21)
+    bufs = [torch.full((11, a + 3), float("nan")) for a in sizes]
+    parts = per_head(b["logits"], layout)
+    leaves = []
+    for buf, part, a in zip(bufs, parts, sizes):
+        buf[:, 1:1 + a] = part
+        leaves.append(buf[:, 1:1 + a])
+    seen = []
+    from esper_kernels.backends import native
+
+    orig = native.encode_call
+
+    def spy(call, **kw):
+        seen.append([t.data_ptr() for t in call.logits])
+        return orig(call, **kw)
+
+    native.encode_call = spy
+    try:
+        check(dict(b, logits=leaves), layout, ek.PPOLossConfig(entropy_coef=0.1), leaf_fn=lambda lg, make: [
+            make(buf).requires_grad_(True)[:, 1:1 + a] for buf, a in zip(bufs, sizes)])
+        out = ek.ppo_loss(**dict(b, logits=leaves), layout=layout, backend="cpu", validate=False)
+        assert torch.isfinite(out.loss)
+    finally:
+        native.encode_call = orig
+    assert seen[-1] == [t.data_ptr() for t in leaves]
+
+
+def test_non_contiguous_rows():
+    """Logits and masks as column slices of wider buffers (row stride > S), per-step tensors as strided views,
+    a 2-D batch shape."""
+    sizes = [3, 5, 2]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (2, 5), seed=8, values=True)
+    S = layout.total
+    wide = torch.full((2, 5, S + 7), float("nan"))
+    wide[..., 3:3 + S] = b["logits"]
+    mwide = torch.zeros((2, 5, S + 5), dtype=torch.bool)
+    mwide[..., 1:1 + S] = b["action_masks"]
+    acts = torch.zeros((2, 5, 2 * len(sizes)), dtype=torch.int64)
+    acts[..., ::2] = b["actions"]
+    vals = torch.zeros((2, 5, 3))
+    vals[..., 1] = b["values"]
+    batch = dict(b, logits=wide[..., 3:3 + S], action_masks=mwide[..., 1:1 + S], actions=acts[..., ::2],
+                 values=vals[..., 1])
+    assert batch["logits"].stride(-2) == S + 7
+    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.01))
+
+
+def test_garbage_in_absent_steps_and_masked_positions():
+    """NaN/Inf logits at masked positions and in absent steps, NaN old log-probs where irrelevant: nothing leaks."""
+    sizes = [4, 6, 3]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (50,), seed=17, garbage=True, weights="float", values=True, value_weights=True)
+    out, _ = check(b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.3, normalize_entropy=True))
+    assert torch.isfinite(out.loss)
+
+
+def test_out_of_range_actions():
+    """Actions out of range (negative, = A_h, huge int64) at present steps give NaN log-probs and are counted;
+    they are never used as an index (validate=False)."""
+    b = make_batch((12,), LAYOUT, seed=4)
+    b["weights"][:6] = 1.0
+    acts = b["actions"]
+    acts[0, 0], acts[1, 2], acts[2, 7], acts[3, 3] = -1, LAYOUT.sizes[2], 2**62, -(2**40)
+    b["head_relevance"][0, 0] = False  # an irrelevant head with a bad action: NaN log-prob, finite loss terms
+    out, _ = check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.01))
+    m = out.metrics.to_dict()
+    assert m["head_slot_invalid_action"] >= 1 and m["head_op_invalid_action"] >= 1
+    assert m["head_style_nonfinite"] == 1
+    assert torch.isnan(out.log_probs[1, 2])
+    b32 = dict(b, actions=b["actions"].clamp(-(2**31), 2**31 - 1).to(torch.int32))
+    check(b32, LAYOUT, ek.PPOLossConfig(surrogate="per_head"))
+
+
+def test_empty_batch_and_all_absent():
+    b = make_batch((0,), LAYOUT, seed=1)
+    out, _ = check(b, LAYOUT, check_grads=False)
+    assert out.metrics.to_dict()["steps"] == 0
+    b = make_batch((5,), LAYOUT, seed=2)
+    b["weights"].zero_()
+    check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1))
+
+
+def test_constant_returns_explained_variance_is_nan():
+    """Constant returns with fractional weights: the moments stay exact (var 0, explained variance NaN)."""
+    sizes = [3]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (300,), seed=3, values=True, weights="float")
+    b["returns"] = torch.full_like(b["returns"], 0.3)
+    out, _ = check(b, layout)
+    assert out.metrics.stats[G.RETURN_M2] == 0
+
+
+def test_grad_of_log_probs_only():
+    """Only log_probs and entropy reach the loss (the losses' incoming gradient is None)."""
+    b = make_batch((6,), LAYOUT, seed=6)
+    grads = []
+    for backend in ("cpu", "reference"):
+        logits = b["logits"].clone().requires_grad_(True)
+        out = ek.ppo_loss(**dict(b, logits=logits), layout=LAYOUT, backend=backend, validate=False)
+        present = b["weights"] > 0
+        (torch.where(present.unsqueeze(-1), out.log_probs * 0.3 + out.entropy, 0.0)).sum().backward()
+        grads.append(logits.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def _bitwise(results):
+    (o1, g1), (o2, g2) = results
+    for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
+        assert torch.equal(getattr(o1, k).nan_to_num(7.0), getattr(o2, k).nan_to_num(7.0)), k
+    assert torch.equal(o1.metrics.stats.nan_to_num(7.0), o2.metrics.stats.nan_to_num(7.0))
+    for k in g1:  # (messy data makes every gradient NaN: compared as equal)
+        assert torch.equal(g1[k].nan_to_num(7.0), g2[k].nan_to_num(7.0)), k
+
+
+def test_deterministic_repeated_calls_and_thread_counts():
+    """Bitwise equal outputs, statistics and gradients on repeated calls and with 1 or 2 threads (the rows
+    are cut into fixed chunks whatever the thread count; partials merge in chunk order)."""
+    layout = ek.HeadLayout({"a": 3, "w": 40, "b": 7})
+    b = random_batch(list(layout.sizes), (1000,), seed=7, values=True, old_values=True)
+    config = ek.PPOLossConfig(surrogate="per_head", prob_floor=[None, 0.01, None], entropy_coef=0.1, value_clip=0.3)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2, 1):
+            torch.set_num_threads(threads)
+            results.append(run("cpu", b, layout, config, grad_seed=1))
+    finally:
+        torch.set_num_threads(before)
+    _bitwise(results[:2])
+    _bitwise(results[1:3])
+    _bitwise([results[0], results[3]])
+
+
+def test_backend_reasons_and_interface():
+    from esper_kernels.backends import native
+
+    b = make_batch((3,), LAYOUT, dtype=torch.float64, seed=0)
+    with pytest.raises(ek.BackendUnavailableError, match="float64"):
+        ek.ppo_loss(**b, layout=LAYOUT, backend="cpu")
+    assert native.CpuBackend().saved_shape(5, 8) == [5, 9]
+    many = ek.HeadLayout({f"h{i}": 2 for i in range(33)})
+    bm = random_batch([2] * 33, (4,), seed=1)
+    with pytest.raises(ek.BackendUnavailableError, match="at most 32 heads"):
+        ek.ppo_loss(**bm, layout=many, backend="cpu")
+    out = ek.ppo_loss(**make_batch((8,), LAYOUT, seed=2), layout=LAYOUT, backend="auto", validate=False)
+    assert out.backend == "cpu"
