@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import check_backend, per_head, run
+from float64_arbiter import check_arbitrated
+from harness import per_head, run
 from ref_cases import layout_of, random_batch
 
 import esper_kernels as ek
@@ -56,7 +57,7 @@ def test_spec_sizes_equal_reference(case, dtype):
         config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
                                   clip_eps_high=0.28, value_clip=0.2)
         batch["old_values"] = batch["values"] + 0.3 * torch.randn_like(batch["values"])
-    check_backend("cuda", batch, layout, config)
+    check_arbitrated("cuda", batch, layout, config)
 
 
 @pytest.mark.parametrize("case", ["rl_64k", "wide"])
@@ -81,8 +82,8 @@ def test_floor_wide_and_small_heads(floor):
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
                               prob_floor=None if floor is None else {"wide": floor, "a": 0.1, "b": 0.01})
-    check_backend("cuda", batch, layout, config)
-    check_backend("cuda", batch, layout, ek.PPOLossConfig(entropy_coef=0.1, normalize_advantages=True,
+    check_arbitrated("cuda", batch, layout, config)
+    check_arbitrated("cuda", batch, layout, ek.PPOLossConfig(entropy_coef=0.1, normalize_advantages=True,
                                                           prob_floor=[0.1, floor, None, 0.3]))
 
 
@@ -100,22 +101,22 @@ def test_per_head_tensors_strides_and_int32():
     old_cols[:, ::2] = b["old_log_probs"]
     old = [old_cols[:, 2 * h] for h in range(len(sizes))]
     batch = dict(b, logits=logits, action_masks=masks, actions=actions, old_log_probs=old)
-    check_backend("cuda", batch, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2))
+    check_arbitrated("cuda", batch, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2))
     S = layout.total
     wide = torch.full((257, S + 5), float("nan"), device="cuda", dtype=torch.bfloat16)
     wide[:, 2:2 + S] = b["logits"]
-    check_backend("cuda", dict(b, logits=wide[:, 2:2 + S]), layout, ek.PPOLossConfig(entropy_coef=0.05))
+    check_arbitrated("cuda", dict(b, logits=wide[:, 2:2 + S]), layout, ek.PPOLossConfig(entropy_coef=0.05))
 
 
 def test_empty_and_all_absent_and_other_stream():
     b = make_batch((0,), ESPER, device="cuda", seed=1)
-    out, _ = check_backend("cuda", b, ESPER, check_grads=False)
+    out, _ = check_arbitrated("cuda", b, ESPER, check_grads=False)
     assert out.metrics.to_dict()["steps"] == 0
     b = make_batch((5,), ESPER, device="cuda", seed=2)
     b["weights"].zero_()
-    check_backend("cuda", b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
+    check_arbitrated("cuda", b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
     s = torch.cuda.Stream()
     b = make_batch((300,), ESPER, device="cuda", seed=3)
     with torch.cuda.stream(s):
-        check_backend("cuda", b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
+        check_arbitrated("cuda", b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
     torch.cuda.synchronize()

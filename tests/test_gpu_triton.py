@@ -18,8 +18,8 @@ import math
 
 import pytest
 import torch
+from float64_arbiter import check_triton
 from harness import assert_close, assert_grad_close, per_head, run
-from triton_checks import check_triton
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch

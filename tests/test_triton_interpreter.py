@@ -15,11 +15,11 @@ from unittest import mock
 
 import pytest
 import torch
+from float64_arbiter import check_triton
 from harness import per_head, run
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ref_cases import cases, layout_of, random_batch
-from triton_checks import check_triton
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch

@@ -1,5 +1,5 @@
-"""check_triton: harness.check_backend for the triton backend, with the float64 reference as the arbiter of
-gradient mismatches (shared by tests/test_triton_interpreter.py and tests/test_gpu_triton.py).
+"""check_arbitrated: harness.check_backend with the float64 reference as the arbiter of gradient mismatches
+(shared by the triton and cuda tiers; check_triton is its triton form).
 
 The float32 reference is not exact either: where its gradient is ill-conditioned (a probability floor near a
 uniform distribution: the chain's float32 terms, O(1) in the incoming gradients, cancel to ~1e-6 noise), it can
@@ -17,7 +17,7 @@ from harness import _ulp as ulp
 
 import esper_kernels as ek
 
-__all__ = ["check_triton"]
+__all__ = ["check_arbitrated", "check_triton"]
 
 
 def _to_float64(logits):
@@ -28,12 +28,12 @@ def _to_float64(logits):
     return [v.double() for v in logits]
 
 
-def _grads_vs_float64(batch, layout, config, grad_seed=0):
+def _grads_vs_float64(backend, batch, layout, config, grad_seed=0):
     """Where the float32 reference's gradient is itself ill-conditioned (floors near a uniform distribution:
     its chain of float32 terms cancels to ~1e-6 noise), the float64 reference arbitrates: every element of our
     gradient must be as close to the float64 gradient as the float32 reference's is, plus the SPEC tolerance
     (and one unit of the input dtype for bf16/fp16 logits)."""
-    _, got = run("triton", batch, layout, config, grad_seed=grad_seed)
+    _, got = run(backend, batch, layout, config, grad_seed=grad_seed)
     _, ref32 = run("reference", batch, layout, config, upcast=True, grad_seed=grad_seed)
     _, ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config,
                    grad_seed=grad_seed)
@@ -52,13 +52,17 @@ def _grads_vs_float64(batch, layout, config, grad_seed=0):
                                f"float32 reference {r[bad][:4].tolist()}")
 
 
-def check_triton(batch, layout, config=None, **kw):
+def check_arbitrated(backend, batch, layout, config=None, **kw):
     """harness.check_backend; a gradient mismatch is re-judged against the float64 reference."""
     config = config or ek.PPOLossConfig()
     try:
-        return check_backend("triton", batch, layout, config, **kw)
+        return check_backend(backend, batch, layout, config, **kw)
     except AssertionError as e:
         if not str(e).startswith("grad ") or "absent steps" in str(e):
             raise
-        _grads_vs_float64(batch, layout, config, grad_seed=kw.get("grad_seed", 0))
-        return run("triton", batch, layout, config, grad_seed=None)[0], None
+        _grads_vs_float64(backend, batch, layout, config, grad_seed=kw.get("grad_seed", 0))
+        return run(backend, batch, layout, config, grad_seed=None)[0], None
+
+
+def check_triton(batch, layout, config=None, **kw):
+    return check_arbitrated("triton", batch, layout, config, **kw)
