@@ -203,3 +203,25 @@ def cases(draw, messy: bool | None = False):
         messy=draw(st.booleans()) if messy is None else messy,
     )
     return sizes, kw, config
+
+
+def per_head_forms_case(n: int = 9, seed: int = 5):
+    """Every per-head input form at once: logits as a mapping of separate tensors, uint8 masks and relevance as
+    sequences, int32 and int64 actions, old log-probs as stride-2 columns of a wider buffer, bool weights.
+    Returns (batch, layout, per_head config with floors)."""
+    from harness import per_head
+
+    sizes = [6, 3, 13, 4]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (n,), seed=seed, weights="bool", values=True)
+    g = torch.Generator().manual_seed(0)
+    logits = {name: t.clone() for name, t in per_head(b["logits"], layout, as_mapping=True).items()}
+    masks = [t.to(torch.uint8) for t in per_head(b["action_masks"], layout)]
+    actions = [b["actions"][:, h].to(torch.int32 if h % 2 else torch.int64) for h in range(len(sizes))]
+    old_cols = torch.randn(n, 2 * len(sizes), generator=g)
+    old_cols[:, ::2] = b["old_log_probs"]
+    old = [old_cols[:, 2 * h] for h in range(len(sizes))]
+    rel = [b["head_relevance"][:, h] for h in range(len(sizes))]
+    batch = dict(b, logits=logits, action_masks=masks, actions=actions, old_log_probs=old, head_relevance=rel)
+    config = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2, prob_floor=[0.05, None, 0.01, 0.2])
+    return batch, layout, config

@@ -15,7 +15,7 @@ import torch
 from harness import check_backend, per_head, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ref_cases import cases, layout_of, random_batch
+from ref_cases import cases, layout_of, per_head_forms_case, random_batch
 
 import esper_kernels as ek
 from esper_kernels.stats import G
@@ -145,19 +145,7 @@ def test_widest_head():
 def test_per_head_tensors_mapping_sequence_and_strides():
     """Per-head logits/masks as separate tensors (a mapping), actions as a sequence of int32 and int64 tensors,
     old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
-    sizes = [6, 3, 13, 4]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (9,), seed=5, weights="bool", values=True)
-    g = torch.Generator().manual_seed(0)
-    logits = {n: t.clone() for n, t in per_head(b["logits"], layout, as_mapping=True).items()}
-    masks = [t.to(torch.uint8) for t in per_head(b["action_masks"], layout)]
-    actions = [b["actions"][:, h].to(torch.int32 if h % 2 else torch.int64) for h in range(len(sizes))]
-    old_cols = torch.randn(9, 2 * len(sizes), generator=g)
-    old_cols[:, ::2] = b["old_log_probs"]
-    old = [old_cols[:, 2 * h] for h in range(len(sizes))]
-    rel = [b["head_relevance"][:, h] for h in range(len(sizes))]
-    batch = dict(b, logits=logits, action_masks=masks, actions=actions, old_log_probs=old, head_relevance=rel)
-    check(batch, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2, prob_floor=[0.05, None, 0.01, 0.2]))
+    check(*per_head_forms_case())
 
 
 def test_per_head_tensors_read_in_place():
