@@ -225,3 +225,24 @@ def per_head_forms_case(n: int = 9, seed: int = 5):
     batch = dict(b, logits=logits, action_masks=masks, actions=actions, old_log_probs=old, head_relevance=rel)
     config = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2, prob_floor=[0.05, None, 0.01, 0.2])
     return batch, layout, config
+
+
+def strided_rows_case():
+    """Logits and masks as column slices of wider buffers (row stride > S, NaN in the padding), actions and
+    values as strided views, a 2-D batch shape. Returns (batch, layout)."""
+    sizes = [3, 5, 2]
+    layout = layout_of(sizes)
+    b = random_batch(sizes, (2, 5), seed=8, values=True)
+    S = layout.total
+    wide = torch.full((2, 5, S + 7), float("nan"))
+    wide[..., 3:3 + S] = b["logits"]
+    mwide = torch.zeros((2, 5, S + 5), dtype=torch.bool)
+    mwide[..., 1:1 + S] = b["action_masks"]
+    acts = torch.zeros((2, 5, 2 * len(sizes)), dtype=torch.int64)
+    acts[..., ::2] = b["actions"]
+    vals = torch.zeros((2, 5, 3))
+    vals[..., 1] = b["values"]
+    batch = dict(b, logits=wide[..., 3:3 + S], action_masks=mwide[..., 1:1 + S], actions=acts[..., ::2],
+                 values=vals[..., 1])
+    assert batch["logits"].stride(-2) == S + 7
+    return batch, layout

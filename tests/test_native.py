@@ -15,7 +15,7 @@ import torch
 from harness import check_backend, per_head, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ref_cases import cases, layout_of, per_head_forms_case, random_batch
+from ref_cases import cases, layout_of, per_head_forms_case, random_batch, strided_rows_case
 
 import esper_kernels as ek
 from esper_kernels.stats import G
@@ -183,21 +183,7 @@ def test_per_head_tensors_read_in_place():
 def test_non_contiguous_rows():
     """Logits and masks as column slices of wider buffers (row stride > S), per-step tensors as strided views,
     a 2-D batch shape."""
-    sizes = [3, 5, 2]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (2, 5), seed=8, values=True)
-    S = layout.total
-    wide = torch.full((2, 5, S + 7), float("nan"))
-    wide[..., 3:3 + S] = b["logits"]
-    mwide = torch.zeros((2, 5, S + 5), dtype=torch.bool)
-    mwide[..., 1:1 + S] = b["action_masks"]
-    acts = torch.zeros((2, 5, 2 * len(sizes)), dtype=torch.int64)
-    acts[..., ::2] = b["actions"]
-    vals = torch.zeros((2, 5, 3))
-    vals[..., 1] = b["values"]
-    batch = dict(b, logits=wide[..., 3:3 + S], action_masks=mwide[..., 1:1 + S], actions=acts[..., ::2],
-                 values=vals[..., 1])
-    assert batch["logits"].stride(-2) == S + 7
+    batch, layout = strided_rows_case()
     check(batch, layout, ek.PPOLossConfig(entropy_coef=0.01))
 
 
