@@ -172,3 +172,17 @@ def per_head(logits: torch.Tensor, layout: ek.HeadLayout, as_mapping: bool = Fal
     """Split packed [..., S] logits/masks into per-head views (a sequence, or a mapping by head name)."""
     parts = list(torch.split(logits, list(layout.sizes), dim=-1))
     return dict(zip(layout.names, parts)) if as_mapping else parts
+
+
+def check_output_grads_only(backend: str, batch: dict, layout: ek.HeadLayout) -> None:
+    """Only ``log_probs`` and ``entropy`` reach the objective (the losses get no incoming gradient): the
+    backend's logits gradient equals the reference's."""
+    present = _present(batch, batch["weights"].shape)
+    grads = []
+    for name in (backend, "reference"):
+        logits = batch["logits"].clone().requires_grad_(True)
+        out = ek.ppo_loss(**dict(batch, logits=logits), layout=layout, backend=name, validate=False)
+        keep = present.to(out.log_probs.device).unsqueeze(-1)
+        torch.where(keep, out.log_probs * 0.3 + out.entropy, 0.0).sum().backward()
+        grads.append(logits.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=RTOL, atol=ATOL, equal_nan=True)
