@@ -66,9 +66,6 @@ class PPOInputs:
             return self.masks[0].narrow(1, self.layout.offsets[h], self.layout.sizes[h])
         return self.masks[h]
 
-    def head_advantages(self, h: int) -> torch.Tensor:
-        return self.advantages[:, h] if self.advantages.dim() == 2 else self.advantages
-
 
 def _shape(s) -> str:
     return "[" + ", ".join(str(int(x)) for x in s) + "]"
@@ -95,13 +92,13 @@ def _flat(t: torch.Tensor, batch_ndim: int) -> torch.Tensor:
 
 
 def _per_head(name: str, value, layout: HeadLayout, batch: torch.Size, device: torch.device, dtypes: tuple,
-              what: str, packed_last: int | None, head_last) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """A per-head input -> (tensors, packed). Packed: one tensor [..., packed_last]; else H tensors."""
+              what: str, packed_last: int | None, head_last) -> tuple[torch.Tensor, ...]:
+    """A per-head input -> one tensor [..., packed_last] (given packed) or H per-head tensors."""
     h_count = layout.num_heads
     if isinstance(value, torch.Tensor):
         shape = tuple(batch) + ((packed_last,) if packed_last is not None else ())
         _expect(name, value, shape, what, dtypes, device)
-        return (value,), True
+        return (value,)
     if isinstance(value, Mapping):
         missing = [n for n in layout.names if n not in value]
         extra = [k for k in value if k not in layout.names]
@@ -121,7 +118,7 @@ def _per_head(name: str, value, layout: HeadLayout, batch: torch.Size, device: t
     for h, (hname, t) in enumerate(zip(layout.names, items)):
         shape = tuple(batch) + head_last(h)
         out.append(_expect(f"{name}[{hname!r}]", t, shape, what, dtypes, device))
-    return tuple(out), False
+    return tuple(out)
 
 
 def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_probs, advantages, *,
@@ -149,7 +146,7 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
     if bnd == 0:
         raise ValueError("logits: expected at least one batch dim")
     sizes = layout.sizes
-    lg, _lg_packed = _per_head("logits", logits, layout, batch, device, LOGIT_DTYPES,
+    lg = _per_head("logits", logits, layout, batch, device, LOGIT_DTYPES,
                               f"*batch, S = {S}" if isinstance(logits, torch.Tensor) else "*batch, A_h",
                               S, lambda h: (sizes[h],))
     dtypes = {t.dtype for t in lg}
@@ -157,16 +154,16 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
         raise TypeError(f"logits: expected one dtype for every head, got {sorted(str(d) for d in dtypes)}")
     masks = None
     if action_masks is not None:
-        masks, _m_packed = _per_head("action_masks", action_masks, layout, batch, device, MASK_DTYPES,
-                                    "like logits", S, lambda h: (sizes[h],))
-    acts, _ = _per_head("actions", actions, layout, batch, device, ACTION_DTYPES,
-                        f"*batch, H = {H}", H, lambda h: ())
-    olp, _ = _per_head("old_log_probs", old_log_probs, layout, batch, device, FLOAT_DTYPES,
-                       f"*batch, H = {H}", H, lambda h: ())
+        masks = _per_head("action_masks", action_masks, layout, batch, device, MASK_DTYPES,
+                          "like logits", S, lambda h: (sizes[h],))
+    acts = _per_head("actions", actions, layout, batch, device, ACTION_DTYPES,
+                      f"*batch, H = {H}", H, lambda h: ())
+    olp = _per_head("old_log_probs", old_log_probs, layout, batch, device, FLOAT_DTYPES,
+                     f"*batch, H = {H}", H, lambda h: ())
     rel = None
     if head_relevance is not None:
-        rel, _ = _per_head("head_relevance", head_relevance, layout, batch, device, MASK_DTYPES,
-                           f"*batch, H = {H}", H, lambda h: ())
+        rel = _per_head("head_relevance", head_relevance, layout, batch, device, MASK_DTYPES,
+                         f"*batch, H = {H}", H, lambda h: ())
 
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages: expected a tensor of shape {_shape(batch)}, got {type(advantages).__name__}")
