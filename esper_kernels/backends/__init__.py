@@ -77,7 +77,7 @@ def available_backends() -> dict[str, BackendInfo]:
         if isinstance(b, str):
             out[name] = BackendInfo(name, False, (b,), ())
         else:
-            reasons = tuple(b.unavailable_reasons())
+            reasons = _machine_reasons(name)
             out[name] = BackendInfo(name, not reasons, reasons, tuple(b.devices))
     return out
 
@@ -99,11 +99,9 @@ def _machine_reasons(name: str) -> tuple[str, ...]:
     return (b,) if isinstance(b, str) else tuple(b.unavailable_reasons())
 
 
-def _call_reasons(b: Backend, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-    reasons = list(_machine_reasons(b.name))
-    if not reasons:
-        reasons += b.not_supported_reasons(inputs, cfg)
-    return reasons
+def _call_reasons(b: Backend, machine: tuple[str, ...], inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
+    """Why ``b`` cannot run this call: its machine-level reasons, else the call's own."""
+    return list(machine) or b.not_supported_reasons(inputs, cfg)
 
 
 def _auto_order(inputs: PPOInputs) -> list[str]:
@@ -128,15 +126,14 @@ def select_backend(name: str, inputs: PPOInputs, cfg: ResolvedConfig) -> Backend
             if isinstance(b, str):
                 tried.append(f"{candidate}: {b}")
                 continue
-            reasons = list(machine) or b.not_supported_reasons(inputs, cfg)
+            reasons = _call_reasons(b, machine, inputs, cfg)
             if not reasons:
                 return b
             tried.append(f"{candidate}: " + "; ".join(reasons))
         raise BackendUnavailableError("backend 'auto': no backend supports this call:\n  " + "\n  ".join(tried))
-    if name in BACKEND_NAMES:
-        _machine_reasons(name)  # as above
+    machine = _machine_reasons(name) if name in BACKEND_NAMES else ()  # first, as above
     b = get_backend(name)
-    reasons = _call_reasons(b, inputs, cfg)
+    reasons = _call_reasons(b, machine, inputs, cfg)
     if reasons:
         raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  " + "\n  ".join(reasons))
     return b
