@@ -55,97 +55,90 @@ class PPOMetrics:
         self.layout = layout
         self.config = config
         self.has_values = has_values
-
-    # -- statistics access ---------------------------------------------------------------------------
-    def _g(self, i: int) -> torch.Tensor:
-        return self.stats[i]
-
-    def _heads(self, j: int) -> torch.Tensor:
-        """[H] column j of the per-head block."""
-        return self.stats[GLOBAL_SIZE:].view(self.layout.num_heads, HEAD_SIZE)[:, j]
+        self._names = list(GLOBAL_METRICS) + [f"head_{h}_{m}" for m in HEAD_METRICS for h in layout.names]
+        self._cache: torch.Tensor | None = None
 
     # -- derivation --------------------------------------------------------------------------------------
     def _derive(self) -> tuple[list[str], torch.Tensor]:
+        """Every metric in one float32 vector (cached), in about 60 small ops whatever the number of heads.
+
+        Each metric is ``where(gate > 0, num / den, NaN)`` over three stacked vectors: a ratio's gate is its
+        denominator (a mean without data is NaN), a raw count has den = gate = 1, and a minimum, maximum or
+        loss has den = 1 and its data condition as the gate.
+        """
+        if self._cache is not None:
+            return self._names, self._cache
         s = self.stats
         cfg = self.config
-        g = self._g
-        hd = self._heads
-        W, steps = g(G.WEIGHT), g(G.STEPS)
-        nan = torch.full((), _NAN, device=s.device)
-        rel_w = hd(HD.REL_WEIGHT)
+        H = self.layout.num_heads
+        hs = s[GLOBAL_SIZE:].view(H, HEAD_SIZE)
+        g = s.__getitem__
+        W, steps, VW = g(G.WEIGHT), g(G.STEPS), g(G.VALUE_WEIGHT)
+        one, zero = s.new_ones(()), s.new_zeros(())
+        rel_w = hs[:, HD.REL_WEIGHT]
         any_rel = rel_w.sum()
+        rel_pos = rel_w > 0
 
         if cfg.per_head:
-            pl = -_div(hd(HD.POLICY_NUM), rel_w, 0.0).sum()
+            pl = -_div(hs[:, HD.POLICY_NUM], rel_w, 0.0).sum()
         else:
             pl = -_div(g(G.POLICY_NUM), W, 0.0)
         # the per-head coefficients without a host-to-device copy (a copy syncs and cannot be graph-captured)
         kh = cfg.entropy_coef_per_head
         k = kh[0] if len(set(kh)) == 1 else torch.stack([torch.full((), c, device=s.device) for c in kh])
-        ent_h = _div(hd(HD.ENTROPY_NUM), rel_w)
+        ent_h = _div(hs[:, HD.ENTROPY_NUM], rel_w)
         # a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
-        el = -torch.where(rel_w > 0, k * ent_h, 0.0).sum()
-        VW = g(G.VALUE_WEIGHT)
+        el = -torch.where(rel_pos, k * ent_h, 0.0).sum()
         vl = 0.5 * _div(g(G.VALUE_NUM), VW, 0.0)
         loss = pl + cfg.entropy_coef * el + cfg.value_coef * vl
-        has_value_data = (g(G.VALUE_STEPS) > 0) if self.has_values else torch.zeros((), dtype=torch.bool,
-                                                                                      device=s.device)
-        nonfinite_total = hd(HD.NONFINITE).sum()
+        # gates are non-negative, so "a or b" is a + b and "a and b" a selection
+        has_value_data = g(G.VALUE_STEPS) if self.has_values else zero
         # minima and maxima ignore NaN, so "no data" includes "only NaN data": a ratio is >= 0 and a log-prob
         # is never +inf, so a ratio maximum of -inf or a log-prob minimum of +inf means nothing was measured
-        has_ratio = (steps > 0) & (g(G.RATIO_MAX) > -math.inf)
-        logp_min = hd(HD.LOGP_MIN).amin()
-        has_logp = (any_rel > 0) & (logp_min < math.inf)
-
-        out: dict[str, torch.Tensor] = {
-            "loss": torch.where((W > 0) | has_value_data, loss, nan),
-            "policy_loss": torch.where(any_rel > 0 if cfg.per_head else W > 0, pl, nan),
-            "entropy_loss": torch.where(any_rel > 0, el, nan),
-            "value_loss": torch.where(has_value_data, vl, nan),
-            "approx_kl": _div(hd(HD.KL_NUM).sum(), any_rel),
-            "joint_kl_k3": _div(g(G.KL_K3), W),
-            "joint_kl_k1": _div(g(G.KL_K1), W),
-            "clip_fraction": _div(g(G.CLIP), W),
-            "clip_fraction_positive": _div(g(G.CLIP_POS), W),
-            "clip_fraction_negative": _div(g(G.CLIP_NEG), W),
-            "ratio_mean": torch.where(W > 0, g(G.RATIO_MEAN), nan),
-            "ratio_std": torch.sqrt(_div(g(G.RATIO_M2), W)),
-            "ratio_min": torch.where(has_ratio, g(G.RATIO_MIN), nan),
-            "ratio_max": torch.where(has_ratio, g(G.RATIO_MAX), nan),
-            "log_prob_min": torch.where(has_logp, logp_min, nan),
-            "log_prob_max": torch.where(has_logp, hd(HD.LOGP_MAX).amax(), nan),
-            "steps": steps,
-            "weight_sum": W,
-            "all_finite": ((nonfinite_total == 0) & torch.isfinite(loss)).float(),
-            "explained_variance": torch.where(has_value_data, 1.0 - _div(g(G.RESID_M2), g(G.RETURN_M2)), nan),
-            "value_clip_fraction": _div(g(G.VALUE_CLIP), VW) if (self.has_values and math.isfinite(cfg.value_clip))
-            else nan,
-            "invalid_weights": g(G.BAD_WEIGHTS),
-            "invalid_value_weights": g(G.BAD_VALUE_WEIGHTS) if self.has_values else nan,
-        }
-        present = steps > 0
-        head = {
-            "entropy": ent_h,
-            "kl": _div(hd(HD.KL_NUM), rel_w),
-            "clip_fraction": _div(hd(HD.CLIP_NUM), rel_w),
-            "ratio_max": torch.where((rel_w > 0) & (hd(HD.RATIO_MAX) > -math.inf), hd(HD.RATIO_MAX), _NAN),
-            "nonfinite": hd(HD.NONFINITE),
-            "empty_mask": hd(HD.EMPTY_MASK),
-            "invalid_action": hd(HD.INVALID_ACTION),
-            "valid_actions_min": torch.where(present, hd(HD.VALID_MIN), _NAN),
-            "valid_actions_max": torch.where(present, hd(HD.VALID_MAX), _NAN),
-            "valid_actions_mean": _div(hd(HD.VALID_SUM), W.expand_as(rel_w)),
-            "single_action_fraction": _div(hd(HD.SINGLE), W.expand_as(rel_w)),
-            "relevance_fraction": _div(rel_w, W.expand_as(rel_w)),
-            "learnable_fraction": _div(hd(HD.LEARNABLE), W.expand_as(rel_w)),
-        }
-        names = list(GLOBAL_METRICS)
-        values = [out[n].reshape(()) for n in GLOBAL_METRICS]
-        for m in HEAD_METRICS:
-            for h, hname in enumerate(self.layout.names):
-                names.append(f"head_{hname}_{m}")
-                values.append(head[m][h])
-        return names, torch.stack([v.float() for v in values])
+        has_ratio = torch.where(g(G.RATIO_MAX) > -math.inf, steps, 0.0)
+        logp_min = hs[:, HD.LOGP_MIN].amin()
+        has_logp = torch.where(logp_min < math.inf, any_rel, 0.0)
+        all_finite = ((hs[:, HD.NONFINITE].sum() == 0) & torch.isfinite(loss)).float()
+        vclip = self.has_values and math.isfinite(cfg.value_clip)
+        # (num, den, gate) per global metric, in GLOBAL_METRICS order
+        rows = (
+            (loss, one, W + has_value_data),  # loss
+            (pl, one, any_rel if cfg.per_head else W),  # policy_loss
+            (el, one, any_rel),  # entropy_loss
+            (vl, one, has_value_data),  # value_loss
+            (hs[:, HD.KL_NUM].sum(), any_rel, any_rel),  # approx_kl
+            (g(G.KL_K3), W, W), (g(G.KL_K1), W, W),  # joint_kl_k3, joint_kl_k1
+            (g(G.CLIP), W, W), (g(G.CLIP_POS), W, W), (g(G.CLIP_NEG), W, W),  # clip fractions
+            (g(G.RATIO_MEAN), one, W),  # ratio_mean
+            (torch.sqrt(g(G.RATIO_M2) / W), one, W),  # ratio_std
+            (g(G.RATIO_MIN), one, has_ratio), (g(G.RATIO_MAX), one, has_ratio),  # ratio_min, ratio_max
+            (logp_min, one, has_logp), (hs[:, HD.LOGP_MAX].amax(), one, has_logp),  # log_prob_min, _max
+            (steps, one, one), (W, one, one), (all_finite, one, one),  # steps, weight_sum, all_finite
+            (1.0 - g(G.RESID_M2) / g(G.RETURN_M2), one, has_value_data * g(G.RETURN_M2)),  # explained_variance
+            (g(G.VALUE_CLIP), VW, VW if vclip else zero),  # value_clip_fraction
+            (g(G.BAD_WEIGHTS), one, one),  # invalid_weights
+            (g(G.BAD_VALUE_WEIGHTS), one, one if self.has_values else zero),  # invalid_value_weights
+        )
+        num_g, den_g, gate_g = (torch.stack(c) for c in zip(*rows))
+        # per head, in HEAD_METRICS order: columns of [H, 13] matrices
+        ones, Wh, steps_h = one.expand(H), W.expand(H), steps.expand(H)
+        col = hs.unbind(1)
+        heads = (
+            (col[HD.ENTROPY_NUM], rel_w, rel_w), (col[HD.KL_NUM], rel_w, rel_w),  # entropy, kl
+            (col[HD.CLIP_NUM], rel_w, rel_w),  # clip_fraction
+            (col[HD.RATIO_MAX], ones, torch.where(col[HD.RATIO_MAX] > -math.inf, rel_w, 0.0)),  # ratio_max
+            (col[HD.NONFINITE], ones, ones), (col[HD.EMPTY_MASK], ones, ones),  # nonfinite, empty_mask
+            (col[HD.INVALID_ACTION], ones, ones),  # invalid_action
+            (col[HD.VALID_MIN], ones, steps_h), (col[HD.VALID_MAX], ones, steps_h),  # valid_actions_min, _max
+            (col[HD.VALID_SUM], Wh, Wh), (col[HD.SINGLE], Wh, Wh),  # valid_actions_mean, single_action_fraction
+            (rel_w, Wh, Wh), (col[HD.LEARNABLE], Wh, Wh),  # relevance_fraction, learnable_fraction
+        )
+        num_h, den_h, gate_h = (torch.stack(c) for c in zip(*heads))  # [13, H]: metric-major, as the names
+        num = torch.cat([num_g, num_h.reshape(-1)])
+        den = torch.cat([den_g, den_h.reshape(-1)])
+        gate = torch.cat([gate_g, gate_h.reshape(-1)])
+        self._cache = torch.where(gate > 0, num / den, _NAN).float()
+        return self._names, self._cache
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every metric as a 0-d device tensor (no host sync)."""
@@ -153,10 +146,10 @@ class PPOMetrics:
         return dict(zip(names, values.unbind()))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self.tensors()
-        if name not in t:
-            raise KeyError(f"unknown metric {name!r}; metrics are {sorted(t)}")
-        return t[name]
+        names, values = self._derive()
+        if name not in names:
+            raise KeyError(f"unknown metric {name!r}; metrics are {sorted(names)}")
+        return values[names.index(name)]
 
     def to_dict(self) -> dict[str, float]:
         """Every metric as a float, with one host sync; per-head keys are head_{name}_{metric}."""
@@ -197,6 +190,7 @@ class PPOMetrics:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(gathered, self.stats.contiguous(), group=group)
         self.stats = merge(gathered.view(world, k))
+        self._cache = None
         return self
 
     def __repr__(self) -> str:

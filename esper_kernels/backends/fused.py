@@ -118,12 +118,49 @@ class FusedBackend(Backend):
         if cfg.normalize_advantages:
             adv = normalize_advantages(adv, inputs.weights)
             cfg = cfg._replace(normalize_advantages=False)
-        losses, log_probs, entropy, joint_ratio, stats, _ = torch.ops.esper_kernels.fused_forward(
-            self.name, list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
-            list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights, inputs.values,
-            inputs.returns, inputs.old_values, inputs.value_weights, list(inputs.layout.sizes), cfg_to_list(cfg))
+        if torch.compiler.is_compiling():
+            # the custom op: one opaque node per direction for the compiler (fake implementations below)
+            losses, log_probs, entropy, joint_ratio, stats, _ = torch.ops.esper_kernels.fused_forward(
+                self.name, list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
+                list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights, inputs.values,
+                inputs.returns, inputs.old_values, inputs.value_weights, list(inputs.layout.sizes),
+                cfg_to_list(cfg))
+        else:
+            # eager: the same kernels through a plain autograd.Function (the custom-op dispatch, argument
+            # flattening and config round trip cost several hundred microseconds per call)
+            call = FusedCall(list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
+                             list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights,
+                             inputs.values, inputs.returns, inputs.old_values, inputs.value_weights,
+                             inputs.layout.sizes, cfg)
+            losses, log_probs, entropy, joint_ratio, stats, _ = _EagerFused.apply(self, call, inputs.values,
+                                                                                   *call.logits)
         return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
                          log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+
+
+class _EagerFused(torch.autograd.Function):
+    """Eager path of a fused backend: forward and backward kernels with the custom ops' semantics."""
+
+    @staticmethod
+    def forward(ctx, impl: FusedBackend, call: FusedCall, values: torch.Tensor | None, *logits: torch.Tensor):
+        outs = tuple(impl.kernel_forward(call))
+        ctx.impl, ctx.call = impl, call
+        ctx.values_dtype = None if values is None else values.dtype
+        # every input is saved, so that an in-place change before backward raises as with the custom op
+        ctx.save_for_backward(*call.logits, *call.masks, *call.actions, *call.old_log_probs, call.advantages,
+                              *call.relevance, call.weights, values, call.returns, call.old_values,
+                              call.value_weights, outs[4], outs[5])
+        ctx.mark_non_differentiable(outs[3], outs[4], outs[5])
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_losses, g_log_probs, g_entropy, *_):
+        *_, stats, saved = ctx.saved_tensors
+        grads, gv = ctx.impl.kernel_backward(ctx.call, stats, saved, g_losses, g_log_probs, g_entropy)
+        if gv is not None and ctx.values_dtype is not None:
+            gv = gv.to(ctx.values_dtype)
+        return (None, None, gv, *grads)
 
 
 def register_fused(backend: FusedBackend) -> FusedBackend:
