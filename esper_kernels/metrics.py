@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .config import ResolvedConfig
@@ -34,10 +35,133 @@ HEAD_METRICS = (
 _NAN = float("nan")
 
 
-def _div(num: torch.Tensor, den: torch.Tensor, empty: float = _NAN) -> torch.Tensor:
-    """num / den, ``empty`` where den == 0."""
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, 1.0), empty)
+class _TorchOps:
+    """The array operations of ``_derive_table`` on torch tensors (any device; no host sync)."""
+
+    where, stack, cat, sqrt, isfinite = torch.where, torch.stack, torch.cat, torch.sqrt, torch.isfinite
+
+    @staticmethod
+    def scalar(like: torch.Tensor, v: float) -> torch.Tensor:
+        return like.new_full((), v)
+
+    @staticmethod
+    def expand(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.expand(n)
+
+    @staticmethod
+    def amin(x: torch.Tensor) -> torch.Tensor:
+        return x.amin()
+
+    @staticmethod
+    def amax(x: torch.Tensor) -> torch.Tensor:
+        return x.amax()
+
+    @staticmethod
+    def f32(x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+class _NumpyOps:
+    """The same operations on numpy arrays: CPU statistics, where each torch op would cost microseconds."""
+
+    where, cat, sqrt, isfinite = np.where, np.concatenate, np.sqrt, np.isfinite
+
+    @staticmethod
+    def stack(xs) -> np.ndarray:
+        return np.array(xs, dtype=np.float32)  # np.stack's Python-level checks cost more than the maths
+
+    @staticmethod
+    def scalar(like: np.ndarray, v: float) -> np.ndarray:
+        return np.full((), v, dtype=like.dtype)
+
+    @staticmethod
+    def expand(x: np.ndarray, n: int) -> np.ndarray:
+        return np.broadcast_to(x, (n,))
+
+    @staticmethod
+    def amin(x: np.ndarray) -> np.ndarray:
+        return x.min()
+
+    @staticmethod
+    def amax(x: np.ndarray) -> np.ndarray:
+        return x.max()
+
+    @staticmethod
+    def f32(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+
+def _derive_table(s, num_heads: int, cfg: ResolvedConfig, has_values: bool, xp=_TorchOps):
+    """Every metric of the statistics vector ``s`` as one float32 vector, in about 60 array ops.
+
+    Each metric is ``where(gate > 0, num / den, NaN)`` over three stacked vectors: a ratio's gate is its
+    denominator (a mean without data is NaN), a raw count has den = gate = 1, and a minimum, maximum or loss
+    has den = 1 and its data condition as the gate. ``xp`` runs it on torch tensors or on numpy arrays.
+    """
+    H = num_heads
+    hs = s[GLOBAL_SIZE:].reshape(H, HEAD_SIZE)
+    W, steps, VW = s[G.WEIGHT], s[G.STEPS], s[G.VALUE_WEIGHT]
+    one, zero = xp.scalar(s, 1.0), xp.scalar(s, 0.0)
+
+    def div0(num, den):  # num / den, 0 where den == 0
+        ok = den > 0
+        return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
+
+    rel_w = hs[:, HD.REL_WEIGHT]
+    any_rel = rel_w.sum()
+    rel_pos = rel_w > 0
+    pl = -div0(hs[:, HD.POLICY_NUM], rel_w).sum() if cfg.per_head else -div0(s[G.POLICY_NUM], W)
+    kh = cfg.entropy_coef_per_head
+    # the per-head coefficients without a host-to-device copy (a copy syncs and cannot be graph-captured)
+    k = kh[0] if len(set(kh)) == 1 else xp.stack([xp.scalar(s, c) for c in kh])
+    ent_h = xp.where(rel_pos, hs[:, HD.ENTROPY_NUM] / xp.where(rel_pos, rel_w, 1.0), _NAN)
+    # a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
+    el = -xp.where(rel_pos, k * ent_h, 0.0).sum()
+    vl = 0.5 * div0(s[G.VALUE_NUM], VW)
+    loss = pl + cfg.entropy_coef * el + cfg.value_coef * vl
+    # gates are non-negative, so "a or b" is a + b and "a and b" a product or a selection
+    has_value_data = s[G.VALUE_STEPS] if has_values else zero
+    # minima and maxima ignore NaN, so "no data" includes "only NaN data": a ratio is >= 0 and a log-prob is
+    # never +inf, so a ratio maximum of -inf or a log-prob minimum of +inf means nothing was measured
+    has_ratio = xp.where(s[G.RATIO_MAX] > -math.inf, steps, 0.0)
+    logp_min = xp.amin(hs[:, HD.LOGP_MIN])
+    has_logp = xp.where(logp_min < math.inf, any_rel, 0.0)
+    all_finite = xp.f32((hs[:, HD.NONFINITE].sum() == 0) & xp.isfinite(loss))
+    vclip = has_values and math.isfinite(cfg.value_clip)
+    # (num, den, gate) per global metric, in GLOBAL_METRICS order
+    rows = (
+        (loss, one, W + has_value_data),  # loss
+        (pl, one, any_rel if cfg.per_head else W),  # policy_loss
+        (el, one, any_rel),  # entropy_loss
+        (vl, one, has_value_data),  # value_loss
+        (hs[:, HD.KL_NUM].sum(), any_rel, any_rel),  # approx_kl
+        (s[G.KL_K3], W, W), (s[G.KL_K1], W, W),  # joint_kl_k3, joint_kl_k1
+        (s[G.CLIP], W, W), (s[G.CLIP_POS], W, W), (s[G.CLIP_NEG], W, W),  # clip fractions
+        (s[G.RATIO_MEAN], one, W),  # ratio_mean
+        (xp.sqrt(s[G.RATIO_M2] / W), one, W),  # ratio_std
+        (s[G.RATIO_MIN], one, has_ratio), (s[G.RATIO_MAX], one, has_ratio),  # ratio_min, ratio_max
+        (logp_min, one, has_logp), (xp.amax(hs[:, HD.LOGP_MAX]), one, has_logp),  # log_prob_min, _max
+        (steps, one, one), (W, one, one), (all_finite, one, one),  # steps, weight_sum, all_finite
+        (1.0 - s[G.RESID_M2] / s[G.RETURN_M2], one, has_value_data * s[G.RETURN_M2]),  # explained_variance
+        (s[G.VALUE_CLIP], VW, VW if vclip else zero),  # value_clip_fraction
+        (s[G.BAD_WEIGHTS], one, one),  # invalid_weights
+        (s[G.BAD_VALUE_WEIGHTS], one, one if has_values else zero),  # invalid_value_weights
+    )
+    # per head, in HEAD_METRICS order
+    ones, Wh, steps_h = xp.expand(one, H), xp.expand(W, H), xp.expand(steps, H)
+    col = [hs[:, j] for j in range(HEAD_SIZE)]
+    heads = (
+        (col[HD.ENTROPY_NUM], rel_w, rel_w), (col[HD.KL_NUM], rel_w, rel_w),  # entropy, kl
+        (col[HD.CLIP_NUM], rel_w, rel_w),  # clip_fraction
+        (col[HD.RATIO_MAX], ones, xp.where(col[HD.RATIO_MAX] > -math.inf, rel_w, 0.0)),  # ratio_max
+        (col[HD.NONFINITE], ones, ones), (col[HD.EMPTY_MASK], ones, ones),  # nonfinite, empty_mask
+        (col[HD.INVALID_ACTION], ones, ones),  # invalid_action
+        (col[HD.VALID_MIN], ones, steps_h), (col[HD.VALID_MAX], ones, steps_h),  # valid_actions_min, _max
+        (col[HD.VALID_SUM], Wh, Wh), (col[HD.SINGLE], Wh, Wh),  # valid_actions_mean, single_action_fraction
+        (rel_w, Wh, Wh), (col[HD.LEARNABLE], Wh, Wh),  # relevance_fraction, learnable_fraction
+    )
+    num, den, gate = (xp.cat([xp.stack(g), xp.stack(h).reshape(-1)]) for g, h in zip(zip(*rows), zip(*heads)))
+    return xp.f32(xp.where(gate > 0, num / den, _NAN))
 
 
 class PPOMetrics:
@@ -60,84 +184,15 @@ class PPOMetrics:
 
     # -- derivation --------------------------------------------------------------------------------------
     def _derive(self) -> tuple[list[str], torch.Tensor]:
-        """Every metric in one float32 vector (cached), in about 60 small ops whatever the number of heads.
-
-        Each metric is ``where(gate > 0, num / den, NaN)`` over three stacked vectors: a ratio's gate is its
-        denominator (a mean without data is NaN), a raw count has den = gate = 1, and a minimum, maximum or
-        loss has den = 1 and its data condition as the gate.
-        """
-        if self._cache is not None:
-            return self._names, self._cache
-        s = self.stats
-        cfg = self.config
-        H = self.layout.num_heads
-        hs = s[GLOBAL_SIZE:].view(H, HEAD_SIZE)
-        g = s.__getitem__
-        W, steps, VW = g(G.WEIGHT), g(G.STEPS), g(G.VALUE_WEIGHT)
-        one, zero = s.new_ones(()), s.new_zeros(())
-        rel_w = hs[:, HD.REL_WEIGHT]
-        any_rel = rel_w.sum()
-        rel_pos = rel_w > 0
-
-        if cfg.per_head:
-            pl = -_div(hs[:, HD.POLICY_NUM], rel_w, 0.0).sum()
-        else:
-            pl = -_div(g(G.POLICY_NUM), W, 0.0)
-        # the per-head coefficients without a host-to-device copy (a copy syncs and cannot be graph-captured)
-        kh = cfg.entropy_coef_per_head
-        k = kh[0] if len(set(kh)) == 1 else torch.stack([torch.full((), c, device=s.device) for c in kh])
-        ent_h = _div(hs[:, HD.ENTROPY_NUM], rel_w)
-        # a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
-        el = -torch.where(rel_pos, k * ent_h, 0.0).sum()
-        vl = 0.5 * _div(g(G.VALUE_NUM), VW, 0.0)
-        loss = pl + cfg.entropy_coef * el + cfg.value_coef * vl
-        # gates are non-negative, so "a or b" is a + b and "a and b" a selection
-        has_value_data = g(G.VALUE_STEPS) if self.has_values else zero
-        # minima and maxima ignore NaN, so "no data" includes "only NaN data": a ratio is >= 0 and a log-prob
-        # is never +inf, so a ratio maximum of -inf or a log-prob minimum of +inf means nothing was measured
-        has_ratio = torch.where(g(G.RATIO_MAX) > -math.inf, steps, 0.0)
-        logp_min = hs[:, HD.LOGP_MIN].amin()
-        has_logp = torch.where(logp_min < math.inf, any_rel, 0.0)
-        all_finite = ((hs[:, HD.NONFINITE].sum() == 0) & torch.isfinite(loss)).float()
-        vclip = self.has_values and math.isfinite(cfg.value_clip)
-        # (num, den, gate) per global metric, in GLOBAL_METRICS order
-        rows = (
-            (loss, one, W + has_value_data),  # loss
-            (pl, one, any_rel if cfg.per_head else W),  # policy_loss
-            (el, one, any_rel),  # entropy_loss
-            (vl, one, has_value_data),  # value_loss
-            (hs[:, HD.KL_NUM].sum(), any_rel, any_rel),  # approx_kl
-            (g(G.KL_K3), W, W), (g(G.KL_K1), W, W),  # joint_kl_k3, joint_kl_k1
-            (g(G.CLIP), W, W), (g(G.CLIP_POS), W, W), (g(G.CLIP_NEG), W, W),  # clip fractions
-            (g(G.RATIO_MEAN), one, W),  # ratio_mean
-            (torch.sqrt(g(G.RATIO_M2) / W), one, W),  # ratio_std
-            (g(G.RATIO_MIN), one, has_ratio), (g(G.RATIO_MAX), one, has_ratio),  # ratio_min, ratio_max
-            (logp_min, one, has_logp), (hs[:, HD.LOGP_MAX].amax(), one, has_logp),  # log_prob_min, _max
-            (steps, one, one), (W, one, one), (all_finite, one, one),  # steps, weight_sum, all_finite
-            (1.0 - g(G.RESID_M2) / g(G.RETURN_M2), one, has_value_data * g(G.RETURN_M2)),  # explained_variance
-            (g(G.VALUE_CLIP), VW, VW if vclip else zero),  # value_clip_fraction
-            (g(G.BAD_WEIGHTS), one, one),  # invalid_weights
-            (g(G.BAD_VALUE_WEIGHTS), one, one if self.has_values else zero),  # invalid_value_weights
-        )
-        num_g, den_g, gate_g = (torch.stack(c) for c in zip(*rows))
-        # per head, in HEAD_METRICS order: columns of [H, 13] matrices
-        ones, Wh, steps_h = one.expand(H), W.expand(H), steps.expand(H)
-        col = hs.unbind(1)
-        heads = (
-            (col[HD.ENTROPY_NUM], rel_w, rel_w), (col[HD.KL_NUM], rel_w, rel_w),  # entropy, kl
-            (col[HD.CLIP_NUM], rel_w, rel_w),  # clip_fraction
-            (col[HD.RATIO_MAX], ones, torch.where(col[HD.RATIO_MAX] > -math.inf, rel_w, 0.0)),  # ratio_max
-            (col[HD.NONFINITE], ones, ones), (col[HD.EMPTY_MASK], ones, ones),  # nonfinite, empty_mask
-            (col[HD.INVALID_ACTION], ones, ones),  # invalid_action
-            (col[HD.VALID_MIN], ones, steps_h), (col[HD.VALID_MAX], ones, steps_h),  # valid_actions_min, _max
-            (col[HD.VALID_SUM], Wh, Wh), (col[HD.SINGLE], Wh, Wh),  # valid_actions_mean, single_action_fraction
-            (rel_w, Wh, Wh), (col[HD.LEARNABLE], Wh, Wh),  # relevance_fraction, learnable_fraction
-        )
-        num_h, den_h, gate_h = (torch.stack(c) for c in zip(*heads))  # [13, H]: metric-major, as the names
-        num = torch.cat([num_g, num_h.reshape(-1)])
-        den = torch.cat([den_g, den_h.reshape(-1)])
-        gate = torch.cat([gate_g, gate_h.reshape(-1)])
-        self._cache = torch.where(gate > 0, num / den, _NAN).float()
+        """Every metric in one float32 vector, derived once per statistics vector."""
+        if self._cache is None:
+            s = self.stats
+            args = (self.layout.num_heads, self.config, self.has_values)
+            if s.device.type == "cpu" and not s.requires_grad and not torch.compiler.is_compiling():
+                with np.errstate(all="ignore"):  # 0/0 and friends are gated to NaN on purpose
+                    self._cache = torch.from_numpy(_derive_table(s.numpy(), *args, xp=_NumpyOps))
+            else:
+                self._cache = _derive_table(s, *args)
         return self._names, self._cache
 
     def tensors(self) -> dict[str, torch.Tensor]:
