@@ -209,8 +209,7 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
 
     def heads_1d(ts: tuple[torch.Tensor, ...], packed: bool) -> tuple[torch.Tensor, ...]:
         if packed:
-            t = _flat(ts[0], bnd)
-            return tuple(t[:, h] for h in range(H))
+            return _flat(ts[0], bnd).unbind(1)  # H column views (one op, not H indexing calls)
         return tuple(_flat(t, bnd) if bnd > 1 else t for t in ts)
 
     return PPOInputs(

@@ -22,3 +22,22 @@ def test_compare_metrics_catches_a_difference():
         compare_metrics({"loss": 1.0}, {"loss": 1.001})
     with pytest.raises(AssertionError):
         compare_metrics({"steps": 3.0}, {"steps": float("nan")})
+
+
+@pytest.mark.parametrize("sizes, n, first", [
+    (ek.ESPER_HEADS, 1800, "triton"),  # esper: triton's graph time was lower on the H100
+    (ek.ESPER_HEADS, 65536, "cuda"),  # rl_64k / rl_1m: cuda
+    ({"a": 1024, "b": 1024}, 16384, "triton"),  # wide
+    ({"vocab": 32768}, 8192, "triton"),  # vocab
+    ({"a": 33, "b": 2}, 65536, "triton"),  # a head wider than the CUDA tile
+])
+def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):
+    from esper_kernels.backends.choice import cuda_preference
+    from esper_kernels.inputs import prepare_inputs
+
+    layout = ek.HeadLayout(sizes)
+    H = layout.num_heads
+    inputs = prepare_inputs(layout, torch.zeros(n, layout.total), None, torch.zeros(n, H, dtype=torch.long),
+                            torch.zeros(n, H), torch.zeros(n))
+    order = cuda_preference(inputs)
+    assert order[0] == first and sorted(order) == ["cuda", "triton"]
