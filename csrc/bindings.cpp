@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ppo_cpu.h"
+#include "ppo_metrics.h"
 #include "ppo_params.h"
 #ifdef ESPER_WITH_CUDA
 #include "ppo_cuda.h"
@@ -126,6 +127,21 @@ PPOParams decode(const std::vector<int64_t>& ints, const std::vector<double>& fl
 
 int checked_threads(int nthreads) { return std::max(1, std::min(nthreads, 1024)); }
 
+// ints = (H, per_head, has_values, has_vclip), floats = (entropy_coef, value_coef, kcoef[H])
+MetricsCfg decode_metrics_cfg(const std::vector<int64_t>& ints, const std::vector<double>& floats) {
+  if (ints.size() != 4 || ints[0] < 1 || ints[0] > ESPER_MAX_HEADS || floats.size() != 2 + (size_t)ints[0])
+    throw std::invalid_argument("esper_kernels._C: bad metrics configuration");
+  MetricsCfg c{};
+  c.num_heads = (int32_t)ints[0];
+  c.per_head = (int32_t)ints[1];
+  c.has_values = (int32_t)ints[2];
+  c.has_vclip = (int32_t)ints[3];
+  c.entropy_coef = (float)floats[0];
+  c.value_coef = (float)floats[1];
+  for (int h = 0; h < c.num_heads; ++h) c.kcoef[h] = (float)floats[2 + h];
+  return c;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -155,8 +171,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("ints"), py::arg("floats"), py::arg("nthreads"), py::arg("vectorise") = true);
 
+  m.def(
+      "derive_metrics",
+      [](int64_t stats, int64_t out, const std::vector<int64_t>& ints, const std::vector<double>& floats) {
+        const MetricsCfg c = decode_metrics_cfg(ints, floats);
+        derive_metrics(c, reinterpret_cast<const float*>(stats), reinterpret_cast<float*>(out));
+      },
+      py::arg("stats"), py::arg("out"), py::arg("ints"), py::arg("floats"));
+
 #ifdef ESPER_WITH_CUDA
   m.attr("has_cuda") = true;
+  m.def(
+      "cuda_derive_metrics",
+      [](int64_t stats, int64_t out, const std::vector<int64_t>& ints, const std::vector<double>& floats,
+         int64_t stream, int device) {
+        const MetricsCfg c = decode_metrics_cfg(ints, floats);
+        const std::string err = cuda_derive_metrics(c, (uintptr_t)stats, (uintptr_t)out, (uintptr_t)stream, device);
+        if (!err.empty()) throw std::runtime_error("esper_kernels cuda metrics: " + err);
+      },
+      py::arg("stats"), py::arg("out"), py::arg("ints"), py::arg("floats"), py::arg("stream"), py::arg("device"));
   m.attr("CUDA_STEP_ROWS") = CUDA_STEP_ROWS;
   m.def("cuda_status", []() { return cuda_status(); });
   m.def(

@@ -5,11 +5,13 @@
 // output is bitwise the same whatever the number of threads. Threads (std::thread, count from Python, one
 // per 64 K logits at most) take chunks round-robin; no OpenMP (it would clash with torch's libgomp).
 //
-// Within a chunk, rows go in blocks of RB = 16: heads of at most 32 actions without a floor run the row
-// algorithm of ppo_core.h with the 16 rows in SIMD lanes (block_lse / block_entropy / block_grad, compiled
-// for AVX-512, AVX2 and baseline x86-64 with target_clones; the same operations in the same order, so the
-// results are bitwise those of the row-by-row path); other heads (wide, floored) run the row-by-row path
-// over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
+// Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
+// time), heads of at most 32 actions without a floor run the AVX-512 path (fast_forward / fast_backward /
+// fast_global below): one exp per logit in the forward and one in the backward (the forward saves each row's
+// lse), float32 exp/log with FMA, statistics accumulated per lane and reduced in a fixed order. Without
+// AVX-512 they run the auto-vectorised block path (block_lse / block_entropy / block_grad, target_clones),
+// bitwise the row path's results. Wide or floored heads (and every head with vectorise = false) run the
+// row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 #include "ppo_cpu.h"
 
 #include <algorithm>
@@ -17,6 +19,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "ppo_core.h"
 
@@ -53,12 +59,18 @@ void parallel_chunks(int64_t nchunks, int nthreads, F&& f) {
 
 // one thread's row buffers
 struct SmallBuf;
+struct FastCols;
+struct LaneAcc;
+struct GlobalAcc;
 struct Bufs {
   std::vector<float> z, g;
   std::vector<uint8_t> u;
   std::unique_ptr<SmallBuf> small;
+  std::unique_ptr<FastCols> cols;
+  std::vector<LaneAcc> acc;  // per head
+  std::unique_ptr<GlobalAcc> gacc;
   bool vectorise;
-  Bufs(int A, bool vec);
+  Bufs(int A, int H, bool vec);
 };
 
 template <class T, class Cvt>
@@ -313,11 +325,855 @@ void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn*
   }
 }
 
-Bufs::Bufs(int A, bool vec)
-    : z(std::max(A, 1)), g(std::max(A, 1)), u(std::max(A, 1)), small(new SmallBuf), vectorise(vec) {}
+
+// ---- small heads on AVX-512: RB rows in the 16 lanes of a zmm register, one exp per logit ------------------
+// The columns of a block are gathered straight from the logits (any row stride, per-head tensors), the masks
+// read as one bit mask per row; float32 exp/log (Cephes polynomials with FMA, within 2 ulp) and float sums over
+// the row (at most SMALL terms); the per-(step, head) statistics accumulate per lane in double and are
+// reduced in lane order at the end of a chunk, so results stay independent of the thread count. The forward
+// saves each row's lse (after the [N, H + 1] coefficients), so the backward needs one exp per logit and no
+// max/sum pass. Not bitwise equal to the row path (other exp, FMA, sum order), but as close to the reference.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(ESPER_NO_AVX512)
+#define ESPER_FAST 1
+#define ESPER_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+
+bool cpu_has_avx512() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("popcnt");
+  }();
+  return ok;
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+constexpr int64_t FAST_MAX_RS = int64_t(1) << 26;  // row strides (elements) whose 16-row offsets fit int32
+
+// heads the AVX-512 path runs: small, no floor, 16-bit logits of at least 2 columns (a column is read as one
+// 32-bit word inside the row), row strides within the gather's int32 offsets
+inline bool fast_head(const PPOParams& P, int h) {
+  return cpu_has_avx512() && vectorised(P, h) && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
+         P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
+}
+
+// the saved lse of (row i, head h): after the [N, H + 1] coefficients (CpuBackend.saved_shape is [N, 2H + 1])
+inline float* saved_lse(const PPOParams& P) { return reinterpret_cast<float*>(P.saved) + P.n * (P.num_heads + 1); }
+
+// head statistics the lanes sum (double), take the min / max of (float) or count
+constexpr int NSUMS = 8;
+constexpr int SUM_K[NSUMS] = {HD_REL_WEIGHT, HD_POLICY_NUM, HD_ENTROPY_NUM, HD_KL_NUM,
+                              HD_CLIP_NUM,   HD_VALID_SUM,  HD_SINGLE,      HD_LEARNABLE};
+constexpr int MIN_K[2] = {HD_LOGP_MIN, HD_VALID_MIN};
+constexpr int MAX_K[3] = {HD_RATIO_MAX, HD_LOGP_MAX, HD_VALID_MAX};
+constexpr int CNT_K[3] = {HD_NONFINITE, HD_EMPTY_MASK, HD_INVALID_ACTION};
+
+struct LaneAcc {  // one head's statistics over one chunk, per lane
+  alignas(64) double sum[NSUMS][RB];
+  alignas(64) float mn[2][RB];
+  alignas(64) float mx[3][RB];
+  int64_t cnt[3];
+  void init() {
+    for (int q = 0; q < NSUMS; ++q)
+      for (int r = 0; r < RB; ++r) sum[q][r] = 0.0;
+    for (int r = 0; r < RB; ++r) {
+      mn[0][r] = mn[1][r] = INFINITY;
+      mx[0][r] = mx[1][r] = mx[2][r] = -INFINITY;
+    }
+    cnt[0] = cnt[1] = cnt[2] = 0;
+  }
+  // into hacc (initialised by kind): lanes in order
+  void fold(double* hacc) const {
+    for (int q = 0; q < NSUMS; ++q) {
+      double s = 0.0;
+      for (int r = 0; r < RB; ++r) s += sum[q][r];
+      hacc[SUM_K[q]] += s;
+    }
+    for (int q = 0; q < 2; ++q)
+      for (int r = 0; r < RB; ++r) hacc[MIN_K[q]] = dmin_nn(hacc[MIN_K[q]], (double)mn[q][r]);
+    for (int q = 0; q < 3; ++q)
+      for (int r = 0; r < RB; ++r) hacc[MAX_K[q]] = dmax_nn(hacc[MAX_K[q]], (double)mx[q][r]);
+    for (int q = 0; q < 3; ++q) hacc[CNT_K[q]] += (double)cnt[q];
+  }
+};
+
+// the global statistics of one chunk, per lane (the same split as LaneAcc)
+constexpr int GSUMS = 10, GDSUMS = 3, GCNTS = 4, GMINS = 4;
+constexpr int GSUM_K[GSUMS] = {G_WEIGHT, G_POLICY_NUM, G_KL_K3,        G_KL_K1,   G_CLIP,
+                               G_CLIP_POS, G_CLIP_NEG, G_VALUE_WEIGHT, G_VALUE_NUM, G_VALUE_CLIP};
+constexpr int GDSUM_K[GDSUMS] = {G_RATIO_MEAN, G_RETURN_MEAN, G_RESID_MEAN};  // double products
+constexpr int GCNT_K[GCNTS] = {G_STEPS, G_BAD_WEIGHTS, G_VALUE_STEPS, G_BAD_VALUE_WEIGHTS};
+constexpr int GMIN_K[GMINS] = {G_RATIO_MIN, GX_RMIN, GX_TMIN, GX_EMIN};
+constexpr int GMAX_K[GMINS] = {G_RATIO_MAX, GX_RMAX, GX_TMAX, GX_EMAX};
+
+struct GlobalAcc {
+  alignas(64) double sum[GSUMS + GDSUMS][RB];
+  alignas(64) float mn[GMINS][RB];
+  alignas(64) float mx[GMINS][RB];
+  int64_t cnt[GCNTS];
+  void init() {
+    for (int q = 0; q < GSUMS + GDSUMS; ++q)
+      for (int r = 0; r < RB; ++r) sum[q][r] = 0.0;
+    for (int q = 0; q < GMINS; ++q)
+      for (int r = 0; r < RB; ++r) {
+        mn[q][r] = INFINITY;
+        mx[q][r] = -INFINITY;
+      }
+    for (int q = 0; q < GCNTS; ++q) cnt[q] = 0;
+  }
+  void fold(double* gacc) const {
+    for (int q = 0; q < GSUMS + GDSUMS; ++q) {
+      double s = 0.0;
+      for (int r = 0; r < RB; ++r) s += sum[q][r];
+      gacc[q < GSUMS ? GSUM_K[q] : GDSUM_K[q - GSUMS]] += s;
+    }
+    for (int q = 0; q < GMINS; ++q)
+      for (int r = 0; r < RB; ++r) {
+        gacc[GMIN_K[q]] = dmin_nn(gacc[GMIN_K[q]], (double)mn[q][r]);
+        gacc[GMAX_K[q]] = dmax_nn(gacc[GMAX_K[q]], (double)mx[q][r]);
+      }
+    for (int q = 0; q < GCNTS; ++q) gacc[GCNT_K[q]] += (double)cnt[q];
+  }
+};
+
+// one block of rows: the step inputs per lane
+struct BlockIn {
+  int64_t b0;
+  int nb;
+  uint32_t live, pres;  // lanes < nb; present steps
+  alignas(64) float w[RB];
+  alignas(64) float w_raw[RB];  // 1 in lanes >= nb
+  alignas(64) float adv0[RB];
+};
+
+inline void block_in(const StepIn* sb, int64_t b0, int nb, BlockIn& B) {
+  B.b0 = b0;
+  B.nb = nb;
+  B.live = nb >= RB ? 0xffffu : ((1u << nb) - 1u);
+  B.pres = 0;
+  for (int r = 0; r < RB; ++r) {
+    const bool p = r < nb && sb[r].present;
+    B.pres |= (uint32_t)p << r;
+    B.w[r] = p ? sb[r].w : 0.f;
+    B.w_raw[r] = r < nb ? sb[r].w_raw : 1.f;
+    B.adv0[r] = p ? sb[r].adv0 : 0.f;
+  }
+}
+
+struct FastCols {  // one head's block, column-major: element j of lane r at [j][r]
+  alignas(64) float z[SMALL][RB];
+  alignas(64) float e[SMALL][RB];
+  alignas(64) float g[SMALL][RB];
+  uint16_t v[SMALL];
+};
+
+// per-call constants of the AVX-512 path (shared by the threads)
+struct FastPlan {
+  bool fast[ESPER_MAX_HEADS];     // heads this call runs on the AVX-512 path
+  bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their lse in any case)
+  bool any = false;
+  // masks of every fast head inside one 64-byte window of a row (packed [N, S] masks): one load per row
+  bool mpacked = false;
+  const uint8_t* mbase = nullptr;
+  int64_t mrs = 0;
+  uint64_t mbits = 0;  // the window's bytes that belong to fast heads
+  int moff[ESPER_MAX_HEADS];
+  // backward: d loss / d ell per unit of saved coefficient, d loss / d entropy per unit of weight
+  float pscale[ESPER_MAX_HEADS], ecoef[ESPER_MAX_HEADS];
+  // the per-row memory streams of the call (bytes [lo, hi) of row i at base + i * stride), prefetched
+  // PREFETCH_BLOCKS blocks ahead: with a dozen streams, the hardware prefetchers alone leave the gathers and
+  // the per-row loads waiting on memory
+  struct Span {
+    uintptr_t base;
+    int64_t stride, lo, hi;
+    bool write;
+  };
+  static constexpr int MAX_SPANS = 8 * ESPER_MAX_HEADS + 16;
+  Span spans[MAX_SPANS];
+  int nspans = 0;
+  void stream(uintptr_t p, int64_t stride, int64_t len, bool write = false) {
+    if (!p || stride <= 0 || len <= 0) return;
+    for (int k = 0; k < nspans; ++k) {
+      Span& sp = spans[k];
+      const int64_t d = (int64_t)(p - sp.base);
+      if (sp.stride == stride && sp.write == write && d > -stride && d < stride) {
+        sp.lo = std::min(sp.lo, d);
+        sp.hi = std::max(sp.hi, d + len);
+        return;
+      }
+    }
+    if (nspans < MAX_SPANS) spans[nspans++] = Span{p, stride, 0, len, write};
+  }
+  void vec_stream(const Vec& v) {
+    static const int es[] = {4, 2, 2, 8, 1, 4, 8};
+    if (v.ptr && v.dtype >= 0 && v.dtype <= 6) stream(v.ptr, v.stride * es[v.dtype], es[v.dtype]);
+  }
+};
+
+constexpr int PREFETCH_BLOCKS = 2;
+
+// prefetch rows [i0, i0 + RB) of every stream (i0 < n)
+inline void prefetch_block(const FastPlan& F, int64_t i0, int64_t n) {
+#if defined(__GNUC__)
+  if (i0 >= n) return;
+  const int64_t i1 = std::min<int64_t>(i0 + RB, n);
+  for (int k = 0; k < F.nspans; ++k) {
+    const FastPlan::Span& sp = F.spans[k];
+    const int64_t w = sp.hi - sp.lo;
+    if (sp.stride <= w + 128) {  // (nearly) contiguous rows: every line of the block
+      const uintptr_t a0 = (sp.base + i0 * sp.stride + sp.lo) & ~(uintptr_t)63;
+      const uintptr_t a1 = sp.base + (i1 - 1) * sp.stride + sp.hi;
+      for (uintptr_t a = a0; a < a1; a += 64) {
+        if (sp.write) __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+        else __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const uintptr_t a0 = (sp.base + i * sp.stride + sp.lo) & ~(uintptr_t)63;
+        const uintptr_t a1 = sp.base + i * sp.stride + sp.hi;
+        for (uintptr_t a = a0; a < a1; a += 64) {
+          if (sp.write) __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+          else __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+        }
+      }
+    }
+  }
+#else
+  (void)F, (void)i0, (void)n;
+#endif
+}
+
+FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const GradScal* gs) {
+  FastPlan F;
+  const int H = P.num_heads;
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  for (int h = 0; h < H; ++h) {
+    F.fast_ok[h] = fast_head(P, h);
+    F.fast[h] = vectorise && F.fast_ok[h];
+    F.any = F.any || F.fast[h];
+    F.moff[h] = 0;
+    F.pscale[h] = F.ecoef[h] = 0.f;
+    if (F.fast[h] && P.has_mask) {
+      lo = std::min<uintptr_t>(lo, P.masks[h]);
+      hi = std::max<uintptr_t>(hi, P.masks[h] + P.sizes[h]);
+    }
+    if (st && gs) {
+      const float den = st[ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE + HD_REL_WEIGHT];
+      F.pscale[h] = safe_div(gs->g_pol, P.per_head ? den : st[G_WEIGHT]);  // as head_grads
+      F.ecoef[h] = safe_div(gs->g_ent * -P.kcoef[h], den);
+    }
+  }
+  if (F.any) {  // the streams of every head's rows and of the steps (forward: st == nullptr)
+    const bool fwd = st == nullptr;
+    const int es = P.logits_dtype == DT_F32 ? 4 : 2;
+    for (int h = 0; h < H; ++h) {
+      const int64_t A = P.sizes[h];
+      if (A > 4 * SMALL) continue;  // wide rows stream well enough on their own
+      F.stream(P.logits[h], P.logits_rs[h] * es, A * es);
+      if (P.has_mask) F.stream(P.masks[h], P.masks_rs[h], A);
+      if (!fwd) F.stream(P.grads[h], P.grads_rs[h] * es, A * es, true);
+      F.vec_stream(P.actions[h]);
+      if (P.has_rel) F.vec_stream(P.rel[h]);
+      if (fwd) F.vec_stream(P.old_lp[h]);
+      if (fwd || h == 0) F.vec_stream(P.adv[h]);
+    }
+    F.vec_stream(P.weights);
+    if (fwd) {
+      F.vec_stream(P.values);
+      F.vec_stream(P.returns);
+      F.vec_stream(P.old_values);
+      F.vec_stream(P.value_weights);
+      F.stream(P.log_probs, 4 * H, 4 * H, true);
+      F.stream(P.entropy, 4 * H, 4 * H, true);
+      F.stream(P.joint_ratio, 4, 4, true);
+      F.stream(P.saved, 4 * (H + 1), 4 * (H + 1), true);
+      F.stream(P.saved + 4 * (uintptr_t)(P.n * (H + 1)), 4 * H, 4 * H, true);
+    } else {
+      F.stream(P.saved, 4 * (H + 1), 4 * (H + 1));
+      F.stream(P.saved + 4 * (uintptr_t)(P.n * (H + 1)), 4 * H, 4 * H);
+      if (P.grad_log_probs.ptr) F.stream(P.grad_log_probs.ptr, 4 * P.grad_log_probs.stride0, 4 * H);
+      if (P.grad_entropy.ptr) F.stream(P.grad_entropy.ptr, 4 * P.grad_entropy.stride0, 4 * H);
+      if (P.grad_values) F.stream(P.grad_values, 4, 4, true);
+    }
+  }
+  if (P.has_mask && F.any && hi - lo <= 64) {
+    F.mpacked = true;
+    for (int h = 0; h < H; ++h)
+      if (F.fast[h] && P.masks_rs[h] != P.masks_rs[0]) F.mpacked = false;
+  }
+  if (F.mpacked) {
+    F.mbase = reinterpret_cast<const uint8_t*>(lo);
+    F.mrs = P.masks_rs[0];
+    for (int h = 0; h < H; ++h) {
+      if (!F.fast[h]) continue;
+      F.moff[h] = (int)(P.masks[h] - lo);
+      const uint64_t full = P.sizes[h] >= 64 ? ~0ull : ((1ull << P.sizes[h]) - 1ull);
+      F.mbits |= full << F.moff[h];
+    }
+  }
+  return F;
+}
+
+// lanes of a block: v at the rows of the lanes in m (else dflt), as float
+inline void f_lanes(const Vec& v, int64_t b0, uint32_t m, float dflt, float* out) {
+  if (v.dtype == DT_F32) {
+    const float* p = reinterpret_cast<const float*>(v.ptr) + b0 * v.stride;
+    for (int r = 0; r < RB; ++r) out[r] = ((m >> r) & 1u) ? p[r * v.stride] : dflt;
+  } else {
+    for (int r = 0; r < RB; ++r) out[r] = ((m >> r) & 1u) ? load_f(v, b0 + r) : dflt;
+  }
+}
+// actions of the lanes in m: the action where in [0, A), else -1; inr = lanes in range
+template <class T>
+inline uint32_t a_lanes_t(const T* p, int64_t st, uint32_t m, int A, int32_t* act) {
+  uint32_t inr = 0;
+  for (int r = 0; r < RB; ++r) {
+    const int64_t a = ((m >> r) & 1u) ? (int64_t)p[r * st] : -1;
+    const bool ok = a >= 0 && a < A;
+    act[r] = ok ? (int32_t)a : -1;
+    inr |= (uint32_t)ok << r;
+  }
+  return inr;
+}
+inline uint32_t a_lanes(const Vec& v, int64_t b0, uint32_t m, int A, int32_t* act) {
+  switch (v.dtype) {
+    case DT_I64: return a_lanes_t(reinterpret_cast<const int64_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+    case DT_I32: return a_lanes_t(reinterpret_cast<const int32_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+    default: return a_lanes_t(reinterpret_cast<const uint8_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+  }
+}
+// lanes of m whose byte is nonzero
+inline uint32_t b_lanes(const Vec& v, int64_t b0, uint32_t m) {
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(v.ptr) + b0 * v.stride;
+  uint32_t out = 0;
+  for (int r = 0; r < RB; ++r) out |= (uint32_t)(((m >> r) & 1u) && p[r * v.stride] != 0) << r;
+  return out;
+}
+
+#ifdef ESPER_FAST
+// exp(x) in float32: Cephes expf (k = round(x / ln2), r = x - k ln2 in two parts, degree-7 polynomial), 2^k by
+// scalef (overflow to inf); NaN passes through. Results below FLT_MIN (x < -87) are 0, never subnormal: a
+// subnormal result costs a microcode assist (~100 cycles) on Intel cores, and masked logits (mask_fill) hit
+// this range on every call; the difference is below 1.2e-38 absolute
+ESPER_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(89.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  const __m512 e = _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ), y, k);
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+// log(x) in float32 (Cephes logf on the mantissa in [sqrt(1/2), sqrt(2))); log(0) = -inf, log(inf) = inf
+ESPER_AVX512 inline __m512 log16(__m512 s) {
+  __m512 m = _mm512_getmant_ps(s, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+  __m512 e = _mm512_getexp_ps(s);
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.f));
+  const __m512 x = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.1514610310e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.1676998740e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.2420140846e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.4249322787e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.6668057665e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(2.0000714765e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-2.4999993993e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(3.3333331174e-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+  __m512 res = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(x, y));
+  res = _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_ps(-INFINITY));
+  res = _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(s, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), s);
+  return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_NGE_UQ), _mm512_set1_ps(NAN));
+}
+
+// log(n) of a valid count n in [0, SMALL] (the row path's ek_log(n))
+struct LogTab {
+  alignas(64) float v[SMALL + 1];
+  LogTab() {
+    for (int k = 0; k <= SMALL; ++k) v[k] = ek_log((float)(k < 2 ? 2 : k));
+  }
+};
+const LogTab& log_tab() {
+  static const LogTab t;
+  return t;
+}
+
+ESPER_AVX512 inline __m512i iota16i() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// column j of the block (lanes at int32 element offsets idx from base), as float
+template <int DT>
+ESPER_AVX512 inline __m512 gather_col(const void* base, __m512i idx, int j) {
+  if (DT == DT_F32) return _mm512_i32gather_ps(idx, reinterpret_cast<const float*>(base) + j, 4);
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(base);
+  __m512i w;
+  if (j == 0) {  // the 32-bit word of columns 0 and 1, low half
+    w = _mm512_and_si512(_mm512_i32gather_epi32(idx, p, 2), _mm512_set1_epi32(0xffff));
+  } else {  // of columns j - 1 and j, high half (never past the row's last column)
+    w = _mm512_srli_epi32(_mm512_i32gather_epi32(idx, p + (j - 1), 2), 16);
+  }
+  if (DT == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+}
+
+// float -> fp16 / bf16 bits (round to nearest even, as float_to_half / float_to_bf16), in the low 16 bits
+template <int DT>
+ESPER_AVX512 inline __m512i to16(__m512 x) {
+  if (DT == DT_F16) return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m512i xi = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(xi, 16), _mm512_set1_epi32(1));
+  const __m512i rn = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __m512i qn = _mm512_or_si512(_mm512_srli_epi32(xi, 16), _mm512_set1_epi32(0x40));
+  return _mm512_mask_mov_epi32(rn, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qn);
+}
+
+// per-lane head inputs of a block: actions in range (else -1), valid-action bits of each row, relevance
+struct HeadLanes {
+  alignas(64) int32_t act[RB];
+  alignas(64) uint32_t mrow[RB];
+  alignas(64) float old[RB];
+  alignas(64) float adv[RB];
+  uint32_t rel, inr;
+};
+
+// the block's mask window of every row (packed masks), for head_lanes
+ESPER_AVX512 void mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
+  for (int r = 0; r < RB; ++r) {
+    uint64_t bits = 0;
+    if ((B.pres >> r) & 1u) {
+      const __m512i v = _mm512_maskz_loadu_epi8(F.mbits, F.mbase + (B.b0 + r) * F.mrs);
+      bits = _mm512_test_epi8_mask(v, v);
+    }
+    rows[r] = bits;
+  }
+}
+
+ESPER_AVX512 void head_lanes(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
+                             bool fwd, HeadLanes& L) {
+  const int A = P.sizes[h];
+  const uint32_t full = A >= 32 ? 0xffffffffu : ((1u << A) - 1u);
+  const uint32_t pres = B.pres;
+  if (!P.has_mask) {
+    _mm512_store_si512(L.mrow, _mm512_maskz_set1_epi32((__mmask16)pres, (int32_t)full));
+  } else if (F.mpacked) {
+    const __m512i sh = _mm512_set1_epi64(F.moff[h]);
+    const __m256i r0 = _mm512_cvtepi64_epi32(_mm512_srlv_epi64(_mm512_loadu_si512(rows), sh));
+    const __m256i r1 = _mm512_cvtepi64_epi32(_mm512_srlv_epi64(_mm512_loadu_si512(rows + 8), sh));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+    _mm512_store_si512(L.mrow, _mm512_and_si512(both, _mm512_set1_epi32((int32_t)full)));
+  } else {
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(P.masks[h]);
+    for (int r = 0; r < RB; ++r) {
+      uint32_t bits = 0;
+      if ((pres >> r) & 1u) {
+        const __m256i v = _mm256_maskz_loadu_epi8(full, mb + (B.b0 + r) * P.masks_rs[h]);
+        bits = _mm256_test_epi8_mask(v, v);
+      }
+      L.mrow[r] = bits;
+    }
+  }
+  L.inr = a_lanes(P.actions[h], B.b0, pres, A, L.act);
+  L.rel = P.has_rel ? b_lanes(P.rel[h], B.b0, pres) : pres;
+  if (!fwd) return;
+  f_lanes(P.old_lp[h], B.b0, L.rel, 0.f, L.old);
+  if (P.per_head && P.adv_per_head) f_lanes(P.adv[h], B.b0, pres, 0.f, L.adv);
+  else std::memcpy(L.adv, B.adv0, sizeof(L.adv));
+}
+
+// the forward of head h over one block: outputs, saved lse / coefficients, lane statistics, Lsum and flags
+template <int DT>
+ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
+                               FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags) {
+  const int A = P.sizes[h], H = P.num_heads;
+  HeadLanes L;
+  head_lanes(P, F, h, B, rows, true, L);
+  const __mmask16 live = (__mmask16)B.live, pres = (__mmask16)B.pres, rel = (__mmask16)L.rel;
+  const __m512i MR = _mm512_load_si512(L.mrow);
+  const __m512i idx = _mm512_maskz_mullo_epi32(live, iota16i(), _mm512_set1_epi32((int32_t)P.logits_rs[h]));
+  const int es = DT == DT_F32 ? 4 : 2;
+  const void* base = reinterpret_cast<const char*>(P.logits[h]) + B.b0 * P.logits_rs[h] * es;
+  const __m512 fill = _mm512_set1_ps(P.mask_fill), one = _mm512_set1_ps(1.f);
+  const __m512i av = _mm512_load_si512(L.act);
+  __m512 m = _mm512_set1_ps(-INFINITY), n = _mm512_setzero_ps(), za = _mm512_setzero_ps();
+  __mmask16 taken = 0;
+  for (int j = 0; j < A; ++j) {
+    const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, gather_col<DT>(base, idx, j));
+    _mm512_store_ps(C.z[j], z);
+    C.v[j] = vj;
+    m = _mm512_max_ps(z, m);  // NaN logits never become the max (as row_softmax)
+    n = _mm512_mask_add_ps(n, vj, n, one);
+    const __mmask16 isa = _mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j));
+    za = _mm512_mask_mov_ps(za, isa, z);
+    taken |= isa & vj;
+  }
+  const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+  const __m512 sh = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
+  __m512 s = _mm512_setzero_ps();
+  for (int j = 0; j < A; ++j) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(C.z[j]), sh));
+    _mm512_store_ps(C.e[j], e);
+    s = _mm512_add_ps(s, e);
+  }
+  const __m512 lse = _mm512_add_ps(sh, log16(s));
+  const __m512 rs = _mm512_div_ps(one, s);
+  __m512 hs = _mm512_setzero_ps();
+  for (int j = 0; j < A; ++j) {
+    const __m512 lp = _mm512_sub_ps(_mm512_load_ps(C.z[j]), lse);
+    const __m512 p = _mm512_mul_ps(_mm512_load_ps(C.e[j]), rs);
+    hs = _mm512_mask_add_ps(hs, C.v[j], hs, _mm512_mul_ps(p, lp));
+  }
+  __m512 ent = _mm512_sub_ps(_mm512_setzero_ps(), hs);
+  if (P.normalize_entropy) {
+    const __m512 ln = _mm512_i32gather_ps(_mm512_cvttps_epi32(n), log_tab().v, 4);
+    ent = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(n, one, _CMP_GT_OQ), ent, ln);
+  }
+  ent = _mm512_maskz_mov_ps(pres, ent);
+  __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr, _mm512_sub_ps(za, lse));
+  ell = _mm512_maskz_mov_ps(pres, ell);  // absent steps: 0 (as the row path)
+  const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
+  const int64_t o = B.b0 * H + h;
+  _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.log_probs) + o, live, idxH, ell, 4);
+  _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.entropy) + o, live, idxH, ent, 4);
+  _mm512_mask_i32scatter_ps(saved_lse(P) + o, live, idxH, lse, 4);
+
+  // head_step, lane-wise (the same float operations)
+  const __m512 Cc = _mm512_set1_ps(P.log_clamp), nC = _mm512_set1_ps(-P.log_clamp);
+  const __m512 lo = _mm512_set1_ps(1.f - P.eps_low), hic = _mm512_set1_ps(1.f + P.eps_high);
+  const __m512 w = _mm512_load_ps(B.w);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY);
+  const __m512 d = _mm512_maskz_sub_ps(rel, ell, _mm512_load_ps(L.old));
+  const __mmask16 inside = _mm512_cmp_ps_mask(d, nC, _CMP_GE_OQ) & _mm512_cmp_ps_mask(d, Cc, _CMP_LE_OQ);
+  __m512 lr = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(d, nC, _CMP_LT_OQ), nC);
+  lr = _mm512_mask_mov_ps(lr, _mm512_cmp_ps_mask(d, Cc, _CMP_GT_OQ), Cc);
+  lr = _mm512_maskz_mov_ps(rel, lr);
+  const __m512 ratio = exp16(lr);
+  const __m512 wr = _mm512_maskz_mov_ps(rel, w);
+  __m512 pol = _mm512_setzero_ps();
+  const __mmask16 flag = rel & inside;
+  if (P.per_head) {
+    const __m512 adv = _mm512_load_ps(L.adv);
+    __m512 rc = _mm512_mask_mov_ps(ratio, _mm512_cmp_ps_mask(ratio, lo, _CMP_LT_OQ), lo);
+    rc = _mm512_mask_mov_ps(rc, _mm512_cmp_ps_mask(ratio, hic, _CMP_GT_OQ), hic);
+    const __m512 s1 = _mm512_mul_ps(ratio, adv), s2 = _mm512_mul_ps(rc, adv);
+    const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
+    pol = _mm512_maskz_mul_ps(rel, wr, _mm512_mask_blend_ps(take1, s2, s1));
+    const __mmask16 ug = flag & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ);
+    const __m512 u = _mm512_maskz_mul_ps(ug, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio);
+    const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
+    _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1) + h, live, idxS, u, 4);
+  } else {
+    const __m512i f = _mm512_maskz_set1_epi32(flag, (int32_t)(1u << h));
+    _mm512_store_si512(flags, _mm512_or_si512(_mm512_load_si512(flags), f));
+  }
+  _mm512_store_ps(Lsum, _mm512_add_ps(_mm512_load_ps(Lsum), lr));
+  const __mmask16 okell = rel & _mm512_cmp_ps_mask(ell, ell, _CMP_ORD_Q);
+  const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(ell), pinf, _CMP_LT_OQ);
+  const __mmask16 clip = rel & (_mm512_cmp_ps_mask(ratio, hic, _CMP_GT_OQ) | _mm512_cmp_ps_mask(ratio, lo, _CMP_LT_OQ));
+  const __m512 sums[NSUMS] = {
+      wr,
+      pol,
+      _mm512_maskz_mul_ps(rel, wr, ent),
+      _mm512_maskz_mul_ps(rel, wr, _mm512_sub_ps(_mm512_sub_ps(ratio, one), lr)),
+      _mm512_maskz_mov_ps(clip, wr),
+      _mm512_maskz_mul_ps(pres, w, n),
+      _mm512_maskz_mov_ps(pres & _mm512_cmp_ps_mask(n, one, _CMP_EQ_OQ), w),
+      _mm512_maskz_mov_ps(rel & _mm512_cmp_ps_mask(n, one, _CMP_GT_OQ), w),
+  };
+  for (int q = 0; q < NSUMS; ++q) {
+    const __m512d lo8 = _mm512_cvtps_pd(_mm512_castps512_ps256(sums[q]));
+    const __m512d hi8 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sums[q]), 1)));
+    _mm512_store_pd(acc.sum[q], _mm512_add_pd(_mm512_load_pd(acc.sum[q]), lo8));
+    _mm512_store_pd(acc.sum[q] + 8, _mm512_add_pd(_mm512_load_pd(acc.sum[q] + 8), hi8));
+  }
+  const __m512 mins[2] = {_mm512_mask_mov_ps(pinf, okell, ell), _mm512_mask_mov_ps(pinf, pres, n)};
+  const __m512 maxs[3] = {_mm512_mask_mov_ps(ninf, rel & _mm512_cmp_ps_mask(ratio, ratio, _CMP_ORD_Q), ratio),
+                          _mm512_mask_mov_ps(ninf, okell, ell), _mm512_mask_mov_ps(ninf, pres, n)};
+  for (int q = 0; q < 2; ++q) _mm512_store_ps(acc.mn[q], _mm512_min_ps(_mm512_load_ps(acc.mn[q]), mins[q]));
+  for (int q = 0; q < 3; ++q) _mm512_store_ps(acc.mx[q], _mm512_max_ps(_mm512_load_ps(acc.mx[q]), maxs[q]));
+  acc.cnt[0] += __builtin_popcount((unsigned)(pres & ~fin));
+  acc.cnt[1] += __builtin_popcount((unsigned)(pres & _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_EQ_OQ)));
+  acc.cnt[2] += __builtin_popcount((unsigned)(pres & ~taken));
+}
+
+// the backward of head h over one block (gL, gE: incoming gradients of present lanes, 0 elsewhere)
+template <int DT>
+ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
+                                FastCols& C) {
+  const int A = P.sizes[h], H = P.num_heads;
+  HeadLanes L;
+  head_lanes(P, F, h, B, rows, false, L);
+  const __mmask16 live = (__mmask16)B.live, pres = (__mmask16)B.pres;
+  const __m512i MR = _mm512_load_si512(L.mrow);
+  const __m512i idx = _mm512_maskz_mullo_epi32(live, iota16i(), _mm512_set1_epi32((int32_t)P.logits_rs[h]));
+  const __m512i gidx = _mm512_maskz_mullo_epi32(live, iota16i(), _mm512_set1_epi32((int32_t)P.grads_rs[h]));
+  const int es = DT == DT_F32 ? 4 : 2;
+  const void* base = reinterpret_cast<const char*>(P.logits[h]) + B.b0 * P.logits_rs[h] * es;
+  char* gbase = reinterpret_cast<char*>(P.grads[h]) + B.b0 * P.grads_rs[h] * es;
+  const __m512 fill = _mm512_set1_ps(P.mask_fill);
+  const __m512i av = _mm512_load_si512(L.act);
+  const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
+  const __m512 lse = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_lse(P) + B.b0 * H + h, 4);
+  // incoming gradients of ell and of the entropy (head_grads, lane-wise; 0 for absent steps)
+  const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
+  const __m512 u = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxS,
+                                            reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
+  __m512 l = _mm512_mul_ps(u, _mm512_set1_ps(F.pscale[h]));
+  __m512 e = _mm512_maskz_mul_ps((__mmask16)L.rel, _mm512_set1_ps(F.ecoef[h]), _mm512_load_ps(B.w));
+  if (P.grad_log_probs.ptr || P.grad_entropy.ptr) {
+    alignas(64) float gx[RB], ex[RB];
+    for (int r = 0; r < RB; ++r) {
+      const bool ok = (B.pres >> r) & 1u;
+      gx[r] = (ok && P.grad_log_probs.ptr) ? load_m(P.grad_log_probs, B.b0 + r, h) : 0.f;
+      ex[r] = (ok && P.grad_entropy.ptr) ? load_m(P.grad_entropy, B.b0 + r, h) : 0.f;
+    }
+    if (P.grad_log_probs.ptr) l = _mm512_add_ps(l, _mm512_load_ps(gx));
+    if (P.grad_entropy.ptr) e = _mm512_add_ps(e, _mm512_load_ps(ex));
+  }
+  const __m512 gl = _mm512_maskz_mov_ps(pres & (__mmask16)L.inr, l);
+  __m512 ghr = _mm512_maskz_mov_ps(pres, e);
+  if (P.normalize_entropy) {
+    alignas(64) int32_t nc[RB];
+    for (int r = 0; r < RB; ++r) nc[r] = __builtin_popcount(L.mrow[r]);
+    const __m512i ni = _mm512_load_si512(nc);
+    const __m512 ln = _mm512_i32gather_ps(ni, log_tab().v, 4);
+    ghr = _mm512_maskz_div_ps(_mm512_cmpgt_epi32_mask(ni, _mm512_set1_epi32(1)), ghr, ln);
+  }
+  const __m512 ng = _mm512_sub_ps(_mm512_setzero_ps(), ghr);
+  __m512 sig = _mm512_setzero_ps();
+  for (int j = 0; j < A; ++j) {
+    const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, gather_col<DT>(base, idx, j));
+    const __m512 lp = _mm512_sub_ps(z, lse);
+    const __m512 p = exp16(lp);
+    __m512 g = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), gl);
+    g = _mm512_mask_add_ps(g, vj, g, _mm512_fmadd_ps(_mm512_mul_ps(ng, lp), p, _mm512_mul_ps(ng, p)));
+    sig = _mm512_add_ps(sig, g);
+    _mm512_store_ps(C.g[j], g);
+    _mm512_store_ps(C.e[j], p);
+    C.v[j] = vj;
+  }
+  for (int j = 0; j < A; ++j) {
+    const __m512 out = _mm512_maskz_mov_ps(
+        C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig, _mm512_load_ps(C.g[j])));
+    if (DT == DT_F32) _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(gbase) + j, live, gidx, out, 4);
+    else _mm512_store_ps(C.g[j], out);
+  }
+  if (DT != DT_F32) {  // 16-bit gradients: two columns per 32-bit word (the last pair overlaps when A is odd)
+    uint16_t* g16 = reinterpret_cast<uint16_t*>(gbase);
+    for (int j = 0; j < A; j += 2) {
+      const int j0 = j + 1 < A ? j : A - 2;
+      const __m512i wv = _mm512_or_si512(to16<DT>(_mm512_load_ps(C.g[j0])),
+                                         _mm512_slli_epi32(to16<DT>(_mm512_load_ps(C.g[j0 + 1])), 16));
+      _mm512_mask_i32scatter_epi32(g16 + j0, live, gidx, wv, 2);
+    }
+  }
+}
+
+// global_step over one block, lane-wise (the same float operations): joint ratio, saved coefficients,
+// lane statistics, the moments' values and weights (xs, xw at the block's rows)
+ESPER_AVX512 inline void acc_sum(double* a, __m512 x) {
+  const __m512d lo8 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  const __m512d hi8 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  _mm512_store_pd(a, _mm512_add_pd(_mm512_load_pd(a), lo8));
+  _mm512_store_pd(a + 8, _mm512_add_pd(_mm512_load_pd(a + 8), hi8));
+}
+// a += (double)x * (double)y where m, else nothing
+ESPER_AVX512 inline void acc_dprod(double* a, __mmask16 m, __m512 x, __m512 y) {
+  const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  const __m512d x1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m512d y0 = _mm512_cvtps_pd(_mm512_castps512_ps256(y));
+  const __m512d y1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)));
+  _mm512_store_pd(a, _mm512_add_pd(_mm512_load_pd(a), _mm512_maskz_mul_pd((__mmask8)m, x0, y0)));
+  _mm512_store_pd(a + 8, _mm512_add_pd(_mm512_load_pd(a + 8), _mm512_maskz_mul_pd((__mmask8)(m >> 8), x1, y1)));
+}
+ESPER_AVX512 inline __m512 clamp16(__m512 x, __m512 lo, __m512 hi) {  // clampf: NaN stays NaN
+  x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), lo);
+  return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), hi);
+}
+ESPER_AVX512 inline __mmask16 finite16(__m512 x) {
+  return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+}
+
+ESPER_AVX512 void fast_global(const PPOParams& P, const BlockIn& B, const float* Lsum, const uint32_t* flags,
+                              GlobalAcc& acc, float* xs, float* xw) {
+  const int H = P.num_heads;
+  const __mmask16 live = (__mmask16)B.live, pres = (__mmask16)B.pres;
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  const __m512 lo = _mm512_set1_ps(1.f - P.eps_low), hic = _mm512_set1_ps(1.f + P.eps_high);
+  const __m512 w = _mm512_load_ps(B.w), w_raw = _mm512_load_ps(B.w_raw);
+  __m512 L = _mm512_load_ps(Lsum);
+  __mmask16 jin = 0xffff;
+  if (P.has_jclamp) {
+    const __m512 cj = _mm512_set1_ps(P.joint_clamp), ncj = _mm512_set1_ps(-P.joint_clamp);
+    jin = _mm512_cmp_ps_mask(L, ncj, _CMP_GE_OQ) & _mm512_cmp_ps_mask(L, cj, _CMP_LE_OQ);
+    L = clamp16(L, ncj, cj);
+  }
+  L = _mm512_maskz_mov_ps(pres, L);
+  const __m512 r = exp16(L);
+  __m512 gpol = zero, base = zero;
+  if (!P.per_head) {
+    const __m512 a = _mm512_load_ps(B.adv0);
+    const __m512 s1 = _mm512_mul_ps(r, a), s2 = _mm512_mul_ps(clamp16(r, lo, hic), a);
+    const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
+    gpol = _mm512_maskz_mul_ps(pres, w, _mm512_mask_blend_ps(take1, s2, s1));
+    base = _mm512_maskz_mul_ps(pres & jin & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ),
+                               _mm512_sub_ps(zero, _mm512_mul_ps(w, a)), r);
+  }
+  __mmask16 vpres = 0, bad_vw = 0;
+  __m512 vw = zero, vl = zero, vclip = zero, R = zero, v = zero, vsaved = zero;
+  if (P.has_values) {
+    alignas(64) float t[RB];
+    __m512 vw_raw = w_raw;
+    if (P.value_weights.ptr) {
+      f_lanes(P.value_weights, B.b0, B.live, 1.f, t);
+      vw_raw = _mm512_load_ps(t);
+    }
+    const __mmask16 fin = finite16(vw_raw);
+    vpres = live & fin & _mm512_cmp_ps_mask(vw_raw, zero, _CMP_GT_OQ);
+    bad_vw = live & ~(fin & _mm512_cmp_ps_mask(vw_raw, zero, _CMP_GE_OQ));
+    vw = _mm512_maskz_mov_ps(vpres, vw_raw);
+    f_lanes(P.values, B.b0, vpres, 0.f, t);
+    v = _mm512_load_ps(t);
+    f_lanes(P.returns, B.b0, vpres, 0.f, t);
+    R = _mm512_load_ps(t);
+    const __m512 d1 = _mm512_sub_ps(v, R);
+    const __m512 l1 = _mm512_mul_ps(d1, d1);
+    const __m512 dl1 = _mm512_mul_ps(two, d1);
+    __m512 dvl;
+    if (P.has_vclip) {
+      const __m512 dc = _mm512_set1_ps(P.value_clip), ndc = _mm512_set1_ps(-P.value_clip);
+      f_lanes(P.old_values, B.b0, vpres, 0.f, t);
+      const __m512 vo = _mm512_load_ps(t);
+      const __m512 dv = _mm512_sub_ps(v, vo);
+      __m512 vc = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(dv, ndc, _CMP_LT_OQ), _mm512_sub_ps(vo, dc));
+      vc = _mm512_mask_mov_ps(vc, _mm512_cmp_ps_mask(dv, dc, _CMP_GT_OQ), _mm512_add_ps(vo, dc));
+      const __m512 d2 = _mm512_sub_ps(vc, R);
+      const __m512 l2 = _mm512_mul_ps(d2, d2);
+      vl = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(l1, l1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(l1, l2, _CMP_GE_OQ),
+                                l2, l1);
+      const __mmask16 l2gt = _mm512_cmp_ps_mask(l2, l1, _CMP_GT_OQ), l1gt = _mm512_cmp_ps_mask(l1, l2, _CMP_GT_OQ);
+      vclip = _mm512_maskz_mov_ps(vpres & l2gt, vw);
+      const __m512 dl2 = _mm512_maskz_mul_ps(
+          _mm512_cmp_ps_mask(dv, ndc, _CMP_GE_OQ) & _mm512_cmp_ps_mask(dv, dc, _CMP_LE_OQ), two, d2);
+      const __m512 half = _mm512_set1_ps(0.5f);
+      dvl = _mm512_add_ps(_mm512_mul_ps(half, dl1), _mm512_mul_ps(half, dl2));
+      dvl = _mm512_mask_mov_ps(dvl, l2gt, dl2);
+      dvl = _mm512_mask_mov_ps(dvl, l1gt, dl1);
+    } else {
+      vl = l1;
+      dvl = dl1;
+    }
+    vsaved = _mm512_maskz_mul_ps(vpres, vw, dvl);
+  }
+  const __m512 res = _mm512_maskz_sub_ps(vpres, R, v);
+  // per-step outputs
+  float* jr = reinterpret_cast<float*>(P.joint_ratio) + B.b0;
+  _mm512_mask_storeu_ps(jr, live, r);
+  float* saved = reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1);
+  const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
+  _mm512_mask_i32scatter_ps(saved + H, live, idxS, vsaved, 4);
+  if (!P.per_head) {
+    const __m512i fl = _mm512_load_si512(flags);
+    for (int h = 0; h < H; ++h) {
+      const __mmask16 fh = _mm512_test_epi32_mask(fl, _mm512_set1_epi32((int32_t)(1u << h)));
+      _mm512_mask_i32scatter_ps(saved + h, live, idxS, _mm512_maskz_mov_ps(fh, base), 4);
+    }
+  }
+  _mm512_mask_storeu_ps(xs, live, r);
+  _mm512_mask_storeu_ps(xs + CHUNK, live, R);
+  _mm512_mask_storeu_ps(xs + 2 * CHUNK, live, res);
+  _mm512_mask_storeu_ps(xw, live, w);
+  _mm512_mask_storeu_ps(xw + CHUNK, live, vw);
+  _mm512_mask_storeu_ps(xw + 2 * CHUNK, live, vw);
+  // statistics
+  const __mmask16 over = _mm512_cmp_ps_mask(r, hic, _CMP_GT_OQ), under = _mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ);
+  const __m512 sums[GSUMS] = {
+      w,
+      gpol,
+      _mm512_maskz_mul_ps(pres, w, _mm512_sub_ps(_mm512_sub_ps(r, one), L)),
+      _mm512_maskz_mul_ps(pres, w, _mm512_sub_ps(zero, L)),
+      _mm512_maskz_mov_ps(pres & (over | under), w),
+      _mm512_maskz_mov_ps(pres & over, w),
+      _mm512_maskz_mov_ps(pres & under, w),
+      vw,
+      _mm512_maskz_mul_ps(vpres, vw, vl),
+      vclip,
+  };
+  for (int q = 0; q < GSUMS; ++q) acc_sum(acc.sum[q], sums[q]);
+  acc_dprod(acc.sum[GSUMS], pres, w, r);
+  acc_dprod(acc.sum[GSUMS + 1], vpres, vw, R);
+  acc_dprod(acc.sum[GSUMS + 2], vpres, vw, res);
+  const __m512 pinf = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
+  const __mmask16 rk = pres & _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q);
+  const __m512 mins[GMINS] = {_mm512_mask_mov_ps(pinf, rk, r), _mm512_mask_mov_ps(pinf, pres, r),
+                              _mm512_mask_mov_ps(pinf, vpres, R), _mm512_mask_mov_ps(pinf, vpres, res)};
+  const __m512 maxs[GMINS] = {_mm512_mask_mov_ps(ninf, rk, r), _mm512_mask_mov_ps(ninf, pres, r),
+                              _mm512_mask_mov_ps(ninf, vpres, R), _mm512_mask_mov_ps(ninf, vpres, res)};
+  for (int q = 0; q < GMINS; ++q) {
+    _mm512_store_ps(acc.mn[q], _mm512_min_ps(_mm512_load_ps(acc.mn[q]), mins[q]));
+    _mm512_store_ps(acc.mx[q], _mm512_max_ps(_mm512_load_ps(acc.mx[q]), maxs[q]));
+  }
+  const __mmask16 bad_w = live & ~(finite16(w_raw) & _mm512_cmp_ps_mask(w_raw, zero, _CMP_GE_OQ));
+  acc.cnt[0] += __builtin_popcount((unsigned)pres);
+  acc.cnt[1] += __builtin_popcount((unsigned)bad_w);
+  acc.cnt[2] += __builtin_popcount((unsigned)vpres);
+  acc.cnt[3] += P.has_values ? __builtin_popcount((unsigned)bad_vw) : 0;
+}
+
+ESPER_AVX512 void fast_forward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B,
+                                   const uint64_t* rows, FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags) {
+  switch (P.logits_dtype) {
+    case DT_F32: fast_forward<DT_F32>(P, F, h, B, rows, C, acc, Lsum, flags); break;
+    case DT_F16: fast_forward<DT_F16>(P, F, h, B, rows, C, acc, Lsum, flags); break;
+    default: fast_forward<DT_BF16>(P, F, h, B, rows, C, acc, Lsum, flags); break;
+  }
+}
+ESPER_AVX512 void fast_backward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B,
+                                    const uint64_t* rows, FastCols& C) {
+  switch (P.logits_dtype) {
+    case DT_F32: fast_backward<DT_F32>(P, F, h, B, rows, C); break;
+    case DT_F16: fast_backward<DT_F16>(P, F, h, B, rows, C); break;
+    default: fast_backward<DT_BF16>(P, F, h, B, rows, C); break;
+  }
+}
+ESPER_AVX512 void fast_mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
+  if (F.mpacked) mask_rows(F, B, rows);
+}
+ESPER_AVX512 void fast_global_any(const PPOParams& P, const BlockIn& B, const float* Lsum, const uint32_t* flags,
+                                  GlobalAcc& acc, float* xs, float* xw) {
+  fast_global(P, B, Lsum, flags, acc, xs, xw);
+}
+#else
+void fast_global_any(const PPOParams&, const BlockIn&, const float*, const uint32_t*, GlobalAcc&, float*, float*) {}
+void fast_forward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, const uint64_t*, FastCols&, LaneAcc&,
+                      float*, uint32_t*) {}
+void fast_backward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, const uint64_t*, FastCols&) {}
+void fast_mask_rows(const FastPlan&, const BlockIn&, uint64_t*) {}
+#endif
+
+Bufs::Bufs(int A, int H, bool vec)
+    : z(std::max(A, 1)), g(std::max(A, 1)), u(std::max(A, 1)), small(new SmallBuf), cols(new FastCols), acc(H),
+      gacc(new GlobalAcc), vectorise(vec) {}
 
 // statistics of rows [r0, r1) into part[K] (moments: weight, mean, M2)
-void forward_chunk(const PPOParams& P, int64_t r0, int64_t r1, Bufs& b, double* part) {
+void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1, Bufs& b, double* part) {
   const int H = P.num_heads;
   float* logp = reinterpret_cast<float*>(P.log_probs);
   float* ent = reinterpret_cast<float*>(P.entropy);
@@ -325,65 +1181,93 @@ void forward_chunk(const PPOParams& P, int64_t r0, int64_t r1, Bufs& b, double* 
   float* saved = reinterpret_cast<float*>(P.saved);
   double hacc[ESPER_MAX_HEADS][ESPER_HEAD_SIZE];
   double gacc[GX_SIZE];
-  for (int h = 0; h < H; ++h)
+  const bool* fast = F.fast;
+  const bool* fast_ok = F.fast_ok;
+  for (int h = 0; h < H; ++h) {
     for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_init(head_kind(k));
+    if (fast[h]) b.acc[h].init();
+  }
   for (int k = 0; k < GX_SIZE; ++k) gacc[k] = kind_init(global_kind(k));
+  if (F.any) b.gacc->init();
   float xs[3][CHUNK], xw[3][CHUNK];
   double c[GX_SIZE];
 
   StepIn sb[RB];
-  HeadIn hib[ESPER_MAX_HEADS][RB];
-  RowFwd rfb[ESPER_MAX_HEADS][RB];
-  for (int64_t i = r0; i < r1; ++i) {
-    const int r = (int)((i - r0) % RB);
-    if (r == 0) {  // the next block of rows: every head's row results, head by head
-      const int nb = (int)std::min<int64_t>(RB, r1 - i);
-      prefetch_rows(P, i + RB, std::min<int64_t>(i + 2 * RB, P.n), false);
-      for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i + q);
-      for (int h = 0; h < H; ++h) {
-        for (int q = 0; q < nb; ++q) hib[h][q] = load_head(P, h, i + q, sb[q].present);
-        if (b.vectorise && vectorised(P, h)) {
-          small_forward(P, h, i, nb, sb, hib[h], rfb[h], *b.small);
-          continue;
-        }
+  HeadIn hib[RB];
+  RowFwd rfb[RB];
+  BlockIn B;
+  alignas(64) float Lsum[RB];
+  alignas(64) uint32_t flags[RB];
+  alignas(64) uint64_t rows[RB];
+  for (int64_t i0 = r0; i0 < r1; i0 += RB) {
+    const int nb = (int)std::min<int64_t>(RB, r1 - i0);
+    if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
+    else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), false);
+    for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
+    block_in(sb, i0, nb, B);
+    if (F.any) fast_mask_rows(F, B, rows);
+    for (int q = 0; q < RB; ++q) {
+      Lsum[q] = 0.f;
+      flags[q] = 0;
+    }
+    for (int h = 0; h < H; ++h) {  // every head's rows of the block: outputs, statistics, Lsum, flags
+      if (fast[h]) {
+        fast_forward_any(P, F, h, B, rows, *b.cols, b.acc[h], Lsum, flags);
+        continue;
+      }
+      for (int q = 0; q < nb; ++q) hib[q] = load_head(P, h, i0 + q, sb[q].present);
+      if (b.vectorise && vectorised(P, h)) {
+        small_forward(P, h, i0, nb, sb, hib, rfb, *b.small);
+      } else {
         for (int q = 0; q < nb; ++q) {
           RowFwd rf{0.f, 0.f, 0.f, false};
+          float lse = 0.f;
           if (sb[q].present) {
-            stage_row(P, h, i + q, b.z.data(), b.u.data());
+            stage_row(P, h, i0 + q, b.z.data(), b.u.data());
             BufRow row{b.z.data(), b.u.data(), nullptr, P.sizes[h]};
-            rf = row_forward(row, row_in(P, h, hib[h][q]));
+            const RowIn in = row_in(P, h, hib[q]);
+            rf = row_forward(row, in);
+            if (fast_ok[h]) lse = row_softmax(row, in).lse;  // the AVX-512 backward reads it
           }
-          rfb[h][q] = rf;
+          if (fast_ok[h]) saved_lse(P)[(i0 + q) * H + h] = lse;
+          rfb[q] = rf;
         }
       }
-    }
-    const StepIn& s = sb[r];
-    float Lsum = 0.f;
-    uint32_t flags = 0;
-    for (int h = 0; h < H; ++h) {
-      const HeadIn& hi = hib[h][r];
-      const RowFwd& rf = rfb[h][r];
-      logp[i * H + h] = rf.ell;
-      ent[i * H + h] = rf.ent;
-      const HeadStep hs = head_step(P, h, i, s, hi, rf, c);
+      for (int q = 0; q < nb; ++q) {
+        const int64_t i = i0 + q;
+        const RowFwd& rf = rfb[q];
+        logp[i * H + h] = rf.ell;
+        ent[i * H + h] = rf.ent;
+        const HeadStep hs = head_step(P, h, i, sb[q], hib[q], rf, c);
 #pragma GCC unroll 16
-      for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_combine(head_kind(k), hacc[h][k], c[k]);
-      Lsum += hs.lr;
-      if (P.per_head) saved[i * (H + 1) + h] = hs.u;
-      else if (hs.flag) flags |= 1u << h;
+        for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_combine(head_kind(k), hacc[h][k], c[k]);
+        Lsum[q] += hs.lr;
+        if (P.per_head) saved[i * (H + 1) + h] = hs.u;
+        else if (hs.flag) flags[q] |= 1u << h;
+      }
     }
-    const GlobalStep g = global_step(P, i, s, Lsum, c);
+    if (F.any) {
+      fast_global_any(P, B, Lsum, flags, *b.gacc, &xs[0][i0 - r0], &xw[0][i0 - r0]);
+      continue;
+    }
+    for (int q = 0; q < nb; ++q) {
+      const int64_t i = i0 + q;
+      const GlobalStep g = global_step(P, i, sb[q], Lsum[q], c);
 #pragma GCC unroll 32
-    for (int k = 0; k < GX_SIZE; ++k) gacc[k] = kind_combine(global_kind(k), gacc[k], c[k]);
-    jr[i] = g.r;
-    if (!P.per_head)
-      for (int h = 0; h < H; ++h) saved[i * (H + 1) + h] = ((flags >> h) & 1u) ? g.base : 0.f;
-    saved[i * (H + 1) + H] = g.vsaved;
-    for (int m = 0; m < 3; ++m) {
-      xs[m][i - r0] = g.x[m];
-      xw[m][i - r0] = g.xw[m];
+      for (int k = 0; k < GX_SIZE; ++k) gacc[k] = kind_combine(global_kind(k), gacc[k], c[k]);
+      jr[i] = g.r;
+      if (!P.per_head)
+        for (int h = 0; h < H; ++h) saved[i * (H + 1) + h] = ((flags[q] >> h) & 1u) ? g.base : 0.f;
+      saved[i * (H + 1) + H] = g.vsaved;
+      for (int m = 0; m < 3; ++m) {
+        xs[m][i - r0] = g.x[m];
+        xw[m][i - r0] = g.xw[m];
+      }
     }
   }
+  for (int h = 0; h < H; ++h)
+    if (fast[h]) b.acc[h].fold(hacc[h]);
+  if (F.any) b.gacc->fold(gacc);
   for (int k = 0; k < ESPER_GLOBAL_SIZE; ++k) part[k] = gacc[k];
   for (int m = 0; m < 3; ++m) {
     int wi, mi, qi, lo, hi;
@@ -403,17 +1287,29 @@ void forward_chunk(const PPOParams& P, int64_t r0, int64_t r1, Bufs& b, double* 
     for (int k = 0; k < ESPER_HEAD_SIZE; ++k) part[ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE + k] = hacc[h][k];
 }
 
-void backward_rows(const PPOParams& P, const float* st, const GradScal& gs, int64_t r0, int64_t r1, Bufs& b) {
+void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const GradScal& gs, int64_t r0, int64_t r1,
+                   Bufs& b) {
   const int H = P.num_heads;
   float* gv = reinterpret_cast<float*>(P.grad_values);
   StepIn sb[RB];
   HeadIn hi[RB];
+  BlockIn B;
   float gL[RB], gE[RB];
+  alignas(64) uint64_t rows[RB];
   for (int64_t i0 = r0; i0 < r1; i0 += RB) {
     const int nb = (int)std::min<int64_t>(RB, r1 - i0);
-    prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), true);
+    if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
+    else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), true);
     for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
+    if (F.any) {
+      block_in(sb, i0, nb, B);
+      fast_mask_rows(F, B, rows);
+    }
     for (int h = 0; h < H; ++h) {
+      if (F.fast[h]) {
+        fast_backward_any(P, F, h, B, rows, *b.cols);
+        continue;
+      }
       for (int q = 0; q < nb; ++q) {
         gL[q] = gE[q] = 0.f;
         if (sb[q].present) {
@@ -462,9 +1358,10 @@ void cpu_forward(const PPOParams& P, int nthreads, bool vectorise) {
   const int64_t T = useful_threads(P, nthreads, nchunks);
   std::vector<Bufs> bufs;
   bufs.reserve(T);
-  for (int64_t t = 0; t < T; ++t) bufs.emplace_back(P.max_size, vectorise);
+  for (int64_t t = 0; t < T; ++t) bufs.emplace_back(P.max_size, H, vectorise);
+  const FastPlan F = fast_plan(P, vectorise, nullptr, nullptr);
   parallel_chunks(nchunks, (int)T, [&](int64_t c, int t) {
-    forward_chunk(P, c * CHUNK, std::min(N, (c + 1) * CHUNK), bufs[t], parts.data() + c * K);
+    forward_chunk(P, F, c * CHUNK, std::min(N, (c + 1) * CHUNK), bufs[t], parts.data() + c * K);
   });
 
   // merge the chunks in order
@@ -492,6 +1389,7 @@ void cpu_forward(const PPOParams& P, int nthreads, bool vectorise) {
 }
 
 void cpu_backward(const PPOParams& P, int nthreads, bool vectorise) {
+  const int H = P.num_heads;
   const int64_t N = P.n;
   const int64_t nchunks = (N + CHUNK - 1) / CHUNK;
   const float* st = reinterpret_cast<const float*>(P.stats);
@@ -499,9 +1397,10 @@ void cpu_backward(const PPOParams& P, int nthreads, bool vectorise) {
   const int64_t T = useful_threads(P, nthreads, nchunks);
   std::vector<Bufs> bufs;
   bufs.reserve(T);
-  for (int64_t t = 0; t < T; ++t) bufs.emplace_back(P.max_size, vectorise);
+  for (int64_t t = 0; t < T; ++t) bufs.emplace_back(P.max_size, H, vectorise);
+  const FastPlan F = fast_plan(P, vectorise, st, &gs);
   parallel_chunks(nchunks, (int)T, [&](int64_t c, int t) {
-    backward_rows(P, st, gs, c * CHUNK, std::min(N, (c + 1) * CHUNK), bufs[t]);
+    backward_rows(P, F, st, gs, c * CHUNK, std::min(N, (c + 1) * CHUNK), bufs[t]);
   });
 }
 

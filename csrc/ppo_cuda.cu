@@ -327,6 +327,8 @@ __global__ void __launch_bounds__(RED_THREADS) reduce_kernel(const __grid_consta
   }
 }
 
+__global__ void metrics_kernel(const MetricsCfg c, const float* stats, float* out) { derive_metrics(c, stats, out); }
+
 __global__ void losses_kernel(const __grid_constant__ PPOParams P) {
   losses_from_stats(P, reinterpret_cast<const float*>(P.stats), reinterpret_cast<float*>(P.losses));
 }
@@ -470,6 +472,16 @@ std::string cuda_backward(const PPOParams& P, uintptr_t stream_handle, int devic
     bwd_wide_kernel<<<dim3((unsigned)N, (unsigned)wide.count), WIDE_THREADS, 0, stream>>>(P, wide);
     if (cudaError_t e = cudaGetLastError()) return err_str("bwd_wide launch", e);
   }
+  return "";
+}
+
+std::string cuda_derive_metrics(const MetricsCfg& c, uintptr_t stats, uintptr_t out, uintptr_t stream_handle,
+                                int device) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  metrics_kernel<<<1, 1, 0, stream>>>(c, reinterpret_cast<const float*>(stats), reinterpret_cast<float*>(out));
+  if (cudaError_t e = cudaGetLastError()) return err_str("metrics launch", e);
   return "";
 }
 

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "ppo_metrics.h"
 #include "ppo_params.h"
 
 namespace esper {
@@ -21,5 +22,7 @@ std::string cuda_status();
 // both launch on `stream` (a cudaStream_t as an integer) under `device`; they return an error message or ""
 std::string cuda_forward(const PPOParams& P, const CudaScratch& S, uintptr_t stream, int device);
 std::string cuda_backward(const PPOParams& P, uintptr_t stream, int device);
+// the metric table (float32 [metrics_size(H)]) of a float32 statistics vector, one thread of one block
+std::string cuda_derive_metrics(const MetricsCfg& c, uintptr_t stats, uintptr_t out, uintptr_t stream, int device);
 
 }  // namespace esper

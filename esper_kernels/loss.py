@@ -84,7 +84,7 @@ def ppo_loss(logits, action_masks, actions, old_log_probs, advantages, *, layout
     raw = impl.forward(inputs, cfg)
     batch = inputs.batch_shape
     H = layout.num_heads
-    metrics = PPOMetrics(raw.stats, layout, cfg, has_values=inputs.values is not None)
+    metrics = PPOMetrics(raw.stats, layout, cfg, has_values=inputs.values is not None, backend=impl)
     if validate:
         check_data(metrics)
     return PPOLossOutput(

@@ -171,7 +171,8 @@ class PPOMetrics:
     ``to_dict()`` syncs once and returns floats with per-head keys ``head_{name}_{metric}``.
     """
 
-    def __init__(self, stats: torch.Tensor, layout: HeadLayout, config: ResolvedConfig, has_values: bool):
+    def __init__(self, stats: torch.Tensor, layout: HeadLayout, config: ResolvedConfig, has_values: bool,
+                 backend=None):
         expected = GLOBAL_SIZE + layout.num_heads * HEAD_SIZE
         if stats.shape != (expected,):
             raise ValueError(f"stats: expected shape [{expected}], got {list(stats.shape)}")
@@ -181,6 +182,8 @@ class PPOMetrics:
         self.has_values = has_values
         self._names = list(GLOBAL_METRICS) + [f"head_{h}_{m}" for m in HEAD_METRICS for h in layout.names]
         self._cache: torch.Tensor | None = None
+        # a fused backend derives the table with one kernel of its own (``Backend.metric_table``)
+        self._backend = backend if backend is not None and backend.has_metric_table else None
 
     # -- derivation --------------------------------------------------------------------------------------
     def _derive(self) -> tuple[list[str], torch.Tensor]:
@@ -188,7 +191,12 @@ class PPOMetrics:
         if self._cache is None:
             s = self.stats
             args = (self.layout.num_heads, self.config, self.has_values)
-            if s.device.type == "cpu" and not s.requires_grad and not torch.compiler.is_compiling():
+            if torch.compiler.is_compiling():
+                self._cache = _derive_table(s, *args)
+            elif self._backend is not None:
+                self._cache = self._backend.metric_table(s.detach().float().contiguous(), self.config,
+                                                         self.has_values)
+            elif s.device.type == "cpu" and not s.requires_grad:
                 with np.errstate(all="ignore"):  # 0/0 and friends are gated to NaN on purpose
                     self._cache = torch.from_numpy(_derive_table(s.numpy(), *args, xp=_NumpyOps))
             else:
@@ -228,7 +236,7 @@ class PPOMetrics:
             if p.layout != first.layout or p.config != first.config:
                 raise ValueError("merge: every part must share the layout and the config")
         stats = merge(torch.stack([p.stats for p in parts]))
-        return cls(stats, first.layout, first.config, any(p.has_values for p in parts))
+        return cls(stats, first.layout, first.config, any(p.has_values for p in parts), first._backend)
 
     def all_reduce(self, group=None) -> PPOMetrics:
         """Combine the statistics of every rank of ``group`` in place (one all_gather); returns self.

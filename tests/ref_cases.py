@@ -6,11 +6,14 @@ hypothesis strategy drawing the knobs, a head layout and a PPOLossConfig coverin
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import strategies as st
 
 import esper_kernels as ek
+from esper_kernels.stats import stats_size
 
 NAN, INF = float("nan"), float("inf")
 
@@ -246,3 +249,40 @@ def strided_rows_case():
                  values=vals[..., 1])
     assert batch["logits"].stride(-2) == S + 7
     return batch, layout
+
+
+# no negative or huge finite values: metric tables sum over heads in different orders (torch, numpy, C++,
+# Triton), and only sums without cancellation or overflow are equal to a few ulp whatever the order
+_SPECIAL = [0.0, -0.0, 1.0, 2.5, 1e-30, math.inf, -math.inf, math.nan]
+
+
+@st.composite
+def stats_cases(draw, max_heads: int = 5):
+    """(stats, num_heads, resolved config, has_values): a random statistics vector sprinkled with zeros,
+    negatives, infinities and NaN, for checking a metric-table derivation against ``_derive_table``."""
+    heads = draw(st.integers(1, max_heads))
+    seed = draw(st.integers(0, 2**31 - 1))
+    special = draw(st.floats(0.0, 0.6))
+    g = torch.Generator().manual_seed(seed)
+    k = stats_size(heads)
+    s = torch.rand(k, generator=g) * 10
+    pick = torch.rand(k, generator=g) < special
+    idx = torch.randint(len(_SPECIAL), (k,), generator=g)
+    s = torch.where(pick, torch.tensor(_SPECIAL)[idx], s)
+    layout = ek.HeadLayout({f"h{i}": 2 for i in range(heads)})
+    coefs = draw(st.booleans())
+    cfg = ek.PPOLossConfig(surrogate=draw(st.sampled_from(["joint", "per_head"])),
+                           value_clip=draw(st.sampled_from([None, 0.2])), entropy_coef=0.1,
+                           entropy_coef_per_head=[0.5 + i for i in range(heads)] if coefs else None)
+    return s, heads, cfg.resolve(layout), draw(st.booleans())
+
+
+def check_metric_table(table_fn, case) -> None:
+    """``table_fn(stats, cfg, has_values)`` equals the torch derivation (``_derive_table``)."""
+    from esper_kernels.metrics import _derive_table
+
+    s, heads, cfg, has_values = case
+    want = _derive_table(s, heads, cfg, has_values)
+    got = table_fn(s, cfg, has_values).cpu()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0, equal_nan=True)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from float64_arbiter import check_arbitrated
 from harness import per_head, run
-from ref_cases import layout_of, random_batch
+from hypothesis import HealthCheck, given, settings
+from ref_cases import check_metric_table, layout_of, random_batch, stats_cases
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch
@@ -120,3 +121,12 @@ def test_empty_and_all_absent_and_other_stream():
     with torch.cuda.stream(s):
         check_arbitrated("cuda", b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
     torch.cuda.synchronize()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=stats_cases(max_heads=32))
+def test_metric_table_kernel_equals_the_torch_derivation(case):
+    """The one-thread metric-table kernel on the GPU: the table of ``esper_kernels.metrics``."""
+    from esper_kernels.backends.native import BACKENDS
+
+    check_metric_table(lambda s, cfg, hv: BACKENDS["cuda"].metric_table(s.cuda(), cfg, hv), case)

@@ -20,6 +20,8 @@ import pytest
 import torch
 from float64_arbiter import check_triton
 from harness import assert_close, assert_grad_close, per_head, run
+from hypothesis import HealthCheck, given, settings
+from ref_cases import check_metric_table, stats_cases
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch
@@ -156,3 +158,12 @@ def test_out_of_range_actions():
     m = out.metrics.to_dict()
     assert m["head_slot_invalid_action"] >= 1 and m["head_blueprint_invalid_action"] >= 1
     assert torch.isnan(out.log_probs[1, 2])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=stats_cases(max_heads=9))
+def test_metric_table_kernel_equals_the_torch_derivation(case):
+    """The one-program metric-table kernel compiled for the GPU: the table of ``esper_kernels.metrics``."""
+    from esper_kernels.backends.triton_backend import BACKENDS
+
+    check_metric_table(lambda s, cfg, hv: BACKENDS["triton"].metric_table(s.cuda(), cfg, hv), case)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from harness import compare_metrics
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from ref_cases import (
+    check_metric_table,
     layout_of,
     random_batch,
     single_thread,  # noqa: F401
+    stats_cases,
 )
 
 import esper_kernels as ek
@@ -193,32 +194,19 @@ def test_to_dict_syncs_once(monkeypatch):
     assert calls == {"tolist": 1, "item": 0}
 
 
-_SPECIAL = [0.0, 0.0, 1.0, 2.5, 1e-30, 3e38, -1.0, math.inf, -math.inf, math.nan]
-
 
 @settings(deadline=None)
-@given(heads=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), per_head=st.booleans(),
-       has_values=st.booleans(), value_clip=st.sampled_from([None, 0.2]), coefs=st.booleans(),
-       special=st.floats(0.0, 0.6))
-def test_numpy_and_torch_derivations_agree(heads, seed, per_head, has_values, value_clip, coefs, special):
+@given(case=stats_cases())
+def test_numpy_and_torch_derivations_agree(case):
     """CPU statistics derive on the host (numpy), device statistics with torch ops: the same table, the same
     numbers, on random statistics sprinkled with zeros, negatives, infinities and NaN."""
     import numpy as np
 
     from esper_kernels.metrics import _derive_table, _NumpyOps
 
-    g = torch.Generator().manual_seed(seed)
-    k = stats_size(heads)
-    s = torch.rand(k, generator=g) * 10
-    pick = torch.rand(k, generator=g) < special
-    idx = torch.randint(len(_SPECIAL), (k,), generator=g)
-    s = torch.where(pick, torch.tensor(_SPECIAL)[idx], s)
-    layout = ek.HeadLayout({f"h{i}": 2 for i in range(heads)})
-    cfg = ek.PPOLossConfig(surrogate="per_head" if per_head else "joint", value_clip=value_clip,
-                           entropy_coef=0.1,
-                           entropy_coef_per_head=[0.5 + i for i in range(heads)] if coefs else None).resolve(layout)
-    t = _derive_table(s, heads, cfg, has_values)
-    with np.errstate(all="ignore"):
-        n = torch.from_numpy(_derive_table(s.numpy(), heads, cfg, has_values, xp=_NumpyOps))
-    assert t.dtype == n.dtype == torch.float32 and t.shape == n.shape
-    torch.testing.assert_close(n, t, rtol=1e-6, atol=0.0, equal_nan=True)
+    def numpy_table(s, cfg, has_values):
+        with np.errstate(all="ignore"):
+            return torch.from_numpy(_derive_table(s.numpy(), len(cfg.entropy_coef_per_head), cfg, has_values,
+                                                 xp=_NumpyOps))
+
+    check_metric_table(numpy_table, case)

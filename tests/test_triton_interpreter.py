@@ -19,7 +19,15 @@ from float64_arbiter import check_triton
 from harness import check_output_grads_only, per_head, run
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from ref_cases import cases, layout_of, per_head_forms_case, random_batch, strided_rows_case
+from ref_cases import (
+    cases,
+    check_metric_table,
+    layout_of,
+    per_head_forms_case,
+    random_batch,
+    stats_cases,
+    strided_rows_case,
+)
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch
@@ -171,3 +179,12 @@ def test_backend_reasons():
     with pytest.raises(ek.BackendUnavailableError, match="float64"):
         ek.ppo_loss(**b, layout=LAYOUT, backend="triton")
     assert tb.TritonBackend().saved_shape(5, 8) == [5, 9]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=stats_cases(max_heads=9))
+def test_metric_table_kernel_equals_the_torch_derivation(case):
+    """The one-program metric-table kernel: the table of ``esper_kernels.metrics`` on adversarial statistics."""
+    from esper_kernels.backends.triton_backend import BACKENDS
+
+    check_metric_table(BACKENDS["triton"].metric_table, case)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
 from ..reference import RawOutput, reference_forward
@@ -26,6 +28,14 @@ class Backend:
         return []
 
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
+        raise NotImplementedError
+
+    #: a backend with its own kernel for the metric table sets this (``metric_table``); the default derivation
+    #: (``esper_kernels.metrics._derive_table``, torch ops or numpy) serves the others
+    has_metric_table = False
+
+    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        """Every metric of the float32 statistics vector ``stats``, in ``PPOMetrics`` order (no host sync)."""
         raise NotImplementedError
 
 

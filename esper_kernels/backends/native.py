@@ -14,7 +14,8 @@ Per-head inputs are read in place: packed ``[N, S]`` logits and masks become H p
 (column offset, common row stride), separate ``[N, A_h]`` tensors H pointers with their own row strides; bool
 tensors are read as bytes (no copy). Saved between forward and backward (``saved_shape``): float32
 ``[N, H + 1]``, column h the unnormalised d policy-loss / d ell_ih (the backward divides by W or den_h read
-from the statistics vector), column H the unnormalised d value-loss / d v_i.
+from the statistics vector), column H the unnormalised d value-loss / d v_i; the ``cpu`` backend appends each
+(step, head)'s log-sum-exp ``[N, H]``, so that its backward needs one exp per logit and no max/sum pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
+from ..metrics import GLOBAL_METRICS, HEAD_METRICS
 from ..stats import GLOBAL_SIZE, HEAD_SIZE, stats_size
 from .fused import FusedBackend, FusedCall, register_fused
 
@@ -138,6 +140,18 @@ def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor
     return grads, gv
 
 
+def _metrics_args(cfg: ResolvedConfig, num_heads: int, has_values: bool) -> tuple[list[int], list[float]]:
+    """The (ints, floats) of ``_C.derive_metrics`` (csrc/bindings.cpp decode_metrics_cfg)."""
+    vclip = has_values and math.isfinite(cfg.value_clip)
+    return ([num_heads, int(cfg.per_head), int(has_values), int(vclip)],
+            [cfg.entropy_coef, cfg.value_coef, *cfg.entropy_coef_per_head])
+
+
+def _metrics_out(stats: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * num_heads, dtype=torch.float32,
+                       device=stats.device)
+
+
 class _NativeBackend(FusedBackend):
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
         return [n, num_heads + 1]
@@ -157,12 +171,28 @@ class CpuBackend(_NativeBackend):
 
     name = "cpu"
     devices = ("cpu",)
-    #: heads of at most 32 actions without a floor run 16 rows at a time in SIMD lanes; bitwise the same
-    #: results as the row-by-row code the CUDA kernels share (False forces that path: the tests compare them)
+    has_metric_table = _C is not None and hasattr(_C, "derive_metrics")
+
+    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
+        out = _metrics_out(stats, H)
+        _C.derive_metrics(stats.data_ptr(), out.data_ptr(), *_metrics_args(cfg, H, has_values))
+        return out
+
+    #: heads of at most 32 actions without a floor run 16 rows at a time in SIMD lanes (AVX-512 where the CPU
+    #: has it); False forces the row-by-row code the CUDA kernels share (the tests check both)
     vectorise = True
 
+    def saved_shape(self, n: int, num_heads: int) -> list[int]:
+        # [N, H + 1] coefficients (as the cuda backend), then each (step, head)'s log-sum-exp [N, H] for the
+        # backward's small heads: N * (2H + 1) floats, read flat by csrc/ppo_cpu.cpp
+        return [n, 2 * num_heads + 1]
+
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
-        outs = _forward_outputs(call)
+        N, H = call.n, call.num_heads
+        f32 = dict(dtype=torch.float32, device=call.logits[0].device)
+        outs = (torch.empty(4, **f32), torch.empty((N, H), **f32), torch.empty((N, H), **f32), torch.empty(N, **f32),
+                torch.empty(stats_size(H), **f32), torch.empty(self.saved_shape(N, H), **f32))
         ints, floats = encode_call(call, outputs=outs)
         _C.cpu_forward(ints, floats, torch.get_num_threads(), self.vectorise)
         return outs
@@ -182,6 +212,14 @@ class CudaBackend(_NativeBackend):
 
     name = "cuda"
     devices = ("cuda",)
+    has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
+
+    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
+        out = _metrics_out(stats, H)
+        stream, idx = self._stream(stats.device)
+        _C.cuda_derive_metrics(stats.data_ptr(), out.data_ptr(), *_metrics_args(cfg, H, has_values), stream, idx)
+        return out
 
     def unavailable_reasons(self) -> list[str]:
         if _C is None:

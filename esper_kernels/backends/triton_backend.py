@@ -29,6 +29,7 @@ import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
+from ..metrics import GLOBAL_METRICS, HEAD_METRICS
 from ..stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, stats_size
 from .fused import FusedBackend, FusedCall, register_fused
 
@@ -325,6 +326,20 @@ class TritonBackend(FusedBackend):
         # the last stage's trip count is a power of two (few compiled variants), rows past n_in are masked
         k._ppo_reduce_kernel[(1,)](part, rows, stats, losses, cfg.entropy_coef, cfg.value_coef, kcoef,
                                    ROWS=max(block_p, _pow2_ceil(rows)), FINAL=True, **common)
+
+    # ---- metric table --------------------------------------------------------------------------------------
+    has_metric_table = True
+
+    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        k = _kernels()
+        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
+        out = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, dtype=torch.float32, device=stats.device)
+        with _launch_context(stats.device):
+            k._ppo_metrics_kernel[(1,)](
+                stats, out, cfg.entropy_coef, cfg.value_coef, tuple(float(x) for x in cfg.entropy_coef_per_head),
+                H=H, HPAD=max(2, _pow2_ceil(H)), PER_HEAD=bool(cfg.per_head), HAS_V=has_values,
+                HAS_VCLIP=has_values and math.isfinite(cfg.value_clip), num_warps=1)
+        return out
 
     # ---- backward -----------------------------------------------------------------------------------------
     def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,

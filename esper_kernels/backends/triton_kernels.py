@@ -812,6 +812,113 @@ def _ppo_reduce_kernel(IN, n_in, OUT, LOSSES, entropy_coef, value_coef, KCOEF,
 
 
 # ------------------------------------------------------------------------------------------------------
+# metric table
+# ------------------------------------------------------------------------------------------------------
+N_GLOBAL_METRICS = tl.constexpr(23)  # esper_kernels.metrics.GLOBAL_METRICS
+
+
+@triton.jit
+def _gated(num, den, gate):
+    """num / den where gate > 0, else NaN (a metric without data)."""
+    return tl.where(gate > 0, num / den, float("nan"))
+
+
+@triton.jit
+def _ppo_metrics_kernel(STATS, OUT, entropy_coef, value_coef, KCOEF, H: tl.constexpr, HPAD: tl.constexpr,
+                        PER_HEAD: tl.constexpr, HAS_V: tl.constexpr, HAS_VCLIP: tl.constexpr):
+    """One program: the metric table of esper_kernels.metrics._derive_table from the statistics vector."""
+    hrow = tl.arange(0, HPAD)
+    hok = hrow < H
+    hb = STATS + GS + hrow * HS
+    rw = tl.load(hb + HD_REL_WEIGHT, mask=hok, other=0.0)
+    pos = hok & (rw > 0)
+    rw1 = tl.where(pos, rw, 1.0)
+    W = tl.load(STATS + G_WEIGHT)
+    steps = tl.load(STATS + G_STEPS)
+    VW = tl.load(STATS + G_VALUE_WEIGHT)
+    any_rel = tl.sum(rw, axis=0)
+    kvec = tl.zeros([HPAD], dtype=tl.float32)
+    for h in tl.static_range(H):
+        kvec = tl.where(hrow == h, KCOEF[h], kvec)
+    if PER_HEAD:
+        pl = -tl.sum(tl.where(pos, tl.load(hb + HD_POLICY_NUM, mask=hok, other=0.0) / rw1, 0.0), axis=0)
+    else:
+        pl = -_safe_div(tl.load(STATS + G_POLICY_NUM), W)
+    ent_num = tl.load(hb + HD_ENTROPY_NUM, mask=hok, other=0.0)
+    # a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
+    el = -tl.sum(tl.where(pos, kvec * (ent_num / rw1), 0.0), axis=0)
+    vl = 0.5 * _safe_div(tl.load(STATS + G_VALUE_NUM), VW)
+    loss = pl + entropy_coef * el + value_coef * vl
+    zero = tl.sum(tl.zeros([HPAD], dtype=tl.float32), axis=0)
+    if HAS_V:
+        hvd = tl.load(STATS + G_VALUE_STEPS)
+    else:
+        hvd = zero
+    rmax = tl.load(STATS + G_RATIO_MAX)
+    has_ratio = tl.where(rmax > float("-inf"), steps, 0.0)
+    # torch.amin / amax over the heads: NaN propagates
+    lmin_h = tl.load(hb + HD_LOGP_MIN, mask=hok, other=float("inf"))
+    lmax_h = tl.load(hb + HD_LOGP_MAX, mask=hok, other=float("-inf"))
+    lmin = tl.where(tl.sum((lmin_h != lmin_h).to(tl.int32), axis=0) > 0, float("nan"), tl.min(lmin_h, axis=0))
+    lmax = tl.where(tl.sum((lmax_h != lmax_h).to(tl.int32), axis=0) > 0, float("nan"), tl.max(lmax_h, axis=0))
+    has_logp = tl.where(lmin < float("inf"), any_rel, 0.0)
+    nonfinite = tl.load(hb + HD_NONFINITE, mask=hok, other=0.0)
+    all_finite = tl.where((tl.sum(nonfinite, axis=0) == 0) & _isfinite(loss), 1.0, 0.0)
+    kl_h = tl.load(hb + HD_KL_NUM, mask=hok, other=0.0)
+    tl.store(OUT + 0, _gated(loss, 1.0, W + hvd))
+    if PER_HEAD:
+        tl.store(OUT + 1, _gated(pl, 1.0, any_rel))
+    else:
+        tl.store(OUT + 1, _gated(pl, 1.0, W))
+    tl.store(OUT + 2, _gated(el, 1.0, any_rel))
+    tl.store(OUT + 3, _gated(vl, 1.0, hvd))
+    tl.store(OUT + 4, _gated(tl.sum(kl_h, axis=0), any_rel, any_rel))
+    tl.store(OUT + 5, _gated(tl.load(STATS + G_KL_K3), W, W))
+    tl.store(OUT + 6, _gated(tl.load(STATS + G_KL_K1), W, W))
+    tl.store(OUT + 7, _gated(tl.load(STATS + G_CLIP), W, W))
+    tl.store(OUT + 8, _gated(tl.load(STATS + G_CLIP_POS), W, W))
+    tl.store(OUT + 9, _gated(tl.load(STATS + G_CLIP_NEG), W, W))
+    tl.store(OUT + 10, _gated(tl.load(STATS + G_RATIO_MEAN), 1.0, W))
+    tl.store(OUT + 11, _gated(tl.sqrt(tl.load(STATS + G_RATIO_M2) / W), 1.0, W))
+    tl.store(OUT + 12, _gated(tl.load(STATS + G_RATIO_MIN), 1.0, has_ratio))
+    tl.store(OUT + 13, _gated(rmax, 1.0, has_ratio))
+    tl.store(OUT + 14, _gated(lmin, 1.0, has_logp))
+    tl.store(OUT + 15, _gated(lmax, 1.0, has_logp))
+    tl.store(OUT + 16, steps)
+    tl.store(OUT + 17, W)
+    tl.store(OUT + 18, all_finite)
+    rt_m2 = tl.load(STATS + G_RETURN_M2)
+    tl.store(OUT + 19, _gated(1.0 - tl.load(STATS + G_RESID_M2) / rt_m2, 1.0, hvd * rt_m2))
+    if HAS_VCLIP:
+        tl.store(OUT + 20, _gated(tl.load(STATS + G_VALUE_CLIP), VW, VW))
+    else:
+        tl.store(OUT + 20, float("nan"))
+    tl.store(OUT + 21, tl.load(STATS + G_BAD_WEIGHTS))
+    if HAS_V:
+        tl.store(OUT + 22, tl.load(STATS + G_BAD_VALUE_WEIGHTS))
+    else:
+        tl.store(OUT + 22, float("nan"))
+    # per head, metric-major (OUT[23 + m * H + h])
+    hm = OUT + N_GLOBAL_METRICS + hrow
+    rmax_h = tl.load(hb + HD_RATIO_MAX, mask=hok, other=0.0)
+    Wv = W + tl.zeros([HPAD], dtype=tl.float32)
+    sv = steps + tl.zeros([HPAD], dtype=tl.float32)
+    tl.store(hm + 0 * H, _gated(ent_num, rw, rw), mask=hok)
+    tl.store(hm + 1 * H, _gated(kl_h, rw, rw), mask=hok)
+    tl.store(hm + 2 * H, _gated(tl.load(hb + HD_CLIP_NUM, mask=hok, other=0.0), rw, rw), mask=hok)
+    tl.store(hm + 3 * H, _gated(rmax_h, 1.0, tl.where(rmax_h > float("-inf"), rw, 0.0)), mask=hok)
+    tl.store(hm + 4 * H, nonfinite, mask=hok)
+    tl.store(hm + 5 * H, tl.load(hb + HD_EMPTY_MASK, mask=hok, other=0.0), mask=hok)
+    tl.store(hm + 6 * H, tl.load(hb + HD_INVALID_ACTION, mask=hok, other=0.0), mask=hok)
+    tl.store(hm + 7 * H, _gated(tl.load(hb + HD_VALID_MIN, mask=hok, other=0.0), 1.0, sv), mask=hok)
+    tl.store(hm + 8 * H, _gated(tl.load(hb + HD_VALID_MAX, mask=hok, other=0.0), 1.0, sv), mask=hok)
+    tl.store(hm + 9 * H, _gated(tl.load(hb + HD_VALID_SUM, mask=hok, other=0.0), Wv, Wv), mask=hok)
+    tl.store(hm + 10 * H, _gated(tl.load(hb + HD_SINGLE, mask=hok, other=0.0), Wv, Wv), mask=hok)
+    tl.store(hm + 11 * H, _gated(rw, Wv, Wv), mask=hok)
+    tl.store(hm + 12 * H, _gated(tl.load(hb + HD_LEARNABLE, mask=hok, other=0.0), Wv, Wv), mask=hok)
+
+
+# ------------------------------------------------------------------------------------------------------
 # backward
 # ------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["N"])
