@@ -8,6 +8,7 @@ with no data is NaN, never 0.0: a 0 always means a measured zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from .config import ResolvedConfig
 from .layout import HeadLayout
 from .stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, merge
 
-__all__ = ["PPOMetrics", "GLOBAL_METRICS", "HEAD_METRICS"]
+__all__ = ["PPOMetrics", "MetricTensors", "GLOBAL_METRICS", "HEAD_METRICS"]
 
 #: global metric names, in to_dict() order
 GLOBAL_METRICS = (
@@ -164,6 +165,50 @@ def _derive_table(s, num_heads: int, cfg: ResolvedConfig, has_values: bool, xp=_
     return xp.f32(xp.where(gate > 0, num / den, _NAN))
 
 
+_NAMES: dict[tuple[str, ...], tuple[tuple[str, ...], dict[str, int]]] = {}
+
+
+def _metric_names(head_names: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The table's names in order (globals, then per-head metric-major) and their positions (cached per layout
+    in eager mode; traced directly under torch.compile)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling and head_names in _NAMES:
+        return _NAMES[head_names]
+    names = GLOBAL_METRICS + tuple(f"head_{h}_{m}" for m in HEAD_METRICS for h in head_names)
+    out = names, {n: i for i, n in enumerate(names)}
+    if not compiling and len(_NAMES) < 64:
+        _NAMES[head_names] = out
+    return out
+
+
+class MetricTensors(Mapping):
+    """``PPOMetrics.tensors()`` in eager mode: a read-only mapping name -> 0-d tensor over the metric table.
+
+    Each value is a view of the table made when it is looked up, so a step that logs a few metrics pays for a
+    few views instead of one tensor per metric; ``dict(m)`` gives a plain dict.
+    """
+
+    __slots__ = ("_index", "_names", "_table")
+
+    def __init__(self, names: tuple[str, ...], index: dict[str, int], table: torch.Tensor):
+        self._names, self._index, self._table = names, index, table
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._table[self._index[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __repr__(self) -> str:
+        return f"MetricTensors({dict(zip(self._names, self._table.unbind()))!r})"
+
+
 class PPOMetrics:
     """Device-side statistics of one loss call and every metric derived from them.
 
@@ -180,13 +225,13 @@ class PPOMetrics:
         self.layout = layout
         self.config = config
         self.has_values = has_values
-        self._names = list(GLOBAL_METRICS) + [f"head_{h}_{m}" for m in HEAD_METRICS for h in layout.names]
+        self._names, self._index = _metric_names(layout.names)
         self._cache: torch.Tensor | None = None
         # a fused backend derives the table with one kernel of its own (``Backend.metric_table``)
         self._backend = backend if backend is not None and backend.has_metric_table else None
 
     # -- derivation --------------------------------------------------------------------------------------
-    def _derive(self) -> tuple[list[str], torch.Tensor]:
+    def _derive(self) -> tuple[tuple[str, ...], torch.Tensor]:
         """Every metric in one float32 vector, derived once per statistics vector."""
         if self._cache is None:
             s = self.stats
@@ -203,16 +248,19 @@ class PPOMetrics:
                 self._cache = _derive_table(s, *args)
         return self._names, self._cache
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every metric as a 0-d device tensor (no host sync)."""
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """Every metric as a 0-d device tensor (no host sync): a dict under torch.compile, a ``MetricTensors``
+        mapping (views made on lookup) in eager mode."""
         names, values = self._derive()
-        return dict(zip(names, values.unbind()))
+        if torch.compiler.is_compiling():
+            return dict(zip(names, values.unbind()))
+        return MetricTensors(names, self._index, values)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         names, values = self._derive()
-        if name not in names:
+        if name not in self._index:
             raise KeyError(f"unknown metric {name!r}; metrics are {sorted(names)}")
-        return values[names.index(name)]
+        return values[self._index[name]]
 
     def to_dict(self) -> dict[str, float]:
         """Every metric as a float, with one host sync; per-head keys are head_{name}_{metric}."""

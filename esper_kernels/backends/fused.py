@@ -23,7 +23,7 @@ see ``cfg.normalize_advantages == False``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,8 @@ class FusedCall:
     value_weights: torch.Tensor | None
     head_sizes: tuple[int, ...]
     cfg: ResolvedConfig
+    #: what a backend derives from the call once and reuses in its backward (e.g. encoded arguments)
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:

@@ -41,6 +41,7 @@ except ImportError as e:  # the extension is not built (or not importable): say 
 else:
     _IMPORT_ERROR = ""
     assert _C.GLOBAL_SIZE == GLOBAL_SIZE and _C.HEAD_SIZE == HEAD_SIZE, "esper_kernels._C: stats layout mismatch"
+    assert _C.INTS_SCALAR == 12 and _C.INTS_PER_HEAD == 19, "esper_kernels._C: call encoding mismatch"
 
 #: dtype codes of csrc/ppo_params.h (enum DType)
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4, torch.uint8: 4,
@@ -76,16 +77,8 @@ def _head_ptrs(tensors: list[torch.Tensor], offsets: tuple[int, ...], num_heads:
     return [(t.data_ptr(), t.stride(0)) for t in tensors]
 
 
-def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = None, stats: torch.Tensor | None = None,
-                saved: torch.Tensor | None = None, grads: list[torch.Tensor] | None = None,
-                grad_losses: torch.Tensor | None = None, grad_log_probs: torch.Tensor | None = None,
-                grad_entropy: torch.Tensor | None = None,
-                grad_values: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
-    """The (ints, floats) of one call, in the order ``csrc/bindings.cpp`` ``decode`` reads them.
-
-    ``outputs`` = (losses, log_probs, entropy, joint_ratio, stats, saved) for the forward; the backward passes
-    ``stats``, ``saved``, ``grads`` and the incoming gradients instead.
-    """
+def _encode_inputs(call: FusedCall) -> tuple[list[int], list[float]]:
+    """The ints up to the step vectors (gradient pointers 0) and every float: what forward and backward share."""
     cfg = call.cfg
     H, N = call.num_heads, call.n
     sizes = call.head_sizes
@@ -99,10 +92,9 @@ def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = N
             int(cfg.per_head), int(adv_ph), int(cfg.normalize_entropy), int(has_v), int(has_vclip), int(has_jclamp)]
     lg = _head_ptrs(call.logits, offsets, H)
     mk = _head_ptrs(call.masks, offsets, H)
-    gr = _head_ptrs(grads or [], offsets, H)
     adv0 = _vec(adv) if not adv_ph else None
     for h in range(H):
-        ints += (sizes[h], *lg[h], *mk[h], *gr[h], *_vec(call.actions[h]), *_vec(call.old_log_probs[h]))
+        ints += (sizes[h], *lg[h], *mk[h], 0, 0, *_vec(call.actions[h]), *_vec(call.old_log_probs[h]))
         ints += _vec(call.relevance[h]) if call.relevance else _NONE3
         ints += _col(adv, h) if adv_ph else adv0
     ints += _vec(call.weights)
@@ -110,6 +102,40 @@ def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = N
     ints += _vec(call.returns)
     ints += _vec(call.old_values if has_vclip else None)
     ints += _vec(call.value_weights if has_v else None)
+    jc = cfg.joint_log_ratio_clamp
+    floats = [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, cfg.entropy_coef,
+              cfg.value_coef, cfg.value_clip if has_vclip else 0.0, cfg.mask_fill]
+    floats += (max(float(f), 0.0) for f in cfg.prob_floor)
+    floats += (float(k) for k in cfg.entropy_coef_per_head)
+    return ints, floats
+
+
+#: position of head h's gradient (pointer, row stride) in the ints: after the scalars, A_h, logits and masks
+_GRAD_AT = 12 + 5
+_PER_HEAD = 19
+
+
+def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = None, stats: torch.Tensor | None = None,
+                saved: torch.Tensor | None = None, grads: list[torch.Tensor] | None = None,
+                grad_losses: torch.Tensor | None = None, grad_log_probs: torch.Tensor | None = None,
+                grad_entropy: torch.Tensor | None = None,
+                grad_values: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+    """The (ints, floats) of one call, in the order ``csrc/bindings.cpp`` ``decode`` reads them.
+
+    ``outputs`` = (losses, log_probs, entropy, joint_ratio, stats, saved) for the forward; the backward passes
+    ``stats``, ``saved``, ``grads`` and the incoming gradients instead. The inputs' part is encoded once per
+    call and reused by its backward (``call.cache``).
+    """
+    cached = call.cache.get("native")
+    if cached is None:
+        cached = call.cache["native"] = _encode_inputs(call)
+    prefix, floats = cached
+    ints = list(prefix)
+    if grads:
+        for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, call.num_heads)):
+            at = _GRAD_AT + _PER_HEAD * h
+            ints[at] = ptr
+            ints[at + 1] = rs
     if outputs is not None:
         ints += (t.data_ptr() for t in outputs)
     else:
@@ -118,11 +144,6 @@ def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = N
     ints += _mat(grad_log_probs)
     ints += _mat(grad_entropy)
     ints.append(0 if grad_values is None else grad_values.data_ptr())
-    jc = cfg.joint_log_ratio_clamp
-    floats = [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, cfg.entropy_coef,
-              cfg.value_coef, cfg.value_clip if has_vclip else 0.0, cfg.mask_fill]
-    floats += (max(float(f), 0.0) for f in cfg.prob_floor)
-    floats += (float(k) for k in cfg.entropy_coef_per_head)
     return ints, floats
 
 
