@@ -49,6 +49,7 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, 
 MAX_HEADS = 32 if _C is None else int(_C.MAX_HEADS)
 #: oldest GPU the CUDA part is built for (sm_80 machine code, compute_90 PTX)
 MIN_CAPABILITY = (8, 0)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 _NONE3 = (0, 0, 0)
 _NONE4 = (0, 0, 0, 0)
 
@@ -256,7 +257,10 @@ class CudaBackend(_NativeBackend):
     def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
         reasons = super().not_supported_reasons(inputs, cfg)
         if inputs.device.type == "cuda" and torch.version.hip is None:
-            cap = torch.cuda.get_device_capability(inputs.device)
+            idx = inputs.device.index if inputs.device.index is not None else torch.cuda.current_device()
+            if idx not in _CAPABILITY:  # a driver query per call otherwise
+                _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+            cap = _CAPABILITY[idx]
             if cap < MIN_CAPABILITY:
                 reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
                                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} the CUDA kernels are built for")
