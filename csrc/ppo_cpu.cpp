@@ -3,7 +3,7 @@
 // Rows are cut into fixed chunks of CHUNK rows (independent of the thread count); each chunk's statistics
 // are reduced in row order into a partial (double), and the partials are merged in chunk order, so every
 // output is bitwise the same whatever the number of threads. Threads (std::thread, count from Python, one
-// per 64 K logits at most) take chunks round-robin; no OpenMP (it would clash with torch's libgomp).
+// per 64 K logits at most) take contiguous runs of chunks; no OpenMP (it would clash with torch's libgomp).
 //
 // Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
 // time), heads of at most 32 actions without a floor run the AVX-512 path (fast_forward / fast_backward /
@@ -47,13 +47,16 @@ void parallel_chunks(int64_t nchunks, int nthreads, F&& f) {
     for (int64_t c = 0; c < nchunks; ++c) f(c, 0);
     return;
   }
+  // thread t: the contiguous chunks [t * nchunks / T, (t + 1) * nchunks / T) (its rows' prefetches stay in
+  // its own rows)
+  auto run = [&f, T, nchunks](int64_t t) {
+    const int64_t c1 = (t + 1) * nchunks / T;
+    for (int64_t c = t * nchunks / T; c < c1; ++c) f(c, (int)t);
+  };
   std::vector<std::thread> pool;
   pool.reserve(T - 1);
-  for (int64_t t = 1; t < T; ++t)
-    pool.emplace_back([&f, t, T, nchunks]() {
-      for (int64_t c = t; c < nchunks; c += T) f(c, (int)t);
-    });
-  for (int64_t c = 0; c < nchunks; c += T) f(c, 0);
+  for (int64_t t = 1; t < T; ++t) pool.emplace_back(run, t);
+  run(0);
   for (auto& th : pool) th.join();
 }
 
@@ -327,8 +330,12 @@ void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn*
 
 
 // ---- small heads on AVX-512: RB rows in the 16 lanes of a zmm register, one exp per logit ------------------
-// The columns of a block are gathered straight from the logits (any row stride, per-head tensors), the masks
-// read as one bit mask per row; float32 exp/log (Cephes polynomials with FMA, within 2 ulp) and float sums over
+// When the fast heads' logits (gradients) lie in one span of at most SPAN columns with one row stride (packed
+// [N, S] tensors), a block is read (written) as RB rows of the span and transposed in registers (tr16);
+// otherwise its columns are gathered (scattered) straight from the logits (any row stride, per-head tensors).
+// With H + 1 <= RB the per-(step, head) outputs and saved values move the same way, as rows of the block. The
+// per-lane inputs ([N, H] actions, relevance, old log-probs) are gathered, the masks read as one bit mask per
+// row; float32 exp/log (Cephes polynomials with FMA, within 2 ulp) and float sums over
 // the row (at most SMALL terms); the per-(step, head) statistics accumulate per lane in double and are
 // reduced in lane order at the end of a chunk, so results stay independent of the thread count. The forward
 // saves each row's lse (after the [N, H + 1] coefficients), so the backward needs one exp per logit and no
@@ -462,10 +469,19 @@ inline void block_in(const StepIn* sb, int64_t b0, int nb, BlockIn& B) {
   }
 }
 
+constexpr int SPAN = 64;  // columns of a packed block (FastPlan::Span2D)
+
 struct FastCols {  // one head's block, column-major: element j of lane r at [j][r]
   alignas(64) float z[SMALL][RB];
   alignas(64) float e[SMALL][RB];
   alignas(64) float g[SMALL][RB];
+  // the block's logits (forward, backward) or gradients (backward) of every fast head, column-major, when
+  // packed (FastPlan::zp / gp); column c of the span at [c]
+  alignas(64) float zs[SPAN][RB];
+  alignas(64) float gs[SPAN][RB];
+  // per-(row, head) values in columns (FastPlan::otr): forward log_probs, entropy, lse and the saved row
+  // (H + 1 columns); backward: saved lse and coefficients
+  alignas(64) float oc[4][RB][RB];
   uint16_t v[SMALL];
 };
 
@@ -474,6 +490,7 @@ struct FastPlan {
   bool fast[ESPER_MAX_HEADS];     // heads this call runs on the AVX-512 path
   bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their lse in any case)
   bool any = false;
+  bool all = false;  // every head: the step inputs of a block are read as vectors (block_in_vec), no StepIn
   // masks of every fast head inside one 64-byte window of a row (packed [N, S] masks): one load per row
   bool mpacked = false;
   const uint8_t* mbase = nullptr;
@@ -482,6 +499,23 @@ struct FastPlan {
   int moff[ESPER_MAX_HEADS];
   // backward: d loss / d ell per unit of saved coefficient, d loss / d entropy per unit of weight
   float pscale[ESPER_MAX_HEADS], ecoef[ESPER_MAX_HEADS];
+  // every fast head's logits (gradients) inside one span of at most SPAN columns with one row stride (packed
+  // [N, S] tensors): a block moves as RB rows of the span, transposed in registers, instead of one gather
+  // (scatter) per column; only the fast heads' columns are read or written (masked loads and stores)
+  struct Span2D {
+    bool on = false;
+    uintptr_t lo = 0;  // the span's first column in row 0
+    int64_t rs = 0;    // row stride (elements)
+    int w = 0;         // columns
+    uint64_t cols = 0;  // the fast heads' columns
+    int off[ESPER_MAX_HEADS] = {};
+  };
+  Span2D zp, gp;
+  // H + 1 <= RB: the [N, H] outputs (log_probs, entropy, lse) and the saved [N, H + 1] rows go through columns
+  // of FastCols::oc, written (read) as RB contiguous rows of the block
+  bool otr = false;
+  uint32_t hmask = 0;  // columns of the fast heads
+  uint32_t smask = 0;  // saved columns the fast path writes
   // the per-row memory streams of the call (bytes [lo, hi) of row i at base + i * stride), prefetched
   // PREFETCH_BLOCKS blocks ahead: with a dozen streams, the hardware prefetchers alone leave the gathers and
   // the per-row loads waiting on memory
@@ -513,6 +547,35 @@ struct FastPlan {
 };
 
 constexpr int PREFETCH_BLOCKS = 2;
+
+// the span of the heads in sel (pointers ptr[h], A_h columns of es bytes, row strides rs[h]); off when they
+// do not fit one span or share no row stride
+FastPlan::Span2D span2d(const PPOParams& P, const bool* sel, const uintptr_t* ptr, const int64_t* rs, int es) {
+  FastPlan::Span2D S;
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  int64_t rs0 = -1, ncols = 0;
+  for (int h = 0; h < P.num_heads; ++h) {
+    if (!sel[h]) continue;
+    if (rs0 < 0) rs0 = rs[h];
+    if (rs[h] != rs0 || (ptr[h] % es) != 0) return S;
+    lo = std::min<uintptr_t>(lo, ptr[h]);
+    hi = std::max<uintptr_t>(hi, ptr[h] + (uintptr_t)P.sizes[h] * es);
+    ncols += P.sizes[h];
+  }
+  if (rs0 <= 0 || hi <= lo || hi - lo > (uintptr_t)SPAN * es || ncols < 8) return S;
+  S.lo = lo;
+  S.rs = rs0;
+  S.w = (int)((hi - lo) / es);
+  for (int h = 0; h < P.num_heads; ++h) {
+    S.off[h] = 0;
+    if (!sel[h]) continue;
+    S.off[h] = (int)((ptr[h] - lo) / es);
+    const uint64_t full = P.sizes[h] >= 64 ? ~0ull : ((1ull << P.sizes[h]) - 1ull);
+    S.cols |= full << S.off[h];
+  }
+  S.on = true;
+  return S;
+}
 
 // prefetch rows [i0, i0 + RB) of every stream (i0 < n)
 inline void prefetch_block(const FastPlan& F, int64_t i0, int64_t n) {
@@ -553,6 +616,7 @@ FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const Gr
     F.fast_ok[h] = fast_head(P, h);
     F.fast[h] = vectorise && F.fast_ok[h];
     F.any = F.any || F.fast[h];
+    F.all = (h == 0 || F.all) && F.fast[h];
     F.moff[h] = 0;
     F.pscale[h] = F.ecoef[h] = 0.f;
     if (F.fast[h] && P.has_mask) {
@@ -602,6 +666,14 @@ FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const Gr
     F.mpacked = true;
     for (int h = 0; h < H; ++h)
       if (F.fast[h] && P.masks_rs[h] != P.masks_rs[0]) F.mpacked = false;
+  }
+  if (F.any) {
+    const int es = P.logits_dtype == DT_F32 ? 4 : 2;
+    F.zp = span2d(P, F.fast, P.logits, P.logits_rs, es);
+    if (st) F.gp = span2d(P, F.fast, P.grads, P.grads_rs, es);
+    F.otr = H + 1 <= RB;
+    for (int h = 0; h < H; ++h) F.hmask |= (uint32_t)F.fast[h] << h;
+    F.smask = P.per_head ? (F.hmask | (1u << H)) : ((2u << H) - 1u);
   }
   if (F.mpacked) {
     F.mbase = reinterpret_cast<const uint8_t*>(lo);
@@ -717,6 +789,135 @@ ESPER_AVX512 inline __m512i iota16i() {
   return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
+// transpose a 16 x 16 block in registers: r[k] = row k in, column k out
+ESPER_AVX512 inline void tr16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// RB rows of ncols <= 16 floats (row q at base + q * rs elements, rows q < nb; columns cm) into columns
+// col[k][q] (0 for rows >= nb and columns outside cm)
+ESPER_AVX512 inline void load_cols(const float* base, int64_t rs, int nb, __mmask16 cm, float (*col)[RB]) {
+  __m512 r[16];
+  for (int q = 0; q < RB; ++q) r[q] = q < nb ? _mm512_maskz_loadu_ps(cm, base + q * rs) : _mm512_setzero_ps();
+  tr16(r);
+  for (int k = 0; k < 16; ++k) _mm512_store_ps(col[k], r[k]);
+}
+// columns col[k] (k in cm) into rows q < nb at base + q * rs
+ESPER_AVX512 inline void store_cols(float* base, int64_t rs, int nb, __mmask16 cm, const float (*col)[RB]) {
+  __m512 r[16];
+  for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(col[k]);
+  tr16(r);
+  for (int q = 0; q < nb; ++q) _mm512_mask_storeu_ps(base + q * rs, cm, r[q]);
+}
+
+// the block's logits of every fast head (packed: FastPlan::zp) into C.zs, column-major; rows >= nb read 0
+template <int DT>
+ESPER_AVX512 void stage_z(const FastPlan& F, const BlockIn& B, FastCols& C) {
+  const FastPlan::Span2D& Z = F.zp;
+  const int es = DT == DT_F32 ? 4 : 2;
+  const char* base = reinterpret_cast<const char*>(Z.lo) + B.b0 * Z.rs * es;
+  for (int t = 0; t * 16 < Z.w; ++t) {
+    const __mmask16 cm = (__mmask16)(Z.cols >> (16 * t));
+    __m512 r[16];
+    for (int q = 0; q < RB; ++q) {
+      const char* row = base + (q * Z.rs + 16 * t) * es;
+      if (q >= B.nb) r[q] = _mm512_setzero_ps();
+      else if (DT == DT_F32) r[q] = _mm512_maskz_loadu_ps(cm, row);
+      else if (DT == DT_F16) r[q] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cm, row));
+      else r[q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, row)), 16));
+    }
+    tr16(r);
+    for (int k = 0; k < 16; ++k) _mm512_store_ps(C.zs[16 * t + k], r[k]);
+  }
+}
+
+// float -> fp16 / bf16 bits (round to nearest even, as float_to_half / float_to_bf16), in the low 16 bits
+template <int DT>
+ESPER_AVX512 inline __m512i to16(__m512 x);
+
+// the block's gradients of every fast head (C.gs, column-major; packed: FastPlan::gp) into rows < nb
+template <int DT>
+ESPER_AVX512 void flush_g(const FastPlan& F, const BlockIn& B, const FastCols& C) {
+  const FastPlan::Span2D& G = F.gp;
+  const int es = DT == DT_F32 ? 4 : 2;
+  char* base = reinterpret_cast<char*>(G.lo) + B.b0 * G.rs * es;
+  for (int t = 0; t * 16 < G.w; ++t) {
+    const __mmask16 cm = (__mmask16)(G.cols >> (16 * t));
+    __m512 r[16];
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(C.gs[16 * t + k]);
+    tr16(r);
+    for (int q = 0; q < B.nb; ++q) {
+      char* row = base + (q * G.rs + 16 * t) * es;
+      if (DT == DT_F32) _mm512_mask_storeu_ps(row, cm, r[q]);
+      else _mm256_mask_storeu_epi16(row, cm, _mm512_cvtepi32_epi16(to16<DT>(r[q])));
+    }
+  }
+}
+
+// vector forms of a_lanes / b_lanes / f_lanes (gathers of the lanes in m), falling back to them where the
+// dtype or stride does not suit
+ESPER_AVX512 inline uint32_t a_lanes16(const Vec& v, int64_t b0, uint32_t m, int A, int32_t* act) {
+  if ((v.dtype != DT_I64 && v.dtype != DT_I32) || v.stride <= 0 || v.stride > FAST_MAX_RS)
+    return a_lanes(v, b0, m, A, act);
+  const __m512i idx = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32((int32_t)v.stride));
+  __m512i a;
+  if (v.dtype == DT_I64) {
+    const int64_t* p = reinterpret_cast<const int64_t*>(v.ptr) + b0 * v.stride;
+    const __m512i m1 = _mm512_set1_epi64(-1);
+    const __m512i lo = _mm512_mask_i32gather_epi64(m1, (__mmask8)m, _mm512_castsi512_si256(idx), p, 8);
+    const __m512i hi = _mm512_mask_i32gather_epi64(m1, (__mmask8)(m >> 8), _mm512_extracti64x4_epi64(idx, 1), p, 8);
+    // saturated to int32: anything outside int32 stays out of [0, A)
+    a = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(lo)), _mm512_cvtsepi64_epi32(hi), 1);
+  } else {
+    a = _mm512_mask_i32gather_epi32(_mm512_set1_epi32(-1), (__mmask16)m, idx,
+                                    reinterpret_cast<const int32_t*>(v.ptr) + b0 * v.stride, 4);
+  }
+  // unsigned compare: negative actions are out of range
+  const __mmask16 ok = (__mmask16)m & _mm512_cmp_epu32_mask(a, _mm512_set1_epi32(A), _MM_CMPINT_LT);
+  _mm512_store_si512(act, _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), ok, a));
+  return ok;
+}
+// bytes: a 32-bit word from each lane's byte, where the last of them stays inside the vector's n elements
+ESPER_AVX512 inline uint32_t b_lanes16(const Vec& v, int64_t b0, uint32_t m, int64_t n) {
+  if (v.stride <= 0 || v.stride > FAST_MAX_RS || (n - RB - b0) * v.stride < 3) return b_lanes(v, b0, m);
+  const __m512i idx = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32((int32_t)v.stride));
+  const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)m, idx,
+                                                reinterpret_cast<const uint8_t*>(v.ptr) + b0 * v.stride, 1);
+  return (uint32_t)(m & _mm512_test_epi32_mask(w, _mm512_set1_epi32(0xff)));
+}
+ESPER_AVX512 inline __m512 f_lanes16(const Vec& v, int64_t b0, uint32_t m, float dflt) {
+  if (v.dtype == DT_F32 && v.stride == 1)
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(dflt), (__mmask16)m, reinterpret_cast<const float*>(v.ptr) + b0);
+  if (v.dtype == DT_F32 && v.stride > 0 && v.stride <= FAST_MAX_RS) {
+    const __m512i idx = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32((int32_t)v.stride));
+    return _mm512_mask_i32gather_ps(_mm512_set1_ps(dflt), (__mmask16)m, idx,
+                                    reinterpret_cast<const float*>(v.ptr) + b0 * v.stride, 4);
+  }
+  alignas(64) float t[RB];
+  f_lanes(v, b0, m, dflt, t);
+  return _mm512_load_ps(t);
+}
+
 // column j of the block (lanes at int32 element offsets idx from base), as float
 template <int DT>
 ESPER_AVX512 inline __m512 gather_col(const void* base, __m512i idx, int j) {
@@ -732,7 +933,6 @@ ESPER_AVX512 inline __m512 gather_col(const void* base, __m512i idx, int j) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
 }
 
-// float -> fp16 / bf16 bits (round to nearest even, as float_to_half / float_to_bf16), in the low 16 bits
 template <int DT>
 ESPER_AVX512 inline __m512i to16(__m512 x) {
   if (DT == DT_F16) return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -788,11 +988,11 @@ ESPER_AVX512 void head_lanes(const PPOParams& P, const FastPlan& F, int h, const
       L.mrow[r] = bits;
     }
   }
-  L.inr = a_lanes(P.actions[h], B.b0, pres, A, L.act);
-  L.rel = P.has_rel ? b_lanes(P.rel[h], B.b0, pres) : pres;
+  L.inr = a_lanes16(P.actions[h], B.b0, pres, A, L.act);
+  L.rel = P.has_rel ? b_lanes16(P.rel[h], B.b0, pres, P.n) : pres;
   if (!fwd) return;
-  f_lanes(P.old_lp[h], B.b0, L.rel, 0.f, L.old);
-  if (P.per_head && P.adv_per_head) f_lanes(P.adv[h], B.b0, pres, 0.f, L.adv);
+  _mm512_store_ps(L.old, f_lanes16(P.old_lp[h], B.b0, L.rel, 0.f));
+  if (P.per_head && P.adv_per_head) _mm512_store_ps(L.adv, f_lanes16(P.adv[h], B.b0, pres, 0.f));
   else std::memcpy(L.adv, B.adv0, sizeof(L.adv));
 }
 
@@ -810,11 +1010,13 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
   const void* base = reinterpret_cast<const char*>(P.logits[h]) + B.b0 * P.logits_rs[h] * es;
   const __m512 fill = _mm512_set1_ps(P.mask_fill), one = _mm512_set1_ps(1.f);
   const __m512i av = _mm512_load_si512(L.act);
+  const bool zp = F.zp.on;
+  const float(*zs)[RB] = C.zs + F.zp.off[h];
   __m512 m = _mm512_set1_ps(-INFINITY), n = _mm512_setzero_ps(), za = _mm512_setzero_ps();
   __mmask16 taken = 0;
   for (int j = 0; j < A; ++j) {
     const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
-    const __m512 z = _mm512_mask_blend_ps(vj, fill, gather_col<DT>(base, idx, j));
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, zp ? _mm512_load_ps(zs[j]) : gather_col<DT>(base, idx, j));
     _mm512_store_ps(C.z[j], z);
     C.v[j] = vj;
     m = _mm512_max_ps(z, m);  // NaN logits never become the max (as row_softmax)
@@ -825,21 +1027,19 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
   }
   const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
   const __m512 sh = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
-  __m512 s = _mm512_setzero_ps();
+  // one pass: s = sum e_j, and over the valid columns t2 = sum e_j, t1 = sum e_j d_j (e_j = exp(d_j),
+  // d_j = z_j - sh <= 0); then -sum_V p_j logp_j = (log(s) t2 - t1) / s, two terms >= 0 (no cancellation)
+  __m512 s = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps();
   for (int j = 0; j < A; ++j) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(C.z[j]), sh));
-    _mm512_store_ps(C.e[j], e);
+    const __m512 d = _mm512_sub_ps(_mm512_load_ps(C.z[j]), sh);
+    const __m512 e = exp16(d);
     s = _mm512_add_ps(s, e);
+    t2 = _mm512_mask_add_ps(t2, C.v[j], t2, e);
+    t1 = _mm512_mask3_fmadd_ps(e, d, t1, C.v[j]);
   }
-  const __m512 lse = _mm512_add_ps(sh, log16(s));
-  const __m512 rs = _mm512_div_ps(one, s);
-  __m512 hs = _mm512_setzero_ps();
-  for (int j = 0; j < A; ++j) {
-    const __m512 lp = _mm512_sub_ps(_mm512_load_ps(C.z[j]), lse);
-    const __m512 p = _mm512_mul_ps(_mm512_load_ps(C.e[j]), rs);
-    hs = _mm512_mask_add_ps(hs, C.v[j], hs, _mm512_mul_ps(p, lp));
-  }
-  __m512 ent = _mm512_sub_ps(_mm512_setzero_ps(), hs);
+  const __m512 ls = log16(s);
+  const __m512 lse = _mm512_add_ps(sh, ls);
+  __m512 ent = _mm512_div_ps(_mm512_fmsub_ps(ls, t2, t1), s);
   if (P.normalize_entropy) {
     const __m512 ln = _mm512_i32gather_ps(_mm512_cvttps_epi32(n), log_tab().v, 4);
     ent = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(n, one, _CMP_GT_OQ), ent, ln);
@@ -847,11 +1047,17 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
   ent = _mm512_maskz_mov_ps(pres, ent);
   __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr, _mm512_sub_ps(za, lse));
   ell = _mm512_maskz_mov_ps(pres, ell);  // absent steps: 0 (as the row path)
-  const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
-  const int64_t o = B.b0 * H + h;
-  _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.log_probs) + o, live, idxH, ell, 4);
-  _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.entropy) + o, live, idxH, ent, 4);
-  _mm512_mask_i32scatter_ps(saved_lse(P) + o, live, idxH, lse, 4);
+  if (F.otr) {  // written as rows by flush_out
+    _mm512_store_ps(C.oc[0][h], ell);
+    _mm512_store_ps(C.oc[1][h], ent);
+    _mm512_store_ps(C.oc[2][h], lse);
+  } else {
+    const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
+    const int64_t o = B.b0 * H + h;
+    _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.log_probs) + o, live, idxH, ell, 4);
+    _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.entropy) + o, live, idxH, ent, 4);
+    _mm512_mask_i32scatter_ps(saved_lse(P) + o, live, idxH, lse, 4);
+  }
 
   // head_step, lane-wise (the same float operations)
   const __m512 Cc = _mm512_set1_ps(P.log_clamp), nC = _mm512_set1_ps(-P.log_clamp);
@@ -876,8 +1082,12 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
     pol = _mm512_maskz_mul_ps(rel, wr, _mm512_mask_blend_ps(take1, s2, s1));
     const __mmask16 ug = flag & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ);
     const __m512 u = _mm512_maskz_mul_ps(ug, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio);
-    const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
-    _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1) + h, live, idxS, u, 4);
+    if (F.otr) {
+      _mm512_store_ps(C.oc[3][h], u);
+    } else {
+      const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
+      _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1) + h, live, idxS, u, 4);
+    }
   } else {
     const __m512i f = _mm512_maskz_set1_epi32(flag, (int32_t)(1u << h));
     _mm512_store_si512(flags, _mm512_or_si512(_mm512_load_si512(flags), f));
@@ -928,12 +1138,18 @@ ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, co
   char* gbase = reinterpret_cast<char*>(P.grads[h]) + B.b0 * P.grads_rs[h] * es;
   const __m512 fill = _mm512_set1_ps(P.mask_fill);
   const __m512i av = _mm512_load_si512(L.act);
-  const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
-  const __m512 lse = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_lse(P) + B.b0 * H + h, 4);
+  __m512 lse, u;  // saved lse and coefficient (0 in lanes >= nb)
+  if (F.otr) {  // staged as columns by stage_saved
+    lse = _mm512_load_ps(C.oc[2][h]);
+    u = _mm512_load_ps(C.oc[3][h]);
+  } else {
+    const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
+    lse = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_lse(P) + B.b0 * H + h, 4);
+    const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
+    u = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxS,
+                                 reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
+  }
   // incoming gradients of ell and of the entropy (head_grads, lane-wise; 0 for absent steps)
-  const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
-  const __m512 u = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxS,
-                                            reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
   __m512 l = _mm512_mul_ps(u, _mm512_set1_ps(F.pscale[h]));
   __m512 e = _mm512_maskz_mul_ps((__mmask16)L.rel, _mm512_set1_ps(F.ecoef[h]), _mm512_load_ps(B.w));
   if (P.grad_log_probs.ptr || P.grad_entropy.ptr) {
@@ -956,10 +1172,12 @@ ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, co
     ghr = _mm512_maskz_div_ps(_mm512_cmpgt_epi32_mask(ni, _mm512_set1_epi32(1)), ghr, ln);
   }
   const __m512 ng = _mm512_sub_ps(_mm512_setzero_ps(), ghr);
+  const bool zp = F.zp.on;
+  const float(*zs)[RB] = C.zs + F.zp.off[h];
   __m512 sig = _mm512_setzero_ps();
   for (int j = 0; j < A; ++j) {
     const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
-    const __m512 z = _mm512_mask_blend_ps(vj, fill, gather_col<DT>(base, idx, j));
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, zp ? _mm512_load_ps(zs[j]) : gather_col<DT>(base, idx, j));
     const __m512 lp = _mm512_sub_ps(z, lse);
     const __m512 p = exp16(lp);
     __m512 g = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), gl);
@@ -968,6 +1186,13 @@ ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, co
     _mm512_store_ps(C.g[j], g);
     _mm512_store_ps(C.e[j], p);
     C.v[j] = vj;
+  }
+  if (F.gp.on) {  // written as rows by flush_g
+    float(*gs)[RB] = C.gs + F.gp.off[h];
+    for (int j = 0; j < A; ++j)
+      _mm512_store_ps(gs[j], _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig,
+                                                                           _mm512_load_ps(C.g[j]))));
+    return;
   }
   for (int j = 0; j < A; ++j) {
     const __m512 out = _mm512_maskz_mov_ps(
@@ -1011,8 +1236,8 @@ ESPER_AVX512 inline __mmask16 finite16(__m512 x) {
   return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
 }
 
-ESPER_AVX512 void fast_global(const PPOParams& P, const BlockIn& B, const float* Lsum, const uint32_t* flags,
-                              GlobalAcc& acc, float* xs, float* xw) {
+ESPER_AVX512 void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
+                              const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
   const int H = P.num_heads;
   const __mmask16 live = (__mmask16)B.live, pres = (__mmask16)B.pres;
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
@@ -1039,28 +1264,21 @@ ESPER_AVX512 void fast_global(const PPOParams& P, const BlockIn& B, const float*
   __mmask16 vpres = 0, bad_vw = 0;
   __m512 vw = zero, vl = zero, vclip = zero, R = zero, v = zero, vsaved = zero;
   if (P.has_values) {
-    alignas(64) float t[RB];
     __m512 vw_raw = w_raw;
-    if (P.value_weights.ptr) {
-      f_lanes(P.value_weights, B.b0, B.live, 1.f, t);
-      vw_raw = _mm512_load_ps(t);
-    }
+    if (P.value_weights.ptr) vw_raw = f_lanes16(P.value_weights, B.b0, B.live, 1.f);
     const __mmask16 fin = finite16(vw_raw);
     vpres = live & fin & _mm512_cmp_ps_mask(vw_raw, zero, _CMP_GT_OQ);
     bad_vw = live & ~(fin & _mm512_cmp_ps_mask(vw_raw, zero, _CMP_GE_OQ));
     vw = _mm512_maskz_mov_ps(vpres, vw_raw);
-    f_lanes(P.values, B.b0, vpres, 0.f, t);
-    v = _mm512_load_ps(t);
-    f_lanes(P.returns, B.b0, vpres, 0.f, t);
-    R = _mm512_load_ps(t);
+    v = f_lanes16(P.values, B.b0, vpres, 0.f);
+    R = f_lanes16(P.returns, B.b0, vpres, 0.f);
     const __m512 d1 = _mm512_sub_ps(v, R);
     const __m512 l1 = _mm512_mul_ps(d1, d1);
     const __m512 dl1 = _mm512_mul_ps(two, d1);
     __m512 dvl;
     if (P.has_vclip) {
       const __m512 dc = _mm512_set1_ps(P.value_clip), ndc = _mm512_set1_ps(-P.value_clip);
-      f_lanes(P.old_values, B.b0, vpres, 0.f, t);
-      const __m512 vo = _mm512_load_ps(t);
+      const __m512 vo = f_lanes16(P.old_values, B.b0, vpres, 0.f);
       const __m512 dv = _mm512_sub_ps(v, vo);
       __m512 vc = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(dv, ndc, _CMP_LT_OQ), _mm512_sub_ps(vo, dc));
       vc = _mm512_mask_mov_ps(vc, _mm512_cmp_ps_mask(dv, dc, _CMP_GT_OQ), _mm512_add_ps(vo, dc));
@@ -1088,12 +1306,14 @@ ESPER_AVX512 void fast_global(const PPOParams& P, const BlockIn& B, const float*
   _mm512_mask_storeu_ps(jr, live, r);
   float* saved = reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1);
   const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
-  _mm512_mask_i32scatter_ps(saved + H, live, idxS, vsaved, 4);
+  if (F.otr) _mm512_store_ps(C.oc[3][H], vsaved);
+  else _mm512_mask_i32scatter_ps(saved + H, live, idxS, vsaved, 4);
   if (!P.per_head) {
     const __m512i fl = _mm512_load_si512(flags);
     for (int h = 0; h < H; ++h) {
       const __mmask16 fh = _mm512_test_epi32_mask(fl, _mm512_set1_epi32((int32_t)(1u << h)));
-      _mm512_mask_i32scatter_ps(saved + h, live, idxS, _mm512_maskz_mov_ps(fh, base), 4);
+      if (F.otr) _mm512_store_ps(C.oc[3][h], _mm512_maskz_mov_ps(fh, base));
+      else _mm512_mask_i32scatter_ps(saved + h, live, idxS, _mm512_maskz_mov_ps(fh, base), 4);
     }
   }
   _mm512_mask_storeu_ps(xs, live, r);
@@ -1153,15 +1373,69 @@ ESPER_AVX512 void fast_backward_any(const PPOParams& P, const FastPlan& F, int h
     default: fast_backward<DT_BF16>(P, F, h, B, rows, C); break;
   }
 }
+// block_in without StepIn (load_step's operations, lane-wise)
+ESPER_AVX512 void block_in_vec(const PPOParams& P, int64_t b0, int nb, BlockIn& B) {
+  B.b0 = b0;
+  B.nb = nb;
+  B.live = nb >= RB ? 0xffffu : ((1u << nb) - 1u);
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 w_raw = P.weights.ptr ? f_lanes16(P.weights, b0, B.live, 1.f) : one;
+  const __mmask16 pres = (__mmask16)B.live & finite16(w_raw) &
+                         _mm512_cmp_ps_mask(w_raw, _mm512_setzero_ps(), _CMP_GT_OQ);
+  B.pres = pres;
+  _mm512_store_ps(B.w_raw, w_raw);
+  _mm512_store_ps(B.w, _mm512_maskz_mov_ps(pres, w_raw));
+  _mm512_store_ps(B.adv0, f_lanes16(P.adv[0], b0, pres, 0.f));
+}
 ESPER_AVX512 void fast_mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
   if (F.mpacked) mask_rows(F, B, rows);
 }
-ESPER_AVX512 void fast_global_any(const PPOParams& P, const BlockIn& B, const float* Lsum, const uint32_t* flags,
-                                  GlobalAcc& acc, float* xs, float* xw) {
-  fast_global(P, B, Lsum, flags, acc, xs, xw);
+ESPER_AVX512 void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
+                                  const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
+  fast_global(P, F, B, Lsum, flags, C, acc, xs, xw);
+}
+// before a block's heads: the packed logits (forward and backward) and, in the backward, the saved lse and
+// coefficients as columns
+ESPER_AVX512 void fast_stage(const PPOParams& P, const FastPlan& F, const BlockIn& B, FastCols& C, bool fwd) {
+  if (F.zp.on) {
+    switch (P.logits_dtype) {
+      case DT_F32: stage_z<DT_F32>(F, B, C); break;
+      case DT_F16: stage_z<DT_F16>(F, B, C); break;
+      default: stage_z<DT_BF16>(F, B, C); break;
+    }
+  }
+  if (!fwd && F.otr) {
+    const int H = P.num_heads;
+    load_cols(saved_lse(P) + B.b0 * H, H, B.nb, (__mmask16)((1u << H) - 1u), C.oc[2]);
+    load_cols(reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1), H + 1, B.nb, (__mmask16)((2u << H) - 1u),
+              C.oc[3]);
+  }
+}
+// after a block's heads: the forward's column outputs, the backward's packed gradients
+ESPER_AVX512 void fast_flush(const PPOParams& P, const FastPlan& F, const BlockIn& B, const FastCols& C, bool fwd) {
+  if (fwd) {
+    if (!F.otr) return;
+    const int H = P.num_heads;
+    const __mmask16 hm = (__mmask16)F.hmask;
+    store_cols(reinterpret_cast<float*>(P.log_probs) + B.b0 * H, H, B.nb, hm, C.oc[0]);
+    store_cols(reinterpret_cast<float*>(P.entropy) + B.b0 * H, H, B.nb, hm, C.oc[1]);
+    store_cols(saved_lse(P) + B.b0 * H, H, B.nb, hm, C.oc[2]);
+    store_cols(reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1), H + 1, B.nb, (__mmask16)F.smask, C.oc[3]);
+    return;
+  }
+  if (!F.gp.on) return;
+  switch (P.logits_dtype) {
+    case DT_F32: flush_g<DT_F32>(F, B, C); break;
+    case DT_F16: flush_g<DT_F16>(F, B, C); break;
+    default: flush_g<DT_BF16>(F, B, C); break;
+  }
 }
 #else
-void fast_global_any(const PPOParams&, const BlockIn&, const float*, const uint32_t*, GlobalAcc&, float*, float*) {}
+void fast_global_any(const PPOParams&, const FastPlan&, const BlockIn&, const float*, const uint32_t*, FastCols&,
+                     GlobalAcc&, float*, float*) {}
+void fast_stage(const PPOParams&, const FastPlan&, const BlockIn&, FastCols&, bool) {}
+void block_in_vec(const PPOParams&, int64_t, int, BlockIn&) {}
+void fast_flush(const PPOParams&, const FastPlan&, const BlockIn&, const FastCols&, bool) {}
 void fast_forward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, const uint64_t*, FastCols&, LaneAcc&,
                       float*, uint32_t*) {}
 void fast_backward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, const uint64_t*, FastCols&) {}
@@ -1203,9 +1477,16 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
     const int nb = (int)std::min<int64_t>(RB, r1 - i0);
     if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
     else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), false);
-    for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
-    block_in(sb, i0, nb, B);
-    if (F.any) fast_mask_rows(F, B, rows);
+    if (F.all) {
+      block_in_vec(P, i0, nb, B);
+    } else {
+      for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
+      block_in(sb, i0, nb, B);
+    }
+    if (F.any) {
+      fast_mask_rows(F, B, rows);
+      fast_stage(P, F, B, *b.cols, true);
+    }
     for (int q = 0; q < RB; ++q) {
       Lsum[q] = 0.f;
       flags[q] = 0;
@@ -1247,7 +1528,8 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
       }
     }
     if (F.any) {
-      fast_global_any(P, B, Lsum, flags, *b.gacc, &xs[0][i0 - r0], &xw[0][i0 - r0]);
+      fast_global_any(P, F, B, Lsum, flags, *b.cols, *b.gacc, &xs[0][i0 - r0], &xw[0][i0 - r0]);
+      fast_flush(P, F, B, *b.cols, true);
       continue;
     }
     for (int q = 0; q < nb; ++q) {
@@ -1300,10 +1582,15 @@ void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const
     const int nb = (int)std::min<int64_t>(RB, r1 - i0);
     if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
     else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), true);
-    for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
+    if (F.all) {
+      block_in_vec(P, i0, nb, B);
+    } else {
+      for (int q = 0; q < nb; ++q) sb[q] = load_step(P, i0 + q);
+      if (F.any) block_in(sb, i0, nb, B);
+    }
     if (F.any) {
-      block_in(sb, i0, nb, B);
       fast_mask_rows(F, B, rows);
+      fast_stage(P, F, B, *b.cols, false);
     }
     for (int h = 0; h < H; ++h) {
       if (F.fast[h]) {
@@ -1333,6 +1620,7 @@ void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const
         store_row(P, h, i, b.g.data());
       }
     }
+    if (F.any) fast_flush(P, F, B, *b.cols, false);
     if (P.has_values && gv)
       for (int q = 0; q < nb; ++q) gv[i0 + q] = value_grad(P, st, gs, i0 + q);
   }
