@@ -94,7 +94,8 @@ class _Warmup:
 
 
 def compile_case(name: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig, n_real: int) -> None:
-    """Compile forward, every reduction stage and backward for ``batch``'s form with the tile plan of n_real rows."""
+    """Compile forward, every reduction stage, backward and the metric table for ``batch``'s form with the tile
+    plan of n_real rows."""
     _Warmup.case = name
     cfg = config.resolve(layout)
     inp = prepare_inputs(layout, batch["logits"], batch.get("action_masks"), batch["actions"], batch["old_log_probs"],
@@ -119,6 +120,7 @@ def compile_case(name: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLo
         tb.TritonBackend._reduce(tk, part, plan.programs, stats, losses, layout.num_heads, cfg)  # n_real's stages
         n, h = call.n, call.num_heads
         backend.kernel_backward(call, stats, saved, torch.ones(4), torch.ones(n, h), torch.ones(n, h))
+        backend.metric_table(stats, cfg, call.values is not None)
     finally:
         tb._Plan.__init__ = plan_init
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     driver.set_active(_Driver(a.arch))
     tb._sm_count = lambda device: SM_COUNT
-    for name in ("_ppo_fwd_kernel", "_ppo_bwd_kernel", "_ppo_reduce_kernel"):
+    for name in ("_ppo_fwd_kernel", "_ppo_bwd_kernel", "_ppo_reduce_kernel", "_ppo_metrics_kernel"):
         setattr(tk, name, _Warmup(getattr(tk, name)))
     tb._KERNELS = tk
     all_cases = cases()
