@@ -91,12 +91,21 @@ def get_backend(name: str) -> Backend:
     return b
 
 
+#: backends found able to run on this machine (a backend that could run once stays able to: no re-query)
+_RUNNABLE: set[str] = set()
+
+
 @torch.compiler.assume_constant_result
 def _machine_reasons(name: str) -> tuple[str, ...]:
     """``unavailable_reasons()`` of a loaded backend. Under torch.compile this runs once, outside the graph, at
     trace time (the checks find_spec, query the driver or call into the extension, all graph breaks)."""
+    if name in _RUNNABLE and name in _cache:
+        return ()
     b = _load(name)
-    return (b,) if isinstance(b, str) else tuple(b.unavailable_reasons())
+    reasons = (b,) if isinstance(b, str) else tuple(b.unavailable_reasons())
+    if not reasons:
+        _RUNNABLE.add(name)
+    return reasons
 
 
 def _call_reasons(b: Backend, machine: tuple[str, ...], inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
