@@ -8,6 +8,7 @@ code (csrc/ppo_core.h) as the CUDA kernels, so these tests also cover the CUDA b
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -298,3 +299,21 @@ def test_metric_table_equals_the_torch_derivation(case):
     from esper_kernels.backends.native import BACKENDS
 
     check_metric_table(BACKENDS["cpu"].metric_table, case)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensors"])
+def test_runs_without_autograd(mode):
+    """Evaluation calls (approx_kl for early stopping, logging) under no_grad / inference_mode, and inference
+    tensors passed later, give the training call's numbers."""
+    layout = ek.HeadLayout(ek.ESPER_HEADS)
+    b = make_batch((4, 5), layout, seed=2)
+    want = ek.ppo_loss(**b, layout=layout, backend="cpu", validate=False)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(mode)
+    if mode == "inference_tensors":
+        with torch.inference_mode():
+            b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    with ctx if ctx is not None else contextlib.nullcontext():
+        got = ek.ppo_loss(**b, layout=layout, backend="cpu", validate=False)
+        assert torch.equal(got.loss, want.loss.detach())
+        assert got.metrics.to_dict().keys() == want.metrics.to_dict().keys()
+        assert torch.equal(got.metrics.stats, want.metrics.stats)
