@@ -10,8 +10,10 @@
 // fast_global below): one exp per logit in the forward and one in the backward (the forward saves each row's
 // lse), float32 exp/log with FMA, statistics accumulated per lane and reduced in a fixed order. Without
 // AVX-512 they run the auto-vectorised block path (block_lse / block_entropy / block_grad, target_clones),
-// bitwise the row path's results. Wide or floored heads (and every head with vectorise = false) run the
-// row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
+// bitwise the row path's results. Wider heads without a floor run the AVX-512 wide path (wide_forward /
+// wide_backward: one row at a time, 16 columns per vector, the same exp/log, the lse saved as for small heads).
+// Floored heads (and every head with vectorise = false, or without AVX-512) run the row-by-row path over a
+// row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 #include "ppo_cpu.h"
 
 #include <algorithm>
@@ -366,6 +368,11 @@ inline bool fast_head(const PPOParams& P, int h) {
          P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
 }
 
+// heads the AVX-512 wide path runs: more than SMALL actions, no floor
+inline bool wide_head(const PPOParams& P, int h) {
+  return cpu_has_avx512() && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
+}
+
 // the saved lse of (row i, head h): after the [N, H + 1] coefficients (CpuBackend.saved_shape is [N, 2H + 1])
 inline float* saved_lse(const PPOParams& P) { return reinterpret_cast<float*>(P.saved) + P.n * (P.num_heads + 1); }
 
@@ -489,6 +496,8 @@ struct FastCols {  // one head's block, column-major: element j of lane r at [j]
 struct FastPlan {
   bool fast[ESPER_MAX_HEADS];     // heads this call runs on the AVX-512 path
   bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their lse in any case)
+  bool wide[ESPER_MAX_HEADS];     // wide heads this call runs on the AVX-512 wide path (wide_forward / wide_backward)
+  bool wide_ok[ESPER_MAX_HEADS];  // wide heads it would run there (the forward saves their lse in any case)
   bool any = false;
   bool all = false;  // every head: the step inputs of a block are read as vectors (block_in_vec), no StepIn
   // masks of every fast head inside one 64-byte window of a row (packed [N, S] masks): one load per row
@@ -615,6 +624,8 @@ FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const Gr
   for (int h = 0; h < H; ++h) {
     F.fast_ok[h] = fast_head(P, h);
     F.fast[h] = vectorise && F.fast_ok[h];
+    F.wide_ok[h] = wide_head(P, h);
+    F.wide[h] = vectorise && F.wide_ok[h];
     F.any = F.any || F.fast[h];
     F.all = (h == 0 || F.all) && F.fast[h];
     F.moff[h] = 0;
@@ -1430,6 +1441,215 @@ ESPER_AVX512 void fast_flush(const PPOParams& P, const FastPlan& F, const BlockI
     default: flush_g<DT_BF16>(F, B, C); break;
   }
 }
+// ---- wide heads on AVX-512: one row at a time, 16 columns per vector ----------------------------------------
+// Heads of more than SMALL actions without a floor. The forward reads the row twice (the max of the masked
+// logits and the valid count; then e = exp(zhat - shift), summed, with the entropy's sums in the same pass:
+// -sum_V p logp = (log(s) sum_V e - sum_V e d) / s) and saves the row's lse; the backward reads it back and
+// needs one exp per logit: p and r = p (1 + logp) go to the row buffers, then the gradient
+// (j == a ? gL : 0) - gHraw r - p sigma on the valid columns. Sums run in float per lane over at most
+// WIDE_FLUSH columns, then in double, reduced in a fixed order: the same bits whatever the thread count.
+// Tail vectors use masked loads and stores (nothing past a row's last column is touched).
+constexpr int WIDE_FLUSH = 64 * 16;  // columns summed in float before the lanes are added into double
+
+// columns [j, j + 16) of a row (k: the columns inside the row), as float. The load is kept apart from the
+// mask blend that follows: folded into one merge-masked load, it would wait for the mask's load (a second
+// cache miss in series on each line of a row read for the first time)
+template <int DT>
+ESPER_AVX512 inline __m512 wide_load(const void* row, int j, __mmask16 k) {
+  if (DT == DT_F32) {
+    __m512 x = _mm512_maskz_loadu_ps(k, reinterpret_cast<const float*>(row) + j);
+    __asm__("" : "+v"(x));
+    return x;
+  }
+  __m256i w = _mm256_maskz_loadu_epi16(k, reinterpret_cast<const uint16_t*>(row) + j);
+  __asm__("" : "+v"(w));
+  if (DT == DT_F16) return _mm512_cvtph_ps(w);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+}
+// valid columns among k (no mask: all of k)
+ESPER_AVX512 inline __mmask16 wide_valid(const uint8_t* m, int j, __mmask16 k) {
+  if (!m) return k;
+  const __m128i v = _mm_maskz_loadu_epi8(k, m + j);
+  return _mm_test_epi8_mask(v, v);
+}
+ESPER_AVX512 inline __mmask16 wide_tail(int A, int j) {
+  const int left = A - j;
+  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+// the next row of the head (row i + 1, when there is one): its logits and mask, one 64-byte line per call
+// (col: a column of the current vector); the hardware prefetchers stop at a page's end, and a row of a wide
+// head is about a page
+struct WideNext {
+  const char* z = nullptr;
+  const char* m = nullptr;
+  int es = 4;
+  WideNext(const PPOParams& P, int h, int64_t i, int es_) : es(es_) {
+    if (i + 1 >= P.n) return;
+    z = reinterpret_cast<const char*>(P.logits[h]) + (i + 1) * P.logits_rs[h] * es;
+    if (P.has_mask) m = reinterpret_cast<const char*>(P.masks[h]) + (i + 1) * P.masks_rs[h];
+  }
+  // (inline asm: GCC 12 drops __builtin_prefetch / _mm_prefetch here)
+  static inline void line(const char* p) { __asm__ volatile("prefetcht0 %0" : : "m"(*p)); }
+  static inline void line_w(const char* p) { __asm__ volatile("prefetchw %0" : : "m"(*p)); }
+  inline void at(int col) const {
+    if (!z) return;
+    if (es == 4 || (col & 31) == 0) line(z + (int64_t)col * es);
+    if (m && (col & 63) == 0) line(m + col);
+  }
+};
+
+// float lanes into two double accumulators
+ESPER_AVX512 inline void wide_flush(__m512& f, __m512d& lo, __m512d& hi) {
+  lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+  f = _mm512_setzero_ps();
+}
+ESPER_AVX512 inline float wide_sum(__m512d lo, __m512d hi) { return (float)_mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
+
+// the forward of row i of wide head h (a present step): row_forward's outputs and the row's lse
+template <int DT>
+ESPER_AVX512 RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float& lse_out) {
+  const int A = P.sizes[h];
+  const int es = DT == DT_F32 ? 4 : 2;
+  const void* row = reinterpret_cast<const char*>(P.logits[h]) + i * P.logits_rs[h] * es;
+  const uint8_t* m = P.has_mask ? reinterpret_cast<const uint8_t*>(P.masks[h]) + i * P.masks_rs[h] : nullptr;
+  const __m512 fill = _mm512_set1_ps(P.mask_fill);
+  __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+  int n = 0;
+  int j = 0;
+  for (; j + 32 <= A; j += 32) {
+    const __mmask16 v0 = wide_valid(m, j, 0xffff), v1 = wide_valid(m, j + 16, 0xffff);
+    const __m512 z0 = _mm512_mask_blend_ps(v0, fill, wide_load<DT>(row, j, 0xffff));
+    const __m512 z1 = _mm512_mask_blend_ps(v1, fill, wide_load<DT>(row, j + 16, 0xffff));
+    mx0 = _mm512_max_ps(z0, mx0);  // NaN logits never become the max (as row_softmax)
+    mx1 = _mm512_max_ps(z1, mx1);
+    n += __builtin_popcount((unsigned)v0) + __builtin_popcount((unsigned)v1);
+  }
+  for (; j < A; j += 16) {
+    const __mmask16 k = wide_tail(A, j), v = wide_valid(m, j, k);
+    const __m512 z = _mm512_mask_blend_ps(v, fill, wide_load<DT>(row, j, k));
+    mx0 = _mm512_mask_max_ps(mx0, k, z, mx0);
+    n += __builtin_popcount((unsigned)v);
+  }
+  const WideNext next(P, h, i, es);
+  const float sh = lse_shift(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
+  const __m512 shv = _mm512_set1_ps(sh);
+  // s = sum e_j over every column; over the valid ones t2 = sum e_j, t1 = sum e_j d_j (d_j = zhat_j - sh)
+  __m512 s = _mm512_setzero_ps(), t1 = s, t2 = s;
+  __m512d s_lo = _mm512_setzero_pd(), s_hi = s_lo, t1_lo = s_lo, t1_hi = s_lo, t2_lo = s_lo, t2_hi = s_lo;
+  for (int c0 = 0; c0 < A; c0 += WIDE_FLUSH) {
+    const int c1 = std::min(A, c0 + WIDE_FLUSH);
+    for (j = c0; j < c1; j += 16) {
+      const __mmask16 k = wide_tail(c1, j), v = wide_valid(m, j, k);
+      next.at(j);
+      const __m512 d = _mm512_sub_ps(_mm512_mask_blend_ps(v, fill, wide_load<DT>(row, j, k)), shv);
+      const __m512 e = exp16(d);
+      s = _mm512_mask_add_ps(s, k, s, e);
+      t2 = _mm512_mask_add_ps(t2, v, t2, e);
+      t1 = _mm512_mask3_fmadd_ps(e, d, t1, v);
+    }
+    wide_flush(s, s_lo, s_hi);
+    wide_flush(t1, t1_lo, t1_hi);
+    wide_flush(t2, t2_lo, t2_hi);
+  }
+  const float sf = wide_sum(s_lo, s_hi), t1f = wide_sum(t1_lo, t1_hi), t2f = wide_sum(t2_lo, t2_hi);
+  const float ls = ek_log(sf);
+  const float lse = sh + ls;
+  const float nf = (float)n;
+  float ent = n > 0 ? (ls * t2f - t1f) / sf : 0.f;
+  if (P.normalize_entropy) ent = nf > 1.f ? ent / ek_log(nf < 2.f ? 2.f : nf) : 0.f;
+  RowFwd out;
+  out.ent = ent;
+  out.n = nf;
+  out.taken = false;
+  out.ell = f_nan();
+  if (hi.in_range) {
+    const bool va = !m || m[hi.a] != 0;
+    out.ell = (va ? load_logit(P, h, i, hi.a) : P.mask_fill) - lse;
+    out.taken = va;
+  }
+  lse_out = lse;
+  return out;
+}
+
+// the gradient of row i of wide head h (a present step) from the saved lse; p, r and the valid bits of the
+// row go through pb, rb, vb (A floats, A floats, A / 8 bytes)
+template <int DT>
+ESPER_AVX512 void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,
+                                float* rb, uint8_t* vb) {
+  const int A = P.sizes[h];
+  const int es = DT == DT_F32 ? 4 : 2;
+  const void* row = reinterpret_cast<const char*>(P.logits[h]) + i * P.logits_rs[h] * es;
+  const uint8_t* m = P.has_mask ? reinterpret_cast<const uint8_t*>(P.masks[h]) + i * P.masks_rs[h] : nullptr;
+  const __m512 fill = _mm512_set1_ps(P.mask_fill);
+  const __m512 lse = _mm512_set1_ps(saved_lse(P)[i * P.num_heads + h]);
+  char* grow = reinterpret_cast<char*>(P.grads[h]) + i * P.grads_rs[h] * es;
+  // pass 1: p = exp(zhat - lse), r = p + logp p on the valid columns; sum_V r
+  __m512 sr = _mm512_setzero_ps();
+  __m512d sr_lo = _mm512_setzero_pd(), sr_hi = sr_lo;
+  int n = 0;
+  for (int c0 = 0; c0 < A; c0 += WIDE_FLUSH) {
+    const int c1 = std::min(A, c0 + WIDE_FLUSH);
+    for (int j = c0; j < c1; j += 16) {
+      if (es == 4 || (j & 31) == 0) WideNext::line_w(grow + (int64_t)j * es);  // the lines pass 2 writes
+      const __mmask16 k = wide_tail(c1, j), v = wide_valid(m, j, k);
+      const __m512 lp = _mm512_sub_ps(_mm512_mask_blend_ps(v, fill, wide_load<DT>(row, j, k)), lse);
+      const __m512 p = _mm512_maskz_mov_ps(v, exp16(lp));
+      const __m512 r = _mm512_maskz_fmadd_ps(v, lp, p, p);
+      sr = _mm512_add_ps(sr, r);
+      _mm512_mask_storeu_ps(pb + j, k, p);
+      _mm512_mask_storeu_ps(rb + j, k, r);
+      const uint16_t vv = (uint16_t)v;
+      std::memcpy(vb + (j >> 3), &vv, 2);
+      n += __builtin_popcount((unsigned)v);
+    }
+    wide_flush(sr, sr_lo, sr_hi);
+  }
+  float ghr = gE;
+  if (P.normalize_entropy) {
+    const float nf = (float)n;
+    ghr = nf > 1.f ? gE / ek_log(nf < 2.f ? 2.f : nf) : 0.f;
+  }
+  const float ng = -ghr;
+  const int64_t a = hi.in_range ? hi.a : -1;
+  const float gla = a >= 0 ? gL : 0.f;
+  const float sig = gla + ng * wide_sum(sr_lo, sr_hi);
+  // pass 2: g_j = (j == a ? gL : 0) + ng r_j - p_j sigma on the valid columns, 0 elsewhere
+  const __m512 ngv = _mm512_set1_ps(ng), sigv = _mm512_set1_ps(sig), glv = _mm512_set1_ps(gla);
+  const __m512i av = _mm512_set1_epi32((int32_t)a);
+  const WideNext next(P, h, i, es);
+  for (int j = 0; j < A; j += 16) {
+    next.at(j);
+    const __mmask16 k = wide_tail(A, j);
+    uint16_t vv;
+    std::memcpy(&vv, vb + (j >> 3), 2);
+    const __mmask16 isa = _mm512_cmpeq_epi32_mask(_mm512_add_epi32(iota16i(), _mm512_set1_epi32(j)), av);
+    const __m512 q = _mm512_mul_ps(ngv, _mm512_maskz_loadu_ps(k, rb + j));
+    const __m512 base = _mm512_mask_add_ps(q, isa, q, glv);
+    const __m512 g = _mm512_maskz_mov_ps((__mmask16)vv, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, pb + j), sigv, base));
+    if (DT == DT_F32) _mm512_mask_storeu_ps(reinterpret_cast<float*>(grow) + j, k, g);
+    else _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(grow) + j, k, _mm512_cvtepi32_epi16(to16<DT>(g)));
+  }
+}
+
+ESPER_AVX512 RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float& lse) {
+  switch (P.logits_dtype) {
+    case DT_F32: return wide_forward<DT_F32>(P, h, i, hi, lse);
+    case DT_F16: return wide_forward<DT_F16>(P, h, i, hi, lse);
+    default: return wide_forward<DT_BF16>(P, h, i, hi, lse);
+  }
+}
+ESPER_AVX512 void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE,
+                                    Bufs& b) {
+  float* pb = b.z.data();
+  float* rb = b.g.data();
+  uint8_t* vb = b.u.data();
+  switch (P.logits_dtype) {
+    case DT_F32: wide_backward<DT_F32>(P, h, i, hi, gL, gE, pb, rb, vb); break;
+    case DT_F16: wide_backward<DT_F16>(P, h, i, hi, gL, gE, pb, rb, vb); break;
+    default: wide_backward<DT_BF16>(P, h, i, hi, gL, gE, pb, rb, vb); break;
+  }
+}
 #else
 void fast_global_any(const PPOParams&, const FastPlan&, const BlockIn&, const float*, const uint32_t*, FastCols&,
                      GlobalAcc&, float*, float*) {}
@@ -1440,6 +1660,8 @@ void fast_forward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, co
                       float*, uint32_t*) {}
 void fast_backward_any(const PPOParams&, const FastPlan&, int, const BlockIn&, const uint64_t*, FastCols&) {}
 void fast_mask_rows(const FastPlan&, const BlockIn&, uint64_t*) {}
+RowFwd wide_forward_any(const PPOParams&, int, int64_t, const HeadIn&, float&) { return RowFwd{0.f, 0.f, 0.f, false}; }
+void wide_backward_any(const PPOParams&, int, int64_t, const HeadIn&, float, float, Bufs&) {}
 #endif
 
 Bufs::Bufs(int A, int H, bool vec)
@@ -1503,14 +1725,16 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
         for (int q = 0; q < nb; ++q) {
           RowFwd rf{0.f, 0.f, 0.f, false};
           float lse = 0.f;
-          if (sb[q].present) {
+          if (sb[q].present && F.wide[h]) {
+            rf = wide_forward_any(P, h, i0 + q, hib[q], lse);
+          } else if (sb[q].present) {
             stage_row(P, h, i0 + q, b.z.data(), b.u.data());
             BufRow row{b.z.data(), b.u.data(), nullptr, P.sizes[h]};
             const RowIn in = row_in(P, h, hib[q]);
             rf = row_forward(row, in);
-            if (fast_ok[h]) lse = row_softmax(row, in).lse;  // the AVX-512 backward reads it
+            if (fast_ok[h] || F.wide_ok[h]) lse = row_softmax(row, in).lse;  // the AVX-512 backward reads it
           }
-          if (fast_ok[h]) saved_lse(P)[(i0 + q) * H + h] = lse;
+          if (fast_ok[h] || F.wide_ok[h]) saved_lse(P)[(i0 + q) * H + h] = lse;
           rfb[q] = rf;
         }
       }
@@ -1612,6 +1836,10 @@ void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const
         const int64_t i = i0 + q;
         if (!sb[q].present) {
           store_row(P, h, i, nullptr);
+          continue;
+        }
+        if (F.wide[h]) {
+          wide_backward_any(P, h, i, hi[q], gL[q], gE[q], b);
           continue;
         }
         stage_row(P, h, i, b.z.data(), b.u.data());

@@ -10,7 +10,8 @@ namespace esper {
 // backward's AVX-512 path reads (CpuBackend.saved_shape).
 // vectorise: heads of at most 32 actions without a floor run 16 rows at a time in SIMD lanes (AVX-512 where
 // the CPU has it: within float32 rounding of the row path, not bitwise; false forces the row-by-row path,
-// which the CUDA kernels share)
+// which the CUDA kernels share); wider heads without a floor run one row at a time with 16 columns per
+// AVX-512 vector (also within float32 rounding of the row path)
 void cpu_forward(const PPOParams& P, int nthreads, bool vectorise = true);
 // backward: grads (logits dtype) and grad_values from stats, saved and the incoming gradients
 void cpu_backward(const PPOParams& P, int nthreads, bool vectorise = true);
