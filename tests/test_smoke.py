@@ -41,3 +41,14 @@ def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):
                             torch.zeros(n, H), torch.zeros(n))
     order = cuda_preference(inputs)
     assert order[0] == first and sorted(order) == ["cuda", "triton"]
+
+
+@pytest.mark.parametrize("floor, first", [(None, "cpu"), ({"op": 0.05}, "reference")])
+def test_auto_on_cpu_takes_the_measured_faster_backend(floor, first):
+    """A probability floor runs the cpu backend's scalar path, measured slower than the reference: auto
+    takes the reference then, the fused cpu backend otherwise."""
+    layout = ek.HeadLayout(ek.ESPER_HEADS)
+    b = make_batch((3, 4), layout, seed=0)
+    out = ek.ppo_loss(**b, layout=layout, config=ek.PPOLossConfig(prob_floor=floor), validate=False)
+    want = first if ek.available_backends()[first].available else "reference"
+    assert out.backend == want

@@ -2,8 +2,9 @@
 
 Each backend says why it cannot run (``not_supported_reasons``, xformers style); an explicit request for a
 backend that cannot run raises with every reason. "auto" takes the first backend that supports the call
-from a per-device order: for CPU tensors the fused C++ ``cpu`` backend, for CUDA tensors ``triton`` and
-``cuda`` in the order the benchmarks measured fastest for the shape, and ``reference`` last everywhere.
+from a per-device order measured fastest (``choice.py``): for CPU tensors the fused C++ ``cpu`` backend (the
+reference first when a head has a probability floor), for CUDA tensors ``triton`` and ``cuda`` by shape, and
+``reference`` last everywhere.
 """
 
 from __future__ import annotations
@@ -113,13 +114,15 @@ def _call_reasons(b: Backend, machine: tuple[str, ...], inputs: PPOInputs, cfg: 
     return list(machine) or b.not_supported_reasons(inputs, cfg)
 
 
-def _auto_order(inputs: PPOInputs) -> list[str]:
+def _auto_order(inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
     if inputs.device.type == "cuda":
         from .choice import cuda_preference
 
         return cuda_preference(inputs) + ["reference"]
     if inputs.device.type == "cpu":
-        return ["cpu", "reference"]
+        from .choice import cpu_preference
+
+        return cpu_preference(inputs, cfg)
     return ["reference"]
 
 
@@ -127,7 +130,7 @@ def select_backend(name: str, inputs: PPOInputs, cfg: ResolvedConfig) -> Backend
     """The backend that runs this call: ``name``, or the first that supports it for "auto"."""
     if name == "auto":
         tried = []
-        for candidate in _auto_order(inputs):
+        for candidate in _auto_order(inputs, cfg):
             # _machine_reasons first: under torch.compile it loads the backend outside the graph, so that the
             # traced _load below finds it in the cache (a traced cache miss would contradict its own guard)
             machine = _machine_reasons(candidate)
