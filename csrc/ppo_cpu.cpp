@@ -6,14 +6,16 @@
 // per 64 K logits at most) take contiguous runs of chunks; no OpenMP (it would clash with torch's libgomp).
 //
 // Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
-// time), heads of at most 32 actions without a floor run the AVX-512 path (fast_forward / fast_backward /
-// fast_global below): one exp per logit in the forward and one in the backward (the forward saves each row's
-// lse), float32 exp/log with FMA, statistics accumulated per lane and reduced in a fixed order. Without
-// AVX-512 they run the auto-vectorised block path (block_lse / block_entropy / block_grad, target_clones),
-// bitwise the row path's results. Wider heads without a floor run the AVX-512 wide path (wide_forward /
-// wide_backward: one row at a time, 16 columns per vector, the same exp/log, the lse saved as for small heads).
-// Floored heads (and every head with vectorise = false, or without AVX-512) run the row-by-row path over a
-// row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
+// time), heads of at most 32 actions run the AVX-512 path (fast_forward / fast_backward / fast_global below):
+// one exp per logit in the forward and one in the backward (the forward saves each row's lse), float32 exp/log
+// with FMA, statistics accumulated per lane and reduced in a fixed order; with a floor, row_softmax's floor
+// and row_backward's floored branch lane-wise (floor_lanes / floor_backward: two exp and a log per logit).
+// Without AVX-512, heads without a floor run the auto-vectorised block path (block_lse / block_entropy /
+// block_grad, target_clones), bitwise the row path's results. Wider heads without a floor run the AVX-512
+// wide path (wide_forward / wide_backward: one row at a time, 16 columns per vector, the same exp/log, the lse
+// saved as for small heads).
+// Floored wide heads (and floored small heads without AVX-512, and every head with vectorise = false) run the
+// row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 #include "ppo_cpu.h"
 
 #include <algorithm>
@@ -33,7 +35,7 @@ namespace {
 
 constexpr int64_t CHUNK = 128;  // rows per chunk (fixed: the reduction order depends on it, not on threads)
 constexpr int RB = 16;          // rows per vectorised block (CHUNK is a multiple)
-constexpr int SMALL = 32;       // heads of at most SMALL actions (no floor) run row-vectorised
+constexpr int SMALL = 32;       // heads of at most SMALL actions run row-vectorised
 static_assert(CHUNK % RB == 0, "CHUNK must be a multiple of RB");
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(ESPER_NO_CLONES)
@@ -361,10 +363,10 @@ bool cpu_has_avx512() { return false; }
 
 constexpr int64_t FAST_MAX_RS = int64_t(1) << 26;  // row strides (elements) whose 16-row offsets fit int32
 
-// heads the AVX-512 path runs: small, no floor, 16-bit logits of at least 2 columns (a column is read as one
-// 32-bit word inside the row), row strides within the gather's int32 offsets
+// heads the AVX-512 path runs: small (with or without a floor), 16-bit logits of at least 2 columns (a column
+// is read as one 32-bit word inside the row), row strides within the gather's int32 offsets
 inline bool fast_head(const PPOParams& P, int h) {
-  return cpu_has_avx512() && vectorised(P, h) && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
+  return cpu_has_avx512() && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
          P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
 }
 
@@ -1007,6 +1009,47 @@ ESPER_AVX512 void head_lanes(const PPOParams& P, const FastPlan& F, int h, const
   else std::memcpy(L.adv, B.adv0, sizeof(L.adv));
 }
 
+// esper's floor over a block, lane-wise (row_softmax's floor part): from the masked logits C.z (valid columns
+// C.v), their max m and valid count n: p1 = softmax(zhat) into C.e, the floor f = floor_f(n, floor), the
+// renormalisation s_f = max(1 - |U| f, 1e-8) / max(P_O, 1e-8) and P_O = sum_O p1 (U: valid and p1 < f; O: the
+// other valid columns, NaN p1 included, as the row path). Sums in float, in column order
+struct FloorLanes {
+  __m512 f, s_f, po;
+};
+ESPER_AVX512 inline __m512 clamp_min16(__m512 x, float lo) {  // clamp_min: x < lo ? lo : x (NaN stays NaN)
+  return _mm512_max_ps(_mm512_set1_ps(lo), x);
+}
+ESPER_AVX512 FloorLanes floor_lanes(int A, FastCols& C, __m512 m, __m512 n, float floor) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+  const __m512 m1 = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
+  __m512 s1 = _mm512_setzero_ps();
+  for (int j = 0; j < A; ++j) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(C.z[j]), m1));
+    _mm512_store_ps(C.e[j], e);
+    s1 = _mm512_add_ps(s1, e);
+  }
+  FloorLanes fl;
+  fl.f = _mm512_mul_ps(_mm512_div_ps(one, _mm512_max_ps(n, one)), _mm512_set1_ps(0.99f));  // floor_f
+  fl.f = _mm512_min_ps(fl.f, _mm512_set1_ps(floor));
+  __m512 nu = _mm512_setzero_ps(), po = _mm512_setzero_ps();
+  for (int j = 0; j < A; ++j) {
+    const __m512 p1 = _mm512_div_ps(_mm512_load_ps(C.e[j]), s1);
+    _mm512_store_ps(C.e[j], p1);
+    const __mmask16 under = C.v[j] & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
+    nu = _mm512_mask_add_ps(nu, under, nu, one);
+    po = _mm512_mask_add_ps(po, C.v[j] & ~under, po, p1);
+  }
+  const __m512 a_s = clamp_min16(_mm512_sub_ps(one, _mm512_mul_ps(nu, fl.f)), 1e-8f);
+  fl.s_f = _mm512_div_ps(a_s, clamp_min16(po, 1e-8f));
+  fl.po = po;
+  return fl;
+}
+// q = f on U, p1 s_f elsewhere (under: the lanes in U)
+ESPER_AVX512 inline __m512 floor_q(const FloorLanes& fl, __m512 p1, __mmask16 under) {
+  return _mm512_mask_blend_ps(under, _mm512_mul_ps(p1, fl.s_f), fl.f);
+}
+
 // the forward of head h over one block: outputs, saved lse / coefficients, lane statistics, Lsum and flags
 template <int DT>
 ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
@@ -1035,6 +1078,18 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
     const __mmask16 isa = _mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j));
     za = _mm512_mask_mov_ps(za, isa, z);
     taken |= isa & vj;
+  }
+  if (P.floor[h] > 0.f) {  // the floored logits zhat = log(max(q, 1e-8)) on valid columns, then as without
+    const FloorLanes fl = floor_lanes(A, C, m, n, P.floor[h]);
+    m = _mm512_set1_ps(-INFINITY);
+    for (int j = 0; j < A; ++j) {
+      const __m512 p1 = _mm512_load_ps(C.e[j]);
+      const __mmask16 vj = C.v[j], under = vj & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
+      const __m512 z = _mm512_mask_blend_ps(vj, fill, log16(clamp_min16(floor_q(fl, p1, under), 1e-8f)));
+      _mm512_store_ps(C.z[j], z);
+      m = _mm512_max_ps(z, m);
+      za = _mm512_mask_mov_ps(za, _mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), z);
+    }
   }
   const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
   const __m512 sh = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
@@ -1133,6 +1188,70 @@ ESPER_AVX512 void fast_forward(const PPOParams& P, const FastPlan& F, int h, con
   acc.cnt[2] += __builtin_popcount((unsigned)(pres & ~taken));
 }
 
+// row_backward's floored branch, lane-wise: the gradient d/d z of each column into C.g (0 on masked columns),
+// with C.e = 0, so that the caller's g - p sigma (sigma = 0) leaves it as it is. zs: the packed columns (else
+// gathered from base at idx); lse: the saved lse of the floored logits; gl, ng: as fast_backward
+template <int DT>
+ESPER_AVX512 inline void floor_backward(const PPOParams& P, int h, int A, FastCols& C, __m512i MR,
+                                        const float (*zs)[RB], const void* base, __m512i idx, __m512 fill,
+                                        __m512 lse, __m512i av, __m512 gl, __m512 ng) {
+  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  __m512 m = _mm512_set1_ps(-INFINITY), n = zero;
+  for (int j = 0; j < A; ++j) {  // the masked logits, their max and the valid count
+    const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, zs ? _mm512_load_ps(zs[j]) : gather_col<DT>(base, idx, j));
+    _mm512_store_ps(C.z[j], z);
+    C.v[j] = vj;
+    m = _mm512_max_ps(z, m);
+    n = _mm512_mask_add_ps(n, vj, n, one);
+  }
+  const FloorLanes fl = floor_lanes(A, C, m, n, P.floor[h]);
+  // d/d logp of the floored logits (as without a floor) and its sum sigma; p kept in C.z
+  __m512 sig = zero;
+  for (int j = 0; j < A; ++j) {
+    const __m512 p1 = _mm512_load_ps(C.e[j]);
+    const __mmask16 vj = C.v[j], under = vj & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
+    const __m512 z = _mm512_mask_blend_ps(vj, fill, log16(clamp_min16(floor_q(fl, p1, under), 1e-8f)));
+    const __m512 lp = _mm512_sub_ps(z, lse);
+    const __m512 p = exp16(lp);
+    __m512 g = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), gl);
+    g = _mm512_mask_add_ps(g, vj, g, _mm512_fmadd_ps(_mm512_mul_ps(ng, lp), p, _mm512_mul_ps(ng, p)));
+    sig = _mm512_add_ps(sig, g);
+    _mm512_store_ps(C.g[j], g);
+    _mm512_store_ps(C.z[j], p);
+  }
+  // gq = d/d q (valid, q >= 1e-8), T = sum_O gq p1
+  __m512 T = zero;
+  for (int j = 0; j < A; ++j) {
+    const __m512 p1 = _mm512_load_ps(C.e[j]);
+    const __mmask16 vj = C.v[j], under = vj & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ), over = vj & ~under;
+    const __m512 q = floor_q(fl, p1, under);
+    const __m512 gz = _mm512_fnmadd_ps(_mm512_load_ps(C.z[j]), sig, _mm512_load_ps(C.g[j]));
+    const __mmask16 okq = vj & _mm512_cmp_ps_mask(q, _mm512_set1_ps(1e-8f), _CMP_GE_OQ);
+    const __m512 gq = _mm512_maskz_div_ps(okq, gz, clamp_min16(q, 1e-8f));
+    _mm512_store_ps(C.g[j], gq);
+    T = _mm512_mask_add_ps(T, over, T, _mm512_mul_ps(gq, p1));
+  }
+  const __mmask16 pok = _mm512_cmp_ps_mask(fl.po, _mm512_set1_ps(1e-8f), _CMP_GE_OQ);
+  const __m512 g_po =
+      _mm512_maskz_mul_ps(pok, _mm512_sub_ps(zero, T), _mm512_div_ps(fl.s_f, clamp_min16(fl.po, 1e-8f)));
+  // d/d p1 on O: gq s_f + g_po; sig1 = sum_O of it times p1; then d/d z = p1 (gp1 - sig1) on valid columns
+  __m512 sig1 = zero;
+  for (int j = 0; j < A; ++j) {
+    const __m512 p1 = _mm512_load_ps(C.e[j]);
+    const __mmask16 vj = C.v[j], over = vj & ~_mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
+    const __m512 gp1 = _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(C.g[j]), fl.s_f), g_po);
+    sig1 = _mm512_mask_add_ps(sig1, over, sig1, _mm512_mul_ps(gp1, p1));
+  }
+  for (int j = 0; j < A; ++j) {
+    const __m512 p1 = _mm512_load_ps(C.e[j]);
+    const __mmask16 vj = C.v[j], over = vj & ~_mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
+    const __m512 gp1 = _mm512_maskz_add_ps(over, _mm512_mul_ps(_mm512_load_ps(C.g[j]), fl.s_f), g_po);
+    _mm512_store_ps(C.g[j], _mm512_maskz_mul_ps(vj, p1, _mm512_sub_ps(gp1, sig1)));
+    _mm512_store_ps(C.e[j], zero);
+  }
+}
+
 // the backward of head h over one block (gL, gE: incoming gradients of present lanes, 0 elsewhere)
 template <int DT>
 ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
@@ -1186,7 +1305,9 @@ ESPER_AVX512 void fast_backward(const PPOParams& P, const FastPlan& F, int h, co
   const bool zp = F.zp.on;
   const float(*zs)[RB] = C.zs + F.zp.off[h];
   __m512 sig = _mm512_setzero_ps();
-  for (int j = 0; j < A; ++j) {
+  if (P.floor[h] > 0.f)  // the gradient into C.g, C.e = 0: the stores below leave it as it is (sig = 0)
+    floor_backward<DT>(P, h, A, C, MR, zp ? zs : nullptr, base, idx, fill, lse, av, gl, ng);
+  for (int j = 0; j < A && !(P.floor[h] > 0.f); ++j) {  // without a floor
     const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
     const __m512 z = _mm512_mask_blend_ps(vj, fill, zp ? _mm512_load_ps(zs[j]) : gather_col<DT>(base, idx, j));
     const __m512 lp = _mm512_sub_ps(z, lse);

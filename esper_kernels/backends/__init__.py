@@ -2,9 +2,8 @@
 
 Each backend says why it cannot run (``not_supported_reasons``, xformers style); an explicit request for a
 backend that cannot run raises with every reason. "auto" takes the first backend that supports the call
-from a per-device order measured fastest (``choice.py``): for CPU tensors the fused C++ ``cpu`` backend (the
-reference first when a head has a probability floor), for CUDA tensors ``triton`` and ``cuda`` by shape, and
-``reference`` last everywhere.
+from a per-device order measured fastest (``choice.py``): for CPU tensors the fused C++ ``cpu`` backend, for
+CUDA tensors ``triton`` and ``cuda`` by shape, and ``reference`` last everywhere.
 """
 
 from __future__ import annotations

@@ -39,14 +39,11 @@ def cuda_preference(inputs: PPOInputs) -> list[str]:
 
 
 def cpu_preference(inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-    """Backends for CPU tensors, fastest first.
+    """Backends for CPU tensors, fastest first: the fused ``cpu`` backend, then the reference.
 
-    The fused ``cpu`` backend runs heads without a probability floor in AVX-512 (14-24x the reference on the
-    esper, rl_64k and wide cases); a floored head takes the scalar row-by-row path, several exp/log per logit
-    per pass. Measured on the 2-core CPU, forward + backward + metrics: esper with floors on 3 of 8 heads,
-    cpu 17.9 ms vs reference 17.8 ms; rl_64k with every head floored, 749 ms vs 381 ms. So a floor sends
-    "auto" to the reference.
+    Measured on the 2-core CPU, forward + backward + metrics (benchmarks/NOTES.md): 14-24x the reference on
+    the esper, rl_64k and wide cases; with probability floors (heads of at most 32 actions take the AVX-512
+    path too) esper every head floored 1.2 vs 22.3 ms, rl_64k every head floored 20.8 vs 305 ms. Heads wider
+    than 32 actions with a floor run the scalar row path (not measured against the reference).
     """
-    if any(f > 0 for f in cfg.prob_floor):
-        return ["reference", "cpu"]
     return ["cpu", "reference"]

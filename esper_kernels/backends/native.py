@@ -201,8 +201,9 @@ class CpuBackend(_NativeBackend):
         _C.derive_metrics(stats.data_ptr(), out.data_ptr(), *_metrics_args(cfg, H, has_values))
         return out
 
-    #: heads of at most 32 actions without a floor run 16 rows at a time in SIMD lanes (AVX-512 where the CPU
-    #: has it); False forces the row-by-row code the CUDA kernels share (the tests check both)
+    #: heads of at most 32 actions run 16 rows at a time in SIMD lanes (with AVX-512, floored heads too), wider
+    #: heads without a floor 16 columns at a time (AVX-512); False forces the row-by-row code the CUDA kernels
+    #: share (the tests check both)
     vectorise = True
 
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
