@@ -1220,19 +1220,29 @@ ESPER_AVX512 inline void floor_backward(const PPOParams& P, int h, int A, FastCo
     _mm512_store_ps(C.g[j], g);
     _mm512_store_ps(C.z[j], p);
   }
-  // gq = d/d q (valid, q >= 1e-8), T = sum_O gq p1
-  __m512 T = zero;
+  // gq = d/d q (valid, q >= 1e-8), T = sum_O gq p1; G_O = sum_O g for the closed form (g moves to C.z)
+  __m512 T = zero, GO = zero;
+  __mmask16 bad = 0;  // lanes where a q on O is clamped (the chain is exact there, the closed form is not)
   for (int j = 0; j < A; ++j) {
     const __m512 p1 = _mm512_load_ps(C.e[j]);
     const __mmask16 vj = C.v[j], under = vj & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ), over = vj & ~under;
     const __m512 q = floor_q(fl, p1, under);
-    const __m512 gz = _mm512_fnmadd_ps(_mm512_load_ps(C.z[j]), sig, _mm512_load_ps(C.g[j]));
+    const __m512 g = _mm512_load_ps(C.g[j]);
+    const __m512 gz = _mm512_fnmadd_ps(_mm512_load_ps(C.z[j]), sig, g);
     const __mmask16 okq = vj & _mm512_cmp_ps_mask(q, _mm512_set1_ps(1e-8f), _CMP_GE_OQ);
     const __m512 gq = _mm512_maskz_div_ps(okq, gz, clamp_min16(q, 1e-8f));
     _mm512_store_ps(C.g[j], gq);
+    _mm512_store_ps(C.z[j], g);
     T = _mm512_mask_add_ps(T, over, T, _mm512_mul_ps(gq, p1));
+    GO = _mm512_mask_add_ps(GO, over, GO, g);
+    bad |= over & _mm512_cmp_ps_mask(q, _mm512_set1_ps(1e-8f), _CMP_LT_OQ);
   }
   const __mmask16 pok = _mm512_cmp_ps_mask(fl.po, _mm512_set1_ps(1e-8f), _CMP_GE_OQ);
+  // lanes where no 1e-8 clamp binds take the closed form [k in O] (g_k - p1_k G_O / P_O), as row_backward (the
+  // chain's float32 terms cancel to noise near a uniform distribution); p1 * (G_O / P_O) is rounded before the
+  // subtraction, as the row path does, so a lone action over the floor gets exactly 0
+  const __mmask16 regular = pok & ~bad;
+  const __m512 go_po = _mm512_div_ps(GO, clamp_min16(fl.po, 1e-8f));
   const __m512 g_po =
       _mm512_maskz_mul_ps(pok, _mm512_sub_ps(zero, T), _mm512_div_ps(fl.s_f, clamp_min16(fl.po, 1e-8f)));
   // d/d p1 on O: gq s_f + g_po; sig1 = sum_O of it times p1; then d/d z = p1 (gp1 - sig1) on valid columns
@@ -1247,7 +1257,9 @@ ESPER_AVX512 inline void floor_backward(const PPOParams& P, int h, int A, FastCo
     const __m512 p1 = _mm512_load_ps(C.e[j]);
     const __mmask16 vj = C.v[j], over = vj & ~_mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
     const __m512 gp1 = _mm512_maskz_add_ps(over, _mm512_mul_ps(_mm512_load_ps(C.g[j]), fl.s_f), g_po);
-    _mm512_store_ps(C.g[j], _mm512_maskz_mul_ps(vj, p1, _mm512_sub_ps(gp1, sig1)));
+    const __m512 chain = _mm512_maskz_mul_ps(vj, p1, _mm512_sub_ps(gp1, sig1));
+    const __m512 closed = _mm512_maskz_sub_ps(over, _mm512_load_ps(C.z[j]), _mm512_mul_ps(p1, go_po));
+    _mm512_store_ps(C.g[j], _mm512_mask_blend_ps(regular, chain, closed));
     _mm512_store_ps(C.e[j], zero);
   }
 }

@@ -392,14 +392,16 @@ def test_wide_heads_deterministic_across_threads():
     _bitwise(results[1:])
 
 
-def _floor_adversarial_batch(dtype, seed=41, logit_scale=1.0):
+def _floor_adversarial_batch(dtype, seed=41):
     """Small heads (1 to 32 actions) with adversarial present rows for a floor: an empty mask, a single valid
     action (taken, or not), every action valid at equal logits (no p1 under the floor), valid logits far below
     mask_fill = -30 (every valid p1 under the floor when the fill is -30), one dominant action, actions out of
     range in irrelevant heads, and NaN/+-inf at every masked position and in absent steps."""
     layout = ek.HeadLayout({"one": 1, "two": 2, "five": 5, "op": 13, "full": 32, "odd": 17})
     sizes = list(layout.sizes)
-    b = random_batch(sizes, (90,), seed=seed, mask_density=0.6, values=True, logit_scale=logit_scale,
+    # logit scale 3: heads with most actions under the floor, where the chain rule's float32 terms cancel to
+    # noise farther from float64 than the reference (the backends take the closed form there)
+    b = random_batch(sizes, (90,), seed=seed, mask_density=0.6, values=True, logit_scale=3.0,
                      dtype=torch.float32, garbage=False)
     z, m, acts, rel, w = b["logits"], b["action_masks"], b["actions"], b["head_relevance"], b["weights"]
     w[:10] = 1.0
@@ -455,25 +457,6 @@ def test_floored_small_heads_adversarial_rows(dtype, config, vectorise):
         assert m["head_op_empty_mask"] >= 1 and m["head_op_invalid_action"] >= 4
         b2 = dict(b, logits=per_head(b["logits"], layout), action_masks=per_head(b["action_masks"], layout))
         check_arbitrated("cpu", b2, layout, config)
-    finally:
-        backend.vectorise = True
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_floored_row_path_gradient_at_large_logits(dtype):
-    """The row path (csrc/ppo_core.h, shared with the CUDA kernels) takes the closed form of the gradient through
-    the floor where no clamp binds: at logit scale 3 the chain rule's float32 terms cancelled to noise farther
-    from float64 than the reference (heads with most actions under the floor). (The AVX-512 floored path still
-    uses the chain: at logit scale 1 it passes, see above.)"""
-    from float64_arbiter import check_arbitrated
-
-    from esper_kernels.backends import native
-
-    b, layout = _floor_adversarial_batch(dtype, logit_scale=3.0)
-    backend = native.BACKENDS["cpu"]
-    try:
-        backend.vectorise = False
-        check_arbitrated("cpu", b, layout, ek.PPOLossConfig(entropy_coef=0.05, prob_floor=[0.05] * 6))
     finally:
         backend.vectorise = True
 
