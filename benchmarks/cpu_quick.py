@@ -70,11 +70,13 @@ def main() -> None:
     ap.add_argument("--providers", nargs="+", default=["cpu", "reference", "reference_compile"])
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per provider and case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--floor", type=float, default=None, help="prob_floor on every head (default: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     layout = ek.HeadLayout(ek.ESPER_HEADS)
-    config = ek.PPOLossConfig(entropy_coef=0.01)
+    floor = None if args.floor is None else [args.floor] * layout.num_heads
+    config = ek.PPOLossConfig(entropy_coef=0.01, prob_floor=floor)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for case in args.cases:
         batch = make_batch(CASES[case], layout, seed=0)
