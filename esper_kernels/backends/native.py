@@ -148,11 +148,11 @@ def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = N
     return ints, floats
 
 
-def _forward_outputs(call: FusedCall) -> tuple[torch.Tensor, ...]:
+def _forward_outputs(call: FusedCall, saved_shape: list[int]) -> tuple[torch.Tensor, ...]:
     N, H = call.n, call.num_heads
     f32 = dict(dtype=torch.float32, device=call.logits[0].device)
     return (torch.empty(4, **f32), torch.empty((N, H), **f32), torch.empty((N, H), **f32), torch.empty(N, **f32),
-            torch.empty(stats_size(H), **f32), torch.empty((N, H + 1), **f32))
+            torch.empty(stats_size(H), **f32), torch.empty(saved_shape, **f32))
 
 
 def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -162,16 +162,15 @@ def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor
     return grads, gv
 
 
-def _metrics_args(cfg: ResolvedConfig, num_heads: int, has_values: bool) -> tuple[list[int], list[float]]:
-    """The (ints, floats) of ``_C.derive_metrics`` (csrc/bindings.cpp decode_metrics_cfg)."""
+def _metrics_call(stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> tuple[list, torch.Tensor]:
+    """The arguments of ``_C.derive_metrics`` / ``_C.cuda_derive_metrics`` (csrc/bindings.cpp
+    decode_metrics_cfg) before the stream, and the table they fill."""
+    H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
+    out = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, dtype=torch.float32, device=stats.device)
     vclip = has_values and math.isfinite(cfg.value_clip)
-    return ([num_heads, int(cfg.per_head), int(has_values), int(vclip)],
-            [cfg.entropy_coef, cfg.value_coef, *cfg.entropy_coef_per_head])
-
-
-def _metrics_out(stats: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * num_heads, dtype=torch.float32,
-                       device=stats.device)
+    ints = [H, int(cfg.per_head), int(has_values), int(vclip)]
+    floats = [cfg.entropy_coef, cfg.value_coef, *cfg.entropy_coef_per_head]
+    return [stats.data_ptr(), out.data_ptr(), ints, floats], out
 
 
 class _NativeBackend(FusedBackend):
@@ -196,9 +195,8 @@ class CpuBackend(_NativeBackend):
     has_metric_table = _C is not None and hasattr(_C, "derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
-        out = _metrics_out(stats, H)
-        _C.derive_metrics(stats.data_ptr(), out.data_ptr(), *_metrics_args(cfg, H, has_values))
+        args, out = _metrics_call(stats, cfg, has_values)
+        _C.derive_metrics(*args)
         return out
 
     #: heads of at most 32 actions run 16 rows at a time in SIMD lanes (with AVX-512, floored heads too), wider
@@ -212,10 +210,7 @@ class CpuBackend(_NativeBackend):
         return [n, 2 * num_heads + 1]
 
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
-        N, H = call.n, call.num_heads
-        f32 = dict(dtype=torch.float32, device=call.logits[0].device)
-        outs = (torch.empty(4, **f32), torch.empty((N, H), **f32), torch.empty((N, H), **f32), torch.empty(N, **f32),
-                torch.empty(stats_size(H), **f32), torch.empty(self.saved_shape(N, H), **f32))
+        outs = _forward_outputs(call, self.saved_shape(call.n, call.num_heads))
         ints, floats = encode_call(call, outputs=outs)
         _C.cpu_forward(ints, floats, torch.get_num_threads(), self.vectorise)
         return outs
@@ -238,10 +233,8 @@ class CudaBackend(_NativeBackend):
     has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
-        out = _metrics_out(stats, H)
-        stream, idx = self._stream(stats.device)
-        _C.cuda_derive_metrics(stats.data_ptr(), out.data_ptr(), *_metrics_args(cfg, H, has_values), stream, idx)
+        args, out = _metrics_call(stats, cfg, has_values)
+        _C.cuda_derive_metrics(*args, *self._stream(stats.device))
         return out
 
     def unavailable_reasons(self) -> list[str]:
@@ -273,7 +266,7 @@ class CudaBackend(_NativeBackend):
         return torch.cuda.current_stream(idx).cuda_stream, idx
 
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
-        outs = _forward_outputs(call)
+        outs = _forward_outputs(call, self.saved_shape(call.n, call.num_heads))
         dev = call.logits[0].device
         N, H = call.n, call.num_heads
         rows = int(_C.CUDA_STEP_ROWS)
