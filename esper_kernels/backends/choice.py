@@ -1,4 +1,4 @@
-"""What "auto" prefers, from measurements. On CUDA tensors, the H100 benchmark (benchmarks/results/bench_h100.csv):
+"""What "auto" prefers on CUDA tensors, from the H100 benchmark (benchmarks/results/bench_h100.csv).
 
 The rule follows the GPU time of a replayed CUDA graph of forward + backward with metrics (the ``*_graph``
 rows, which leave out the Python both backends share), checked against the eager rows:
@@ -21,7 +21,6 @@ any wider head go to ``triton``. Shapes between the measured ones follow the nea
 
 from __future__ import annotations
 
-from ..config import ResolvedConfig
 from ..inputs import PPOInputs
 
 #: widest head the CUDA backend reads through a shared-memory tile (csrc/ppo_cuda.cu SMALL_MAX)
@@ -37,13 +36,3 @@ def cuda_preference(inputs: PPOInputs) -> list[str]:
         return ["cuda", "triton"]
     return ["triton", "cuda"]
 
-
-def cpu_preference(inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-    """Backends for CPU tensors, fastest first: the fused ``cpu`` backend, then the reference.
-
-    Measured on the 2-core CPU, forward + backward + metrics (benchmarks/NOTES.md): 14-24x the reference on
-    the esper, rl_64k and wide cases; with probability floors (heads of at most 32 actions take the AVX-512
-    path too) esper every head floored 1.2 vs 22.3 ms, rl_64k every head floored 20.8 vs 305 ms. Heads wider
-    than 32 actions with a floor run the scalar row path (not measured against the reference).
-    """
-    return ["cpu", "reference"]
