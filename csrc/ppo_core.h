@@ -676,22 +676,27 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
   return g;
 }
 
-// the four losses from the (merged) statistics vector
-ESPER_HD void losses_from_stats(const PPOParams& P, const float* st, float* out) {
-  const int H = P.num_heads;
+// the four losses (loss, policy, entropy, value) from the (merged) statistics vector; kcoef: per-head entropy
+// coefficients (the metric table of ppo_metrics.h reuses this)
+ESPER_HD void loss_terms(int H, bool per_head, const float* kcoef, float entropy_coef, float value_coef,
+                         const float* st, float* out) {
   float pl = 0.f, el = 0.f;
   for (int h = 0; h < H; ++h) {
     const float* hs = st + ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE;
-    if (P.per_head) pl += safe_div(hs[HD_POLICY_NUM], hs[HD_REL_WEIGHT]);
-    el += P.kcoef[h] * safe_div(hs[HD_ENTROPY_NUM], hs[HD_REL_WEIGHT]);
+    if (per_head) pl += safe_div(hs[HD_POLICY_NUM], hs[HD_REL_WEIGHT]);
+    el += kcoef[h] * safe_div(hs[HD_ENTROPY_NUM], hs[HD_REL_WEIGHT]);
   }
-  pl = P.per_head ? -pl : -safe_div(st[G_POLICY_NUM], st[G_WEIGHT]);
+  pl = per_head ? -pl : -safe_div(st[G_POLICY_NUM], st[G_WEIGHT]);
   el = -el;
   float vl = 0.5f * safe_div(st[G_VALUE_NUM], st[G_VALUE_WEIGHT]);
-  out[0] = pl + P.entropy_coef * el + P.value_coef * vl;
+  out[0] = pl + entropy_coef * el + value_coef * vl;
   out[1] = pl;
   out[2] = el;
   out[3] = vl;
+}
+
+ESPER_HD void losses_from_stats(const PPOParams& P, const float* st, float* out) {
+  loss_terms(P.num_heads, P.per_head != 0, P.kcoef, P.entropy_coef, P.value_coef, st, out);
 }
 
 // --------------------------------------------------------------------------------------------------------

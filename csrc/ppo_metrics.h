@@ -45,25 +45,20 @@ ESPER_HD void derive_metrics(const MetricsCfg& c, const float* s, float* out) {
   const int H = c.num_heads;
   const float* hs = s + ESPER_GLOBAL_SIZE;
   const float W = s[G_WEIGHT], steps = s[G_STEPS], VW = s[G_VALUE_WEIGHT];
-  float any_rel = 0.f, pl_sum = 0.f, el_sum = 0.f, kl_sum = 0.f, nonfinite = 0.f;
+  float any_rel = 0.f, kl_sum = 0.f, nonfinite = 0.f;
   float logp_min = f_inf(), logp_max = -f_inf();
   for (int h = 0; h < H; ++h) {
     const float* x = hs + h * ESPER_HEAD_SIZE;
-    const float rw = x[HD_REL_WEIGHT];
-    const bool pos = rw > 0.f;
-    any_rel += rw;
-    pl_sum += pos ? x[HD_POLICY_NUM] / rw : 0.f;
-    // a head without relevant steps adds 0 (select, never multiply: a NaN entropy must stay NaN)
-    el_sum += pos ? c.kcoef[h] * (x[HD_ENTROPY_NUM] / rw) : 0.f;
+    any_rel += x[HD_REL_WEIGHT];
     kl_sum += x[HD_KL_NUM];
     nonfinite += x[HD_NONFINITE];
     logp_min = h == 0 ? x[HD_LOGP_MIN] : nan_min(logp_min, x[HD_LOGP_MIN]);
     logp_max = h == 0 ? x[HD_LOGP_MAX] : nan_max(logp_max, x[HD_LOGP_MAX]);
   }
-  const float pl = c.per_head ? -pl_sum : -(W > 0.f ? s[G_POLICY_NUM] / W : 0.f);
-  const float el = -el_sum;
-  const float vl = 0.5f * (VW > 0.f ? s[G_VALUE_NUM] / VW : 0.f);
-  const float loss = pl + c.entropy_coef * el + c.value_coef * vl;
+  // the losses as the forward computes them (a head without relevant steps adds 0)
+  float lt[4];
+  loss_terms(H, c.per_head != 0, c.kcoef, c.entropy_coef, c.value_coef, s, lt);
+  const float loss = lt[0], pl = lt[1], el = lt[2], vl = lt[3];
   const float hvd = c.has_values ? s[G_VALUE_STEPS] : 0.f;
   const float has_ratio = s[G_RATIO_MAX] > -f_inf() ? steps : 0.f;
   const float has_logp = logp_min < f_inf() ? any_rel : 0.f;
