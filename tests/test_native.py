@@ -257,23 +257,27 @@ def _bitwise(results):
         assert torch.equal(g1[k].nan_to_num(7.0), g2[k].nan_to_num(7.0)), k
 
 
+def _check_thread_determinism(b, layout, config, threads=(1, 2, 2, 1)):
+    """Bitwise equal outputs, statistics and gradients on repeated calls with 1 and 2 threads."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for t in threads:
+            torch.set_num_threads(t)
+            results.append(run("cpu", b, layout, config, grad_seed=1))
+    finally:
+        torch.set_num_threads(before)
+    for r in results[1:]:
+        _bitwise([results[0], r])
+
+
 def test_deterministic_repeated_calls_and_thread_counts():
     """Bitwise equal outputs, statistics and gradients on repeated calls and with 1 or 2 threads (the rows
     are cut into fixed chunks whatever the thread count; partials merge in chunk order)."""
     layout = ek.HeadLayout({"a": 3, "w": 40, "b": 7})
     b = random_batch(list(layout.sizes), (1000,), seed=7, values=True, old_values=True)
     config = ek.PPOLossConfig(surrogate="per_head", prob_floor=[None, 0.01, None], entropy_coef=0.1, value_clip=0.3)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 2, 1):
-            torch.set_num_threads(threads)
-            results.append(run("cpu", b, layout, config, grad_seed=1))
-    finally:
-        torch.set_num_threads(before)
-    _bitwise(results[:2])
-    _bitwise(results[1:3])
-    _bitwise([results[0], results[3]])
+    _check_thread_determinism(b, layout, config)
 
 
 def test_backend_reasons_and_interface():
@@ -380,16 +384,7 @@ def test_wide_heads_deterministic_across_threads():
     layout = ek.HeadLayout({"a": 3, "w": 300, "v": 1000})
     b = random_batch(list(layout.sizes), (700,), seed=8, values=True)
     config = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 2):
-            torch.set_num_threads(threads)
-            results.append(run("cpu", b, layout, config, grad_seed=1))
-    finally:
-        torch.set_num_threads(before)
-    _bitwise(results[:2])
-    _bitwise(results[1:])
+    _check_thread_determinism(b, layout, config)
 
 
 def _floor_adversarial_batch(dtype, seed=41):
@@ -468,14 +463,4 @@ def test_floored_small_heads_deterministic_across_threads():
     b = make_batch((8, 125), layout, seed=9)
     config = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True,
                               prob_floor={n: 0.02 for n in layout.names[::2]} | {layout.names[1]: 0.2})
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 2, 1):
-            torch.set_num_threads(threads)
-            results.append(run("cpu", b, layout, config, grad_seed=1))
-    finally:
-        torch.set_num_threads(before)
-    _bitwise(results[:2])
-    _bitwise(results[1:3])
-    _bitwise([results[0], results[3]])
+    _check_thread_determinism(b, layout, config)
