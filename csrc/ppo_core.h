@@ -23,10 +23,18 @@
 
 #include "ppo_params.h"
 
+// ESPER_HD: a function of this header (and of the headers built on it). On the host it has internal linkage
+// (static inline): the CPU backend compiles this header into translation units with different instruction
+// sets (csrc/cpu/: the AVX-512 files are built with -mavx512f ...), and an inline function with external
+// linkage would leave a COMDAT copy in each, of which the linker keeps one for every caller: an AVX-512 copy
+// could then run on a CPU without AVX-512. ESPER_HDM: the same for member functions (inline; the structs that
+// have them are in an anonymous namespace on the host for the same reason).
 #if defined(__CUDACC__)
 #define ESPER_HD __host__ __device__ __forceinline__
+#define ESPER_HDM __host__ __device__ __forceinline__
 #else
-#define ESPER_HD inline
+#define ESPER_HD static inline
+#define ESPER_HDM inline
 #endif
 
 namespace esper {
@@ -46,7 +54,7 @@ ESPER_HD float safe_div(float num, float den) { return den > 0.f ? num / den : 0
 // polynomial to degree 10 in double (relative error < 3e-13), rounded once to float: checked on every
 // float, it equals the correctly rounded exp except at a handful of exact ties (1 ulp); glibc's expf differs
 // from it on ~4e-5 of the inputs (1 ulp)
-inline float host_expf(float x) {
+static inline float host_expf(float x) {
   const float xc = x > -104.0f ? (x < 89.0f ? x : 89.0f) : -104.0f;  // NaN -> -104 (selected away below)
   const double shift = 0x1.8p52;
   const double z = 0x1.71547652b82fep0 * (double)xc;
@@ -404,24 +412,26 @@ ESPER_HD void row_backward(R& row, const RowIn& in, float gL, float gE) {
 
 // a row already in memory: zhat (masked logits) and use flags at stride 1 (CPU row buffer, or one thread's
 // row of a shared-memory tile); reductions in column order
+namespace {  // (internal linkage: see ESPER_HDM)
 struct BufRow {
   const float* z;
   const uint8_t* u;
   float* g;
   int A;
-  ESPER_HD float zhat(int j) const { return z[j]; }
-  ESPER_HD bool use(int j) const { return u[j] != 0; }
+  ESPER_HDM float zhat(int j) const { return z[j]; }
+  ESPER_HDM bool use(int j) const { return u[j] != 0; }
   template <class T, class F, class C>
-  ESPER_HD T reduce(T acc, F f, C c) const {
+  ESPER_HDM T reduce(T acc, F f, C c) const {
     for (int j = 0; j < A; ++j) acc = c(acc, f(j));
     return acc;
   }
   template <class F>
-  ESPER_HD void for_each(F f) const {
+  ESPER_HDM void for_each(F f) const {
     for (int j = 0; j < A; ++j) f(j);
   }
-  ESPER_HD void store(int j, float v) const { g[j] = v; }
+  ESPER_HDM void store(int j, float v) const { g[j] = v; }
 };
+}  // namespace
 
 // --------------------------------------------------------------------------------------------------------
 // per step and per (step, head): loss terms, saved coefficients, statistics contributions
