@@ -320,13 +320,14 @@ def test_normalized_constant_advantages_are_zero():
     """(A - mean) / max(std, 1e-8) of a constant A is 0 (float32 rounding of the mean must not be amplified)."""
     from esper_kernels.reference import normalize_advantages
 
+    cfg = ek.PPOLossConfig(normalize_advantages=True).resolve(ek.HeadLayout({"a": 2}))
     for w, c in _constant_cases():
-        assert (normalize_advantages(torch.full((len(w),), c), w) == 0).all(), (w, c)
-        per_head = normalize_advantages(torch.full((len(w), 2), c), w)
+        assert (normalize_advantages(torch.full((len(w),), c), w, cfg) == 0).all(), (w, c)
+        per_head = normalize_advantages(torch.full((len(w), 2), c), w, cfg)
         assert (per_head == 0).all(), (w, c)
     w = torch.tensor([0.3, 0.7, 1.3, 0.0, 2.9, 0.1, 1.7])
     x = torch.randn(7)
-    n = normalize_advantages(x, w)
+    n = normalize_advantages(x, w, cfg)
     p = w > 0
     mean = (w * x).sum() / w.sum()
     std = ((w * (x - mean) ** 2).sum() / w.sum()).sqrt()

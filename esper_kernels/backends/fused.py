@@ -23,6 +23,7 @@ see ``cfg.normalize_advantages == False``.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -39,19 +40,28 @@ _FUSED: dict[str, FusedBackend] = {}
 
 
 def cfg_to_list(cfg: ResolvedConfig) -> list[float]:
-    """ResolvedConfig -> flat floats (the custom op's config argument)."""
-    return [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, cfg.joint_log_ratio_clamp, float(cfg.per_head),
-            float(cfg.normalize_advantages), float(cfg.normalize_entropy), cfg.entropy_coef, cfg.value_coef,
-            cfg.value_clip, cfg.mask_fill, *cfg.entropy_coef_per_head, *cfg.prob_floor]
+    """ResolvedConfig -> flat floats (the custom op's config argument): its fields in order, per-head tuples
+    flattened (their length is the number of heads)."""
+    out: list[float] = []
+    for value in cfg:
+        out.extend(float(x) for x in value) if isinstance(value, tuple) else out.append(float(value))
+    return out
 
 
 def cfg_from_list(values: list[float], num_heads: int) -> ResolvedConfig:
-    v = list(values)
-    return ResolvedConfig(
-        eps_low=v[0], eps_high=v[1], log_ratio_clamp=v[2], joint_log_ratio_clamp=v[3], per_head=bool(v[4]),
-        normalize_advantages=bool(v[5]), normalize_entropy=bool(v[6]), entropy_coef=v[7], value_coef=v[8],
-        value_clip=v[9], mask_fill=v[10], entropy_coef_per_head=tuple(v[11:11 + num_heads]),
-        prob_floor=tuple(v[11 + num_heads:11 + 2 * num_heads]))
+    """The inverse of ``cfg_to_list`` (each field's type from ResolvedConfig's annotations)."""
+    it = iter(values)
+    fields = {}
+    for name, kind in _CFG_TYPES.items():
+        if typing.get_origin(kind) is tuple:
+            fields[name] = tuple(next(it) for _ in range(num_heads))
+        else:
+            v = next(it)
+            fields[name] = bool(v) if kind is bool else v
+    return ResolvedConfig(**fields)
+
+
+_CFG_TYPES = typing.get_type_hints(ResolvedConfig)
 
 
 @dataclass
@@ -118,7 +128,7 @@ class FusedBackend(Backend):
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         adv = inputs.advantages
         if cfg.normalize_advantages:
-            adv = normalize_advantages(adv, inputs.weights)
+            adv = normalize_advantages(adv, inputs.weights, cfg)
             cfg = cfg._replace(normalize_advantages=False)
         if torch.compiler.is_compiling():
             # the custom op: one opaque node per direction for the compiler (fake implementations below)
