@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from . import schema
 from .config import ResolvedConfig
 from .layout import HeadLayout
-from . import schema
 from .schema import GLOBAL_SIZE, HD, HEAD_SIZE, Form, G, Kind, Over
 from .stats import merge
 

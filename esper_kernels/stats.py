@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .schema import GLOBAL_SIZE, HEAD_SIZE, MOMENTS, G, HD, Kind, kinds, stats_size
+from .schema import GLOBAL_SIZE, HD, HEAD_SIZE, MOMENTS, G, Kind, kinds, stats_size
 
 __all__ = ["G", "HD", "GLOBAL_SIZE", "HEAD_SIZE", "MOMENTS", "Kind", "stats_size", "kinds", "empty_stats",
            "merge", "merge_moment"]

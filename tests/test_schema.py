@@ -77,8 +77,8 @@ def test_merge_follows_each_kind():
             continue
         want = {schema.Kind.SUM: 5.0, schema.Kind.COUNT: 5.0, schema.Kind.MIN: 1.0, schema.Kind.MAX: 7.0}[k]
         assert out[i].item() == want, (i, k)
-    for w, m, q in schema.MOMENTS:
-        # mean (0 * 1 + 4 * 3) / 4 = 3; M2 = 6 + (4 - 0)^2 * 1 * 3 / 4 = 18 (the weights merge as sums: 2 + 3)
+    for _w, m, q in schema.MOMENTS:
+        # mean (0 * 1 + 4 * 3) / 4 = 3; M2 = 6 + (4 - 0)^2 * 1 * 3 / 4 = 18
         assert out[m].item() == 3.0 and out[q].item() == 18.0
 
 
