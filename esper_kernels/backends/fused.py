@@ -150,6 +150,13 @@ class FusedBackend(Backend):
                          log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
 
 
+def _refuse_double_backward(name: str) -> None:
+    """Backward with create_graph=True (grad mode on) would need the gradient's own gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"backend {name!r}: the fused backends do not support double backward (a gradient "
+                           "of the gradient, create_graph=True); the 'reference' backend does")
+
+
 class _EagerFused(torch.autograd.Function):
     """Eager path of a fused backend: forward and backward kernels with the custom ops' semantics."""
 
@@ -168,6 +175,7 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_losses, g_log_probs, g_entropy, *_):
+        _refuse_double_backward(ctx.impl.name)
         *_, stats, saved = ctx.saved_tensors
         grads, gv = ctx.impl.kernel_backward(ctx.call, stats, saved, g_losses, g_log_probs, g_entropy)
         if gv is not None and ctx.values_dtype is not None:
@@ -256,6 +264,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g_losses, g_log_probs, g_entropy, g_joint_ratio, g_stats, g_saved):
+    _refuse_double_backward(ctx.backend)
     t = list(ctx.saved_tensors)
     nl, nm, na, nr = ctx.counts
 
