@@ -41,7 +41,6 @@ def test_extension_is_built():
 
     info = ek.available_backends()
     assert info["cpu"].available, info["cpu"].reasons
-    assert _C.GLOBAL_SIZE == 22 and _C.HEAD_SIZE == 16
     cuda = info["cuda"]
     if not torch.cuda.is_available():
         assert not cuda.available and cuda.reasons

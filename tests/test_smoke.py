@@ -43,11 +43,11 @@ def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):
     assert order[0] == first and sorted(order) == ["cuda", "triton"]
 
 
-@pytest.mark.parametrize("floor, first", [(None, "cpu"), ({"op": 0.05}, "cpu")])
-def test_auto_on_cpu_takes_the_measured_faster_backend(floor, first):
-    """The fused cpu backend, floors or not (measured faster than the reference in both cases)."""
+@pytest.mark.parametrize("floor", [None, {"op": 0.05}])
+def test_auto_on_cpu_takes_the_cpu_backend_with_or_without_floors(floor):
+    """The fused cpu backend, floors or not (measured faster than the reference in both cases); the reference
+    only when the extension is not built."""
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     b = make_batch((3, 4), layout, seed=0)
     out = ek.ppo_loss(**b, layout=layout, config=ek.PPOLossConfig(prob_floor=floor), validate=False)
-    want = first if ek.available_backends()[first].available else "reference"
-    assert out.backend == want
+    assert out.backend == ("cpu" if ek.available_backends()["cpu"].available else "reference")
