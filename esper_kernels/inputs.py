@@ -72,9 +72,10 @@ def _shape(s) -> str:
 
 
 def _not_a_tensor(name: str, t: object, expected: str) -> TypeError:
-    hint = " (convert it with torch.from_numpy or torch.as_tensor)" if type(t).__module__ == "numpy" else ""
-    return TypeError(f"{name}: expected a torch.Tensor {expected}, got {type(t).__module__}.{type(t).__name__}"
-                     f"{hint}")
+    module = type(t).__module__
+    kind = type(t).__name__ if module == "builtins" else f"{module}.{type(t).__name__}"
+    hint = " (convert it with torch.from_numpy or torch.as_tensor)" if module == "numpy" else ""
+    return TypeError(f"{name}: expected a torch.Tensor {expected}, got {kind}{hint}")
 
 
 def _expect(name: str, t: object, shape: tuple, what: str, dtypes: tuple, device: torch.device) -> torch.Tensor:

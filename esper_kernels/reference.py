@@ -9,30 +9,17 @@ No boolean indexing and no host synchronisation, so it runs under torch.compile 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
+from .backends.base import RawOutput
 from .config import ResolvedConfig
 from .inputs import PPOInputs
 from .schema import GLOBAL_STATS, HD, HEAD_STATS
 
-__all__ = ["RawOutput", "reference_forward", "masked_log_softmax", "normalize_advantages"]
+__all__ = ["reference_forward", "masked_log_softmax", "normalize_advantages"]
 
 _INF = float("inf")
-
-
-class RawOutput(NamedTuple):
-    """What a backend returns before the API wraps it: flat per-step outputs and the statistics vector."""
-
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    entropy_loss: torch.Tensor
-    value_loss: torch.Tensor
-    log_probs: torch.Tensor  # [N, H]
-    entropy: torch.Tensor  # [N, H]
-    joint_ratio: torch.Tensor  # [N]
-    stats: torch.Tensor  # [GLOBAL_SIZE + H * HEAD_SIZE] float32
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

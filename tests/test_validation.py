@@ -17,7 +17,7 @@ import torch
 from ref_cases import single_thread  # noqa: F401
 
 import esper_kernels as ek
-from esper_kernels.backends.base import ReferenceBackend
+from esper_kernels.backends.reference_backend import ReferenceBackend
 
 pytestmark = pytest.mark.reference
 
@@ -62,7 +62,7 @@ SHAPE_ERRORS = [
      r"logits: expected one entry per head \['a', 'b'\]; missing \[\], unknown \['c'\]"),
     (dict(logits=[torch.zeros(N, 2), torch.zeros(N, 3), torch.zeros(N, 1)]), ValueError,
      r"logits: expected 2 per-head tensors \(layout order \['a', 'b'\]\), got 3"),
-    (dict(logits="zeros"), ValueError, r"logits: expected \[\*batch, 5\] or per-head tensors"),
+    (dict(logits="zeros"), TypeError, r"logits: expected a torch.Tensor \[\*batch, 5\] or per-head tensors"),
     (dict(action_masks=torch.ones(N, 4, dtype=torch.bool)), ValueError,
      r"action_masks: expected shape \[4, 5\] \(like logits\), got \[4, 4\]"),
     (dict(action_masks=torch.ones(N, 5)), TypeError, r"action_masks: expected dtype bool, uint8, got float32"),
@@ -81,7 +81,7 @@ SHAPE_ERRORS = [
     (dict(advantages=torch.zeros(N, 1)), ValueError, r"advantages: expected shape \[4\] \(\*batch; per-head "
      r"advantages \[\*batch, H\] need surrogate='per_head'\), got \[4, 1\]"),
     (dict(advantages=torch.zeros(N, 2)), ValueError, r"per-head advantages \[\*batch, H\] need surrogate='per_head'"),
-    (dict(advantages=[0.0] * N), TypeError, r"advantages: expected a tensor of shape \[4\], got list"),
+    (dict(advantages=[0.0] * N), TypeError, r"advantages: expected a torch.Tensor of shape \[4\], got list"),
     (dict(advantages=torch.zeros(N, dtype=torch.long)), TypeError, r"advantages: expected dtype float32"),
     (dict(head_relevance=torch.ones(N, 3, dtype=torch.bool)), ValueError,
      r"head_relevance: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4, 3\]"),

@@ -30,9 +30,9 @@ import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
-from ..reference import RawOutput, normalize_advantages
+from ..reference import normalize_advantages
 from ..stats import stats_size
-from .base import Backend
+from .base import Backend, RawOutput
 
 __all__ = ["FusedBackend", "FusedCall", "cfg_to_list", "cfg_from_list", "register_fused"]
 
@@ -118,12 +118,6 @@ class FusedBackend(Backend):
                         grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
                         grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         raise NotImplementedError
-
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.logits_dtype == torch.float64:
-            reasons.append("float64 logits are supported by the reference backend only")
-        return reasons
 
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         adv = inputs.advantages

@@ -26,9 +26,9 @@ import math
 import torch
 
 from ..config import ResolvedConfig
-from ..inputs import PPOInputs
 from ..metrics import GLOBAL_METRICS, HEAD_METRICS
 from ..schema import GLOBAL_SIZE, HEAD_SIZE, fingerprint, stats_size
+from .base import Supports
 from .fused import FusedBackend, FusedCall, register_fused
 
 __all__ = ["CpuBackend", "CudaBackend", "BACKENDS", "forward_params", "backward_params"]
@@ -53,7 +53,6 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, 
 MAX_HEADS = 32 if _C is None else int(_C.MAX_HEADS)
 #: oldest GPU the CUDA part is built for (sm_80 machine code, compute_90 PTX)
 MIN_CAPABILITY = (8, 0)
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 _NONE3 = (0, 0, 0)
 _NONE4 = (0, 0, 0, 0)
 
@@ -204,18 +203,12 @@ class _NativeBackend(FusedBackend):
     def unavailable_reasons(self) -> list[str]:
         return [_IMPORT_ERROR] if _C is None else []
 
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.layout.num_heads > MAX_HEADS:
-            reasons.append(f"at most {MAX_HEADS} heads (got {inputs.layout.num_heads})")
-        return reasons
-
 
 class CpuBackend(_NativeBackend):
     """The fused loss in multi-threaded C++ on CPU tensors."""
 
     name = "cpu"
-    devices = ("cpu",)
+    supports = Supports(devices=("cpu",), max_heads=MAX_HEADS)
     has_metric_table = _C is not None and hasattr(_C, "derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
@@ -251,7 +244,7 @@ class CudaBackend(_NativeBackend):
     """The fused loss as CUDA kernels (csrc/ppo_cuda.cu) on CUDA tensors."""
 
     name = "cuda"
-    devices = ("cuda",)
+    supports = Supports(devices=("cuda",), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY)
     has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
@@ -269,18 +262,6 @@ class CudaBackend(_NativeBackend):
             return ["no CUDA device (torch.cuda.is_available() is False)"]
         status = _C.cuda_status()
         return [status] if status else []
-
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.device.type == "cuda" and torch.version.hip is None:
-            idx = inputs.device.index if inputs.device.index is not None else torch.cuda.current_device()
-            if idx not in _CAPABILITY:  # a driver query per call otherwise
-                _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-            cap = _CAPABILITY[idx]
-            if cap < MIN_CAPABILITY:
-                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
-                               f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} the CUDA kernels are built for")
-        return reasons
 
     @staticmethod
     def _stream(device: torch.device) -> tuple[int, int]:
