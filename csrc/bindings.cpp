@@ -1,7 +1,8 @@
 // esper_kernels._C: the pybind11 module. Plain integers and floats in (data pointers, strides, sizes, dtype
 // codes, config), nothing of torch: the extension never includes torch headers nor links libtorch, so a
-// PyTorch upgrade cannot break it. esper_kernels/backends/native.py encodes a call (encode_call) in exactly
-// the order decode() reads it; decode() checks the lengths.
+// PyTorch upgrade cannot break it. A call's parameters cross as one named object, `Params` (the PPOParams
+// struct of ppo_params.h, field by field), filled by esper_kernels/backends/native.py; `check` validates it
+// before any kernel runs. _C.pyi describes the module.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,7 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <vector>
+#include <tuple>
 
 #include "ppo_cpu.h"
 #include "ppo_metrics.h"
@@ -23,201 +24,287 @@ using namespace esper;
 
 namespace {
 
-constexpr int INTS_SCALAR = 12;  // n .. has_jclamp
-constexpr int INTS_PER_HEAD = 19;
-constexpr int INTS_TAIL = 5 * 3 + 6 + 3 + 4 + 4 + 1;  // step vectors, outputs, grad_losses, 2 mats, grad_values
-constexpr int FLOATS_SCALAR = 8;
+using VecT = std::tuple<uintptr_t, int64_t, int32_t>;            // (pointer, element stride, dtype code)
+using MatT = std::tuple<uintptr_t, int64_t, int64_t, int32_t>;   // (pointer, stride 0, stride 1, dtype code)
 
-struct Reader {
-  const std::vector<int64_t>& v;
-  size_t i = 0;
-  int64_t next() { return v.at(i++); }
-  Vec vec() {
-    Vec x;
-    x.ptr = (uintptr_t)next();
-    x.stride = next();
-    x.dtype = (int32_t)next();
-    x.pad_ = 0;
-    return x;
-  }
-  Mat mat() {
-    Mat x;
-    x.ptr = (uintptr_t)next();
-    x.stride0 = next();
-    x.stride1 = next();
-    x.dtype = (int32_t)next();
-    x.pad_ = 0;
-    return x;
-  }
-};
+Vec to_vec(const VecT& t) {
+  Vec v{};
+  v.ptr = std::get<0>(t);
+  v.stride = std::get<1>(t);
+  v.dtype = std::get<2>(t);
+  return v;
+}
+VecT from_vec(const Vec& v) { return VecT{v.ptr, v.stride, v.dtype}; }
+Mat to_mat(const MatT& t) {
+  Mat m{};
+  m.ptr = std::get<0>(t);
+  m.stride0 = std::get<1>(t);
+  m.stride1 = std::get<2>(t);
+  m.dtype = std::get<3>(t);
+  return m;
+}
+MatT from_mat(const Mat& m) { return MatT{m.ptr, m.stride0, m.stride1, m.dtype}; }
 
-PPOParams decode(const std::vector<int64_t>& ints, const std::vector<double>& floats) {
-  if (ints.size() < 2) throw std::invalid_argument("esper_kernels._C: empty call");
-  const int64_t H = ints[1];
+PPOParams zeroed() {
+  PPOParams P;
+  std::memset(&P, 0, sizeof(P));
+  return P;
+}
+
+void check_head(int h) {
+  if (h < 0 || h >= ESPER_MAX_HEADS)
+    throw std::out_of_range("esper_kernels._C: head index " + std::to_string(h) + " outside [0, " +
+                            std::to_string(ESPER_MAX_HEADS) + ")");
+}
+
+bool vec_dtype_ok(const Vec& v, bool integral) {
+  if (!v.ptr) return true;
+  return integral ? (v.dtype == DT_I32 || v.dtype == DT_I64)
+                  : (v.dtype == DT_F32 || v.dtype == DT_F16 || v.dtype == DT_BF16 || v.dtype == DT_F64 ||
+                     v.dtype == DT_U8);
+}
+
+// validate a filled Params before a kernel reads it; sets max_size from the head sizes
+void check_params(PPOParams& P) {
+  const int H = P.num_heads;
   if (H < 1 || H > ESPER_MAX_HEADS)
     throw std::invalid_argument("esper_kernels._C: num_heads must be in [1, " + std::to_string(ESPER_MAX_HEADS) +
                                 "], got " + std::to_string(H));
-  if ((int64_t)ints.size() != INTS_SCALAR + INTS_PER_HEAD * H + INTS_TAIL ||
-      (int64_t)floats.size() != FLOATS_SCALAR + 2 * H)
-    throw std::invalid_argument("esper_kernels._C: malformed call (" + std::to_string(ints.size()) + " ints, " +
-                                std::to_string(floats.size()) + " floats for " + std::to_string(H) + " heads)");
-  PPOParams P;
-  std::memset(&P, 0, sizeof(P));
-  Reader r{ints};
-  P.n = r.next();
-  P.num_heads = (int32_t)r.next();
-  r.next();  // max_size: recomputed below
-  P.logits_dtype = (int32_t)r.next();
-  P.has_mask = (int32_t)r.next();
-  P.has_rel = (int32_t)r.next();
-  P.per_head = (int32_t)r.next();
-  P.adv_per_head = (int32_t)r.next();
-  P.normalize_entropy = (int32_t)r.next();
-  P.has_values = (int32_t)r.next();
-  P.has_vclip = (int32_t)r.next();
-  P.has_jclamp = (int32_t)r.next();
-  int max_size = 1;
-  for (int h = 0; h < H; ++h) {
-    const int64_t A = r.next();
-    if (A < 1 || A > (1 << 30)) throw std::invalid_argument("esper_kernels._C: bad head size " + std::to_string(A));
-    P.sizes[h] = (int32_t)A;
-    max_size = std::max(max_size, (int)A);
-    P.logits[h] = (uintptr_t)r.next();
-    P.logits_rs[h] = r.next();
-    P.masks[h] = (uintptr_t)r.next();
-    P.masks_rs[h] = r.next();
-    P.grads[h] = (uintptr_t)r.next();
-    P.grads_rs[h] = r.next();
-    P.actions[h] = r.vec();
-    P.old_lp[h] = r.vec();
-    P.rel[h] = r.vec();
-    P.adv[h] = r.vec();
-  }
-  P.max_size = max_size;
-  P.weights = r.vec();
-  P.values = r.vec();
-  P.returns = r.vec();
-  P.old_values = r.vec();
-  P.value_weights = r.vec();
-  P.losses = (uintptr_t)r.next();
-  P.log_probs = (uintptr_t)r.next();
-  P.entropy = (uintptr_t)r.next();
-  P.joint_ratio = (uintptr_t)r.next();
-  P.stats = (uintptr_t)r.next();
-  P.saved = (uintptr_t)r.next();
-  P.grad_losses = r.vec();
-  P.grad_log_probs = r.mat();
-  P.grad_entropy = r.mat();
-  P.grad_values = (uintptr_t)r.next();
-  size_t f = 0;
-  P.eps_low = (float)floats[f++];
-  P.eps_high = (float)floats[f++];
-  P.log_clamp = (float)floats[f++];
-  P.joint_clamp = (float)floats[f++];
-  P.entropy_coef = (float)floats[f++];
-  P.value_coef = (float)floats[f++];
-  P.value_clip = (float)floats[f++];
-  P.mask_fill = (float)floats[f++];
-  for (int h = 0; h < H; ++h) P.floor[h] = (float)floats[f++];
-  for (int h = 0; h < H; ++h) P.kcoef[h] = (float)floats[f++];
+  if (P.n < 0) throw std::invalid_argument("esper_kernels._C: n must be >= 0, got " + std::to_string(P.n));
   if (P.logits_dtype != DT_F32 && P.logits_dtype != DT_F16 && P.logits_dtype != DT_BF16)
     throw std::invalid_argument("esper_kernels._C: logits must be float32, float16 or bfloat16");
-  return P;
+  int max_size = 1;
+  for (int h = 0; h < H; ++h) {
+    const int A = P.sizes[h];
+    if (A < 1 || A > (1 << 30))
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + " has bad size " +
+                                  std::to_string(A));
+    max_size = std::max(max_size, A);
+    if (P.n > 0 && (!P.logits[h] || !P.actions[h].ptr || !P.old_lp[h].ptr || !P.adv[h].ptr))
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) +
+                                  ": logits, actions, old log-probs and advantages are required");
+    if (P.n > 0 && P.has_mask && !P.masks[h])
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + ": has_mask but no mask");
+    if (P.n > 0 && P.has_rel && !P.rel[h].ptr)
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + ": has_rel but no relevance");
+    if (!vec_dtype_ok(P.actions[h], true) || !vec_dtype_ok(P.old_lp[h], false) || !vec_dtype_ok(P.adv[h], false))
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + ": bad dtype code");
+  }
+  if (P.has_values && P.n > 0 && (!P.values.ptr || !P.returns.ptr))
+    throw std::invalid_argument("esper_kernels._C: has_values but values or returns missing");
+  if (P.has_vclip && P.n > 0 && !P.old_values.ptr)
+    throw std::invalid_argument("esper_kernels._C: has_vclip but no old_values");
+  P.max_size = max_size;
 }
 
 int checked_threads(int nthreads) { return std::max(1, std::min(nthreads, 1024)); }
 
-// ints = (H, per_head, has_values, has_vclip), floats = (entropy_coef, value_coef, kcoef[H])
-MetricsCfg decode_metrics_cfg(const std::vector<int64_t>& ints, const std::vector<double>& floats) {
-  if (ints.size() != 4 || ints[0] < 1 || ints[0] > ESPER_MAX_HEADS || floats.size() != 2 + (size_t)ints[0])
-    throw std::invalid_argument("esper_kernels._C: bad metrics configuration");
-  MetricsCfg c{};
-  c.num_heads = (int32_t)ints[0];
-  c.per_head = (int32_t)ints[1];
-  c.has_values = (int32_t)ints[2];
-  c.has_vclip = (int32_t)ints[3];
-  c.entropy_coef = (float)floats[0];
-  c.value_coef = (float)floats[1];
-  for (int h = 0; h < c.num_heads; ++h) c.kcoef[h] = (float)floats[2 + h];
-  return c;
+template <class T>
+void set_heads(T* dst, const std::vector<T>& src, const char* what) {
+  if (src.size() > (size_t)ESPER_MAX_HEADS)
+    throw std::invalid_argument(std::string("esper_kernels._C: more than ESPER_MAX_HEADS values for ") + what);
+  std::copy(src.begin(), src.end(), dst);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "esper_kernels native backends (cpu, and cuda when compiled with nvcc); see csrc/";
+  m.doc() = "esper_kernels native backends (cpu, and cuda when compiled with nvcc); see csrc/ and _C.pyi";
   m.attr("MAX_HEADS") = ESPER_MAX_HEADS;
   m.attr("GLOBAL_SIZE") = ESPER_GLOBAL_SIZE;
   m.attr("HEAD_SIZE") = ESPER_HEAD_SIZE;
-  m.attr("INTS_SCALAR") = INTS_SCALAR;
-  m.attr("INTS_PER_HEAD") = INTS_PER_HEAD;
-  m.attr("INTS_TAIL") = INTS_TAIL;
-  m.attr("FLOATS_SCALAR") = FLOATS_SCALAR;
+  m.attr("LAYOUT_FINGERPRINT") = ESPER_LAYOUT_FINGERPRINT;
+
+  // ---- the parameters of one call, by name (PPOParams; ppo_params.h has a comment per field)
+  py::class_<PPOParams> params(m, "Params");
+  params.def(py::init(&zeroed))
+      .def("copy", [](const PPOParams& p) { return p; })
+      .def_readwrite("n", &PPOParams::n)
+      .def_readwrite("num_heads", &PPOParams::num_heads)
+      .def_readonly("max_size", &PPOParams::max_size)
+      .def_readwrite("logits_dtype", &PPOParams::logits_dtype)
+      .def_readwrite("has_mask", &PPOParams::has_mask)
+      .def_readwrite("has_rel", &PPOParams::has_rel)
+      .def_readwrite("per_head", &PPOParams::per_head)
+      .def_readwrite("adv_per_head", &PPOParams::adv_per_head)
+      .def_readwrite("normalize_entropy", &PPOParams::normalize_entropy)
+      .def_readwrite("has_values", &PPOParams::has_values)
+      .def_readwrite("has_vclip", &PPOParams::has_vclip)
+      .def_readwrite("has_jclamp", &PPOParams::has_jclamp)
+      .def_readwrite("mask_exclude", &PPOParams::mask_exclude)
+      .def_readwrite("normalize_adv", &PPOParams::normalize_adv)
+      .def_readwrite("adv_std_unbiased", &PPOParams::adv_std_unbiased)
+      .def_readwrite("adv_eps_add", &PPOParams::adv_eps_add)
+      .def_readwrite("eps_low", &PPOParams::eps_low)
+      .def_readwrite("eps_high", &PPOParams::eps_high)
+      .def_readwrite("log_clamp", &PPOParams::log_clamp)
+      .def_readwrite("joint_clamp", &PPOParams::joint_clamp)
+      .def_readwrite("entropy_coef", &PPOParams::entropy_coef)
+      .def_readwrite("value_coef", &PPOParams::value_coef)
+      .def_readwrite("value_clip", &PPOParams::value_clip)
+      .def_readwrite("mask_fill", &PPOParams::mask_fill)
+      .def_readwrite("adv_eps", &PPOParams::adv_eps)
+      // per head: whole lists in head order (at most MAX_HEADS)
+      .def_property(
+          "sizes", [](const PPOParams& p) { return std::vector<int32_t>(p.sizes, p.sizes + p.num_heads); },
+          [](PPOParams& p, const std::vector<int32_t>& v) { set_heads(p.sizes, v, "sizes"); })
+      .def_property(
+          "floor", [](const PPOParams& p) { return std::vector<float>(p.floor, p.floor + p.num_heads); },
+          [](PPOParams& p, const std::vector<float>& v) { set_heads(p.floor, v, "floor"); })
+      .def_property(
+          "kcoef", [](const PPOParams& p) { return std::vector<float>(p.kcoef, p.kcoef + p.num_heads); },
+          [](PPOParams& p, const std::vector<float>& v) { set_heads(p.kcoef, v, "kcoef"); })
+      // one head's tensors: pointers with their row strides, per-step vectors as (pointer, stride, dtype)
+      .def(
+          "set_head",
+          [](PPOParams& p, int h, uintptr_t logits, int64_t logits_rs, uintptr_t masks, int64_t masks_rs,
+             const VecT& actions, const VecT& old_lp, const VecT& rel, const VecT& adv) {
+            check_head(h);
+            p.logits[h] = logits;
+            p.logits_rs[h] = logits_rs;
+            p.masks[h] = masks;
+            p.masks_rs[h] = masks_rs;
+            p.actions[h] = to_vec(actions);
+            p.old_lp[h] = to_vec(old_lp);
+            p.rel[h] = to_vec(rel);
+            p.adv[h] = to_vec(adv);
+          },
+          py::arg("h"), py::kw_only(), py::arg("logits"), py::arg("logits_rs"), py::arg("masks"),
+          py::arg("masks_rs"), py::arg("actions"), py::arg("old_lp"), py::arg("rel"), py::arg("adv"))
+      .def(
+          "set_grad",
+          [](PPOParams& p, int h, uintptr_t ptr, int64_t rs) {
+            check_head(h);
+            p.grads[h] = ptr;
+            p.grads_rs[h] = rs;
+          },
+          py::arg("h"), py::arg("ptr"), py::arg("rs"))
+      .def("head", [](const PPOParams& p, int h) {
+        check_head(h);
+        py::dict d;
+        d["size"] = p.sizes[h];
+        d["logits"] = p.logits[h];
+        d["logits_rs"] = p.logits_rs[h];
+        d["masks"] = p.masks[h];
+        d["masks_rs"] = p.masks_rs[h];
+        d["grads"] = p.grads[h];
+        d["grads_rs"] = p.grads_rs[h];
+        d["actions"] = from_vec(p.actions[h]);
+        d["old_lp"] = from_vec(p.old_lp[h]);
+        d["rel"] = from_vec(p.rel[h]);
+        d["adv"] = from_vec(p.adv[h]);
+        return d;
+      });
+#define ESPER_VEC_FIELD(NAME)                                                       \
+  params.def_property(                                                              \
+      #NAME, [](const PPOParams& p) { return from_vec(p.NAME); },                  \
+      [](PPOParams& p, const VecT& v) { p.NAME = to_vec(v); })
+  ESPER_VEC_FIELD(weights);
+  ESPER_VEC_FIELD(values);
+  ESPER_VEC_FIELD(returns);
+  ESPER_VEC_FIELD(old_values);
+  ESPER_VEC_FIELD(value_weights);
+  ESPER_VEC_FIELD(grad_losses);
+#undef ESPER_VEC_FIELD
+#define ESPER_MAT_FIELD(NAME)                                                       \
+  params.def_property(                                                              \
+      #NAME, [](const PPOParams& p) { return from_mat(p.NAME); },                  \
+      [](PPOParams& p, const MatT& v) { p.NAME = to_mat(v); })
+  ESPER_MAT_FIELD(grad_log_probs);
+  ESPER_MAT_FIELD(grad_entropy);
+#undef ESPER_MAT_FIELD
+  params.def_readwrite("losses", &PPOParams::losses)
+      .def_readwrite("log_probs", &PPOParams::log_probs)
+      .def_readwrite("entropy", &PPOParams::entropy)
+      .def_readwrite("joint_ratio", &PPOParams::joint_ratio)
+      .def_readwrite("stats", &PPOParams::stats)
+      .def_readwrite("saved", &PPOParams::saved)
+      .def_readwrite("adv_norm", &PPOParams::adv_norm)
+      .def_readwrite("grad_values", &PPOParams::grad_values);
+  m.def("check", [](PPOParams& p) { check_params(p); }, py::arg("params"),
+        "Validate a filled Params (raises ValueError naming the field); every kernel entry point runs it");
+
+  // ---- what the metric table needs besides the statistics
+  py::class_<MetricsCfg>(m, "MetricsCfg")
+      .def(py::init([]() {
+        MetricsCfg c;
+        std::memset(&c, 0, sizeof(c));
+        return c;
+      }))
+      .def_readwrite("num_heads", &MetricsCfg::num_heads)
+      .def_readwrite("per_head", &MetricsCfg::per_head)
+      .def_readwrite("has_values", &MetricsCfg::has_values)
+      .def_readwrite("has_vclip", &MetricsCfg::has_vclip)
+      .def_readwrite("ratio_std_unbiased", &MetricsCfg::ratio_std_unbiased)
+      .def_readwrite("entropy_coef", &MetricsCfg::entropy_coef)
+      .def_readwrite("value_coef", &MetricsCfg::value_coef)
+      .def_property(
+          "kcoef", [](const MetricsCfg& c) { return std::vector<float>(c.kcoef, c.kcoef + c.num_heads); },
+          [](MetricsCfg& c, const std::vector<float>& v) { set_heads(c.kcoef, v, "kcoef"); });
 
   m.def(
       "cpu_forward",
-      [](const std::vector<int64_t>& ints, const std::vector<double>& floats, int nthreads, bool vectorise) {
-        PPOParams P = decode(ints, floats);
+      [](PPOParams P, int nthreads, bool vectorise) {
+        check_params(P);
         py::gil_scoped_release nogil;
         cpu_forward(P, checked_threads(nthreads), vectorise);
       },
-      py::arg("ints"), py::arg("floats"), py::arg("nthreads"), py::arg("vectorise") = true);
+      py::arg("params"), py::arg("nthreads"), py::arg("vectorise") = true);
   m.def(
       "cpu_backward",
-      [](const std::vector<int64_t>& ints, const std::vector<double>& floats, int nthreads, bool vectorise) {
-        PPOParams P = decode(ints, floats);
+      [](PPOParams P, int nthreads, bool vectorise) {
+        check_params(P);
         py::gil_scoped_release nogil;
         cpu_backward(P, checked_threads(nthreads), vectorise);
       },
-      py::arg("ints"), py::arg("floats"), py::arg("nthreads"), py::arg("vectorise") = true);
-
+      py::arg("params"), py::arg("nthreads"), py::arg("vectorise") = true);
   m.def(
       "derive_metrics",
-      [](int64_t stats, int64_t out, const std::vector<int64_t>& ints, const std::vector<double>& floats) {
-        const MetricsCfg c = decode_metrics_cfg(ints, floats);
+      [](const MetricsCfg& c, uintptr_t stats, uintptr_t out) {
+        if (c.num_heads < 1 || c.num_heads > ESPER_MAX_HEADS)
+          throw std::invalid_argument("esper_kernels._C: MetricsCfg.num_heads out of range");
         derive_metrics(c, reinterpret_cast<const float*>(stats), reinterpret_cast<float*>(out));
       },
-      py::arg("stats"), py::arg("out"), py::arg("ints"), py::arg("floats"));
+      py::arg("cfg"), py::arg("stats"), py::arg("out"));
 
 #ifdef ESPER_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def(
       "cuda_derive_metrics",
-      [](int64_t stats, int64_t out, const std::vector<int64_t>& ints, const std::vector<double>& floats,
-         int64_t stream, int device) {
-        const MetricsCfg c = decode_metrics_cfg(ints, floats);
-        const std::string err = cuda_derive_metrics(c, (uintptr_t)stats, (uintptr_t)out, (uintptr_t)stream, device);
+      [](const MetricsCfg& c, uintptr_t stats, uintptr_t out, uintptr_t stream, int device) {
+        if (c.num_heads < 1 || c.num_heads > ESPER_MAX_HEADS)
+          throw std::invalid_argument("esper_kernels._C: MetricsCfg.num_heads out of range");
+        const std::string err = cuda_derive_metrics(c, stats, out, stream, device);
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda metrics: " + err);
       },
-      py::arg("stats"), py::arg("out"), py::arg("ints"), py::arg("floats"), py::arg("stream"), py::arg("device"));
+      py::arg("cfg"), py::arg("stats"), py::arg("out"), py::arg("stream"), py::arg("device"));
   m.attr("CUDA_STEP_ROWS") = CUDA_STEP_ROWS;
   m.def("cuda_status", []() { return cuda_status(); });
   m.def(
       "cuda_forward",
-      [](const std::vector<int64_t>& ints, const std::vector<double>& floats, int64_t aux, int64_t parts,
-         int64_t stream, int device) {
-        PPOParams P = decode(ints, floats);
-        CudaScratch S{(uintptr_t)aux, (uintptr_t)parts};
+      [](PPOParams P, uintptr_t aux, uintptr_t parts, uintptr_t stream, int device) {
+        check_params(P);
+        CudaScratch S{aux, parts};
         std::string err;
         {
           py::gil_scoped_release nogil;
-          err = cuda_forward(P, S, (uintptr_t)stream, device);
+          err = cuda_forward(P, S, stream, device);
         }
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda forward: " + err);
       },
-      py::arg("ints"), py::arg("floats"), py::arg("aux"), py::arg("parts"), py::arg("stream"), py::arg("device"));
+      py::arg("params"), py::arg("aux"), py::arg("parts"), py::arg("stream"), py::arg("device"));
   m.def(
       "cuda_backward",
-      [](const std::vector<int64_t>& ints, const std::vector<double>& floats, int64_t stream, int device) {
-        PPOParams P = decode(ints, floats);
+      [](PPOParams P, uintptr_t stream, int device) {
+        check_params(P);
         std::string err;
         {
           py::gil_scoped_release nogil;
-          err = cuda_backward(P, (uintptr_t)stream, device);
+          err = cuda_backward(P, stream, device);
         }
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda backward: " + err);
       },
-      py::arg("ints"), py::arg("floats"), py::arg("stream"), py::arg("device"));
+      py::arg("params"), py::arg("stream"), py::arg("device"));
 #else
   m.attr("has_cuda") = false;
   m.attr("CUDA_STEP_ROWS") = 128;

@@ -9,9 +9,9 @@
 
 #include <stdint.h>
 
+#include "ppo_layout.h"  // generated from esper_kernels/schema.py at build time (the statistics layout)
+
 #define ESPER_MAX_HEADS 32
-#define ESPER_GLOBAL_SIZE 22  // esper_kernels.stats.GLOBAL_SIZE
-#define ESPER_HEAD_SIZE 16    // esper_kernels.stats.HEAD_SIZE
 
 namespace esper {
 
@@ -26,17 +26,47 @@ enum DType : int32_t {
   DT_I64 = 6,
 };
 
-// statistics layout (esper_kernels/stats.py; checked against it at import by native.py)
+// the statistics vector (esper_kernels/schema.py): G_<NAME> indexes the global block, HD_<NAME> a head's block
 enum GlobalStat : int32_t {
-  G_STEPS = 0, G_WEIGHT, G_POLICY_NUM, G_KL_K3, G_KL_K1, G_CLIP, G_CLIP_POS, G_CLIP_NEG, G_RATIO_MEAN,
-  G_RATIO_M2, G_RATIO_MIN, G_RATIO_MAX, G_BAD_WEIGHTS, G_VALUE_STEPS, G_VALUE_WEIGHT, G_VALUE_NUM,
-  G_VALUE_CLIP, G_RETURN_MEAN, G_RETURN_M2, G_RESID_MEAN, G_RESID_M2, G_BAD_VALUE_WEIGHTS,
+#define ESPER_X(NAME, KIND) G_##NAME,
+  ESPER_GLOBAL_STATS(ESPER_X)
+#undef ESPER_X
 };
 enum HeadStat : int32_t {
-  HD_REL_WEIGHT = 0, HD_POLICY_NUM, HD_ENTROPY_NUM, HD_KL_NUM, HD_CLIP_NUM, HD_RATIO_MAX, HD_LOGP_MIN,
-  HD_LOGP_MAX, HD_NONFINITE, HD_EMPTY_MASK, HD_INVALID_ACTION, HD_VALID_MIN, HD_VALID_MAX, HD_VALID_SUM,
-  HD_SINGLE, HD_LEARNABLE,
+#define ESPER_X(NAME, KIND) HD_##NAME,
+  ESPER_HEAD_STATS(ESPER_X)
+#undef ESPER_X
 };
+static_assert(G_BAD_VALUE_WEIGHTS + 1 == ESPER_GLOBAL_SIZE, "global statistics layout");
+static_assert(HD_LEARNABLE + 1 == ESPER_HEAD_SIZE, "per-head statistics layout");
+
+// each statistic's merge kind (ESPER_KIND_*), from the schema
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int global_stat_kind(int k) {
+  switch (k) {
+#define ESPER_X(NAME, KIND) \
+  case G_##NAME:            \
+    return KIND;
+    ESPER_GLOBAL_STATS(ESPER_X)
+#undef ESPER_X
+  }
+  return -1;
+}
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int head_stat_kind(int k) {
+  switch (k) {
+#define ESPER_X(NAME, KIND) \
+  case HD_##NAME:           \
+    return KIND;
+    ESPER_HEAD_STATS(ESPER_X)
+#undef ESPER_X
+  }
+  return -1;
+}
 
 // a strided vector [N] (or one column of an [N, H] tensor): element i at ptr + i * stride (elements);
 // ptr == 0 means "not given"
@@ -60,7 +90,7 @@ struct PPOParams {
   // ---- sizes
   int64_t n;          // rows (steps)
   int32_t num_heads;  // H <= ESPER_MAX_HEADS
-  int32_t max_size;   // max_h A_h
+  int32_t max_size;   // max_h A_h (set by the binding from sizes)
 
   // ---- flags
   int32_t logits_dtype;  // DT_F32 / DT_F16 / DT_BF16 (gradients are stored in this dtype)
@@ -72,13 +102,21 @@ struct PPOParams {
   int32_t has_values;
   int32_t has_vclip;  // value_clip finite and old_values given
   int32_t has_jclamp;  // joint_log_ratio_clamp finite
+  int32_t mask_exclude;  // config.mask_fill is None: invalid actions are excluded from max and sum (else filled)
+  int32_t normalize_adv;     // normalize_advantages: the kernels normalise A over present steps (pre-pass)
+  int32_t adv_std_unbiased;  // advantage_std == "unbiased": std^2 = M2 / W * n / (n - 1), n present steps
+  int32_t adv_eps_add;       // advantage_eps_add: (A - mean) / (std + eps), else / max(std, eps)
   int32_t pad0_;
 
   // ---- config (float32, as the reference uses them)
   float eps_low, eps_high;  // clip range [1 - eps_low, 1 + eps_high]
   float log_clamp;          // C
   float joint_clamp;        // Cj (when has_jclamp)
-  float entropy_coef, value_coef, value_clip, mask_fill;
+  float entropy_coef, value_coef;
+  float value_clip;  // d (when has_vclip)
+  float mask_fill;   // F; -inf when mask_exclude
+  float adv_eps;     // advantage_eps (when normalize_adv)
+  float pad1_;
 
   // ---- per head
   int32_t sizes[ESPER_MAX_HEADS];
@@ -106,6 +144,7 @@ struct PPOParams {
   uintptr_t joint_ratio;  // [N]
   uintptr_t stats;        // [GLOBAL_SIZE + H * HEAD_SIZE]
   uintptr_t saved;        // [N, H + 1]: unnormalised dPL/d ell_ih, then unnormalised dVL/dv_i
+  uintptr_t adv_norm;     // float32 [2 * columns] scratch: (mean, denominator) per advantage column (pre-pass)
 
   // ---- backward inputs / outputs
   Vec grad_losses;     // [4] (ptr 0: none)

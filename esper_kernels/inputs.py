@@ -71,9 +71,16 @@ def _shape(s) -> str:
     return "[" + ", ".join(str(int(x)) for x in s) + "]"
 
 
+def _not_a_tensor(name: str, t: object, expected: str) -> TypeError:
+    module = type(t).__module__
+    kind = type(t).__name__ if module == "builtins" else f"{module}.{type(t).__name__}"
+    hint = " (convert it with torch.from_numpy or torch.as_tensor)" if module == "numpy" else ""
+    return TypeError(f"{name}: expected a torch.Tensor {expected}, got {kind}{hint}")
+
+
 def _expect(name: str, t: object, shape: tuple, what: str, dtypes: tuple, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape {_shape(shape)} ({what}), got {type(t).__name__}")
+        raise _not_a_tensor(name, t, f"of shape {_shape(shape)} ({what})")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {_shape(shape)} ({what}), got {_shape(t.shape)}")
     if t.dtype not in dtypes:
@@ -130,6 +137,8 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
         raise TypeError(f"layout: expected an esper_kernels.HeadLayout, got {type(layout).__name__}")
     H, S = layout.num_heads, layout.total
     # the batch shape and device come from the logits
+    if not isinstance(logits, (torch.Tensor, Mapping, Sequence)) or isinstance(logits, (str, bytes)):
+        raise _not_a_tensor("logits", logits, f"[*batch, {S}] or per-head tensors [*batch, A_h]")
     if isinstance(logits, torch.Tensor):
         if logits.dim() < 2:
             raise ValueError(f"logits: expected shape [*batch, {S}] (S = sum of head sizes), "
@@ -166,7 +175,7 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
                          f"*batch, H = {H}", H, lambda h: ())
 
     if not isinstance(advantages, torch.Tensor):
-        raise TypeError(f"advantages: expected a tensor of shape {_shape(batch)}, got {type(advantages).__name__}")
+        raise _not_a_tensor("advantages", advantages, f"of shape {_shape(batch)}")
     if per_head_advantages_allowed and tuple(advantages.shape) == tuple(batch) + (H,) and H > 0:
         _expect("advantages", advantages, tuple(batch) + (H,), "per-head advantages", FLOAT_DTYPES, device)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 
 __all__ = ["HeadLayout", "ESPER_HEADS"]
@@ -42,10 +43,10 @@ class HeadLayout:
                 raise ValueError(f"HeadLayout: head name {name!r} must be a Python identifier")
             if name in names:
                 raise ValueError(f"HeadLayout: head name {name!r} appears twice")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
                 raise ValueError(f"HeadLayout: head {name!r} size must be an int >= 1, got {size!r}")
             names.append(name)
-            sizes.append(size)
+            sizes.append(int(size))  # numpy integers too, stored as Python ints
         offsets = [0]
         for s in sizes[:-1]:
             offsets.append(offsets[-1] + s)

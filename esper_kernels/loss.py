@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,16 @@ def check_data(metrics: PPOMetrics) -> None:
                          "instead):\n  " + "\n  ".join(problems))
 
 
-def ppo_loss(logits, action_masks, actions, old_log_probs, advantages, *, layout: HeadLayout,
-             head_relevance=None, weights=None, values=None, returns=None, old_values=None,
-             value_weights=None, config: PPOLossConfig | None = None, backend: str = "auto",
-             validate: bool = True) -> PPOLossOutput:
+#: a per-head input: one tensor ([..., S] or [..., H]), a mapping by head name, or a sequence in layout order
+PerHead = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+
+
+def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, old_log_probs: PerHead,
+             advantages: torch.Tensor, *, layout: HeadLayout, head_relevance: PerHead | None = None,
+             weights: torch.Tensor | None = None, values: torch.Tensor | None = None,
+             returns: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
+             value_weights: torch.Tensor | None = None, config: PPOLossConfig | None = None,
+             backend: str = "auto", validate: bool = True) -> PPOLossOutput:
     """The factored PPO loss of SPEC section 3, its per-step outputs and its metrics, in one call.
 
     Inputs (leading batch dims ``...`` of any shape): ``logits`` [..., S] or per-head [..., A_h] (mapping by
@@ -108,7 +115,8 @@ class FactoredPPOLoss(torch.nn.Module):
         self.backend = backend
         self.validate = validate
 
-    def forward(self, logits, action_masks, actions, old_log_probs, advantages, **kwargs) -> PPOLossOutput:
+    def forward(self, logits: PerHead, action_masks: PerHead | None, actions: PerHead, old_log_probs: PerHead,
+                advantages: torch.Tensor, **kwargs) -> PPOLossOutput:
         kwargs.setdefault("backend", self.backend)
         kwargs.setdefault("validate", self.validate)
         return ppo_loss(logits, action_masks, actions, old_log_probs, advantages, layout=self.layout,

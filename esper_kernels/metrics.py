@@ -13,25 +13,18 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from . import schema
 from .config import ResolvedConfig
 from .layout import HeadLayout
-from .stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, merge
+from .schema import GLOBAL_SIZE, HD, HEAD_SIZE, Form, G, Kind, Over
+from .stats import merge
 
 __all__ = ["PPOMetrics", "MetricTensors", "GLOBAL_METRICS", "HEAD_METRICS"]
 
 #: global metric names, in to_dict() order
-GLOBAL_METRICS = (
-    "loss", "policy_loss", "entropy_loss", "value_loss", "approx_kl", "joint_kl_k3", "joint_kl_k1",
-    "clip_fraction", "clip_fraction_positive", "clip_fraction_negative", "ratio_mean", "ratio_std",
-    "ratio_min", "ratio_max", "log_prob_min", "log_prob_max", "steps", "weight_sum", "all_finite",
-    "explained_variance", "value_clip_fraction", "invalid_weights", "invalid_value_weights",
-)
+GLOBAL_METRICS = tuple(m.name for m in schema.GLOBAL_METRICS)
 #: per-head metric names; to_dict() keys are head_{name}_{metric}
-HEAD_METRICS = (
-    "entropy", "kl", "clip_fraction", "ratio_max", "nonfinite", "empty_mask", "invalid_action",
-    "valid_actions_min", "valid_actions_max", "valid_actions_mean", "single_action_fraction",
-    "relevance_fraction", "learnable_fraction",
-)
+HEAD_METRICS = tuple(m.name for m in schema.HEAD_METRICS)
 
 _NAN = float("nan")
 
@@ -92,12 +85,27 @@ class _NumpyOps:
         return np.asarray(x, dtype=np.float32)
 
 
+def _row(metric: schema.Metric, stats: tuple[schema.Stat, ...], x, d, one, xp):
+    """(num, den, gate) of a non-special metric row: its statistic ``x`` and normaliser ``d``."""
+    if metric.form == Form.MEAN:
+        return x, d, d
+    if metric.form == Form.COUNT:
+        return x, one, one
+    if metric.form == Form.VALUE:
+        return x, one, d
+    # EXTREME: x where there is data and x is not its statistic's empty sentinel (+inf for a MIN, -inf for a MAX)
+    kind = next(s.kind for s in stats if s.name == metric.stat)
+    measured = (x < math.inf) if kind == Kind.MIN else (x > -math.inf)
+    return x, one, xp.where(measured, d, 0.0)
+
+
 def _derive_table(s, num_heads: int, cfg: ResolvedConfig, has_values: bool, xp=_TorchOps):
     """Every metric of the statistics vector ``s`` as one float32 vector, in about 60 array ops.
 
-    Each metric is ``where(gate > 0, num / den, NaN)`` over three stacked vectors: a ratio's gate is its
-    denominator (a mean without data is NaN), a raw count has den = gate = 1, and a minimum, maximum or loss
-    has den = 1 and its data condition as the gate. ``xp`` runs it on torch tensors or on numpy arrays.
+    Each metric is ``where(gate > 0, num / den, NaN)`` over three stacked vectors, built from the schema's rows
+    (``esper_kernels.schema``): a mean's gate is its denominator (a mean without data is NaN), a raw count has
+    den = gate = 1, and a minimum, maximum or loss has den = 1 and its data condition as the gate. The SPECIAL
+    rows are written out below. ``xp`` runs it on torch tensors or on numpy arrays.
     """
     H = num_heads
     hs = s[GLOBAL_SIZE:].reshape(H, HEAD_SIZE)
@@ -122,45 +130,34 @@ def _derive_table(s, num_heads: int, cfg: ResolvedConfig, has_values: bool, xp=_
     loss = pl + cfg.entropy_coef * el + cfg.value_coef * vl
     # gates are non-negative, so "a or b" is a + b and "a and b" a product or a selection
     has_value_data = s[G.VALUE_STEPS] if has_values else zero
-    # minima and maxima ignore NaN, so "no data" includes "only NaN data": a ratio is >= 0 and a log-prob is
-    # never +inf, so a ratio maximum of -inf or a log-prob minimum of +inf means nothing was measured
-    has_ratio = xp.where(s[G.RATIO_MAX] > -math.inf, steps, 0.0)
     logp_min = xp.amin(hs[:, HD.LOGP_MIN])
     has_logp = xp.where(logp_min < math.inf, any_rel, 0.0)
-    all_finite = xp.f32((hs[:, HD.NONFINITE].sum() == 0) & xp.isfinite(loss))
+    var = s[G.RATIO_M2] / W
+    if cfg.ratio_std_unbiased:  # Bessel's correction with n present steps; NaN for one step, as torch.std
+        var = var * (steps / (steps - 1.0))
     vclip = has_values and math.isfinite(cfg.value_clip)
-    # (num, den, gate) per global metric, in GLOBAL_METRICS order
-    rows = (
-        (loss, one, W + has_value_data),  # loss
-        (pl, one, any_rel if cfg.per_head else W),  # policy_loss
-        (el, one, any_rel),  # entropy_loss
-        (vl, one, has_value_data),  # value_loss
-        (hs[:, HD.KL_NUM].sum(), any_rel, any_rel),  # approx_kl
-        (s[G.KL_K3], W, W), (s[G.KL_K1], W, W),  # joint_kl_k3, joint_kl_k1
-        (s[G.CLIP], W, W), (s[G.CLIP_POS], W, W), (s[G.CLIP_NEG], W, W),  # clip fractions
-        (s[G.RATIO_MEAN], one, W),  # ratio_mean
-        (xp.sqrt(s[G.RATIO_M2] / W), one, W),  # ratio_std
-        (s[G.RATIO_MIN], one, has_ratio), (s[G.RATIO_MAX], one, has_ratio),  # ratio_min, ratio_max
-        (logp_min, one, has_logp), (xp.amax(hs[:, HD.LOGP_MAX]), one, has_logp),  # log_prob_min, _max
-        (steps, one, one), (W, one, one), (all_finite, one, one),  # steps, weight_sum, all_finite
-        (1.0 - s[G.RESID_M2] / s[G.RETURN_M2], one, has_value_data * s[G.RETURN_M2]),  # explained_variance
-        (s[G.VALUE_CLIP], VW, VW if vclip else zero),  # value_clip_fraction
-        (s[G.BAD_WEIGHTS], one, one),  # invalid_weights
-        (s[G.BAD_VALUE_WEIGHTS], one, one if has_values else zero),  # invalid_value_weights
-    )
-    # per head, in HEAD_METRICS order
-    ones, Wh, steps_h = xp.expand(one, H), xp.expand(W, H), xp.expand(steps, H)
-    col = [hs[:, j] for j in range(HEAD_SIZE)]
-    heads = (
-        (col[HD.ENTROPY_NUM], rel_w, rel_w), (col[HD.KL_NUM], rel_w, rel_w),  # entropy, kl
-        (col[HD.CLIP_NUM], rel_w, rel_w),  # clip_fraction
-        (col[HD.RATIO_MAX], ones, xp.where(col[HD.RATIO_MAX] > -math.inf, rel_w, 0.0)),  # ratio_max
-        (col[HD.NONFINITE], ones, ones), (col[HD.EMPTY_MASK], ones, ones),  # nonfinite, empty_mask
-        (col[HD.INVALID_ACTION], ones, ones),  # invalid_action
-        (col[HD.VALID_MIN], ones, steps_h), (col[HD.VALID_MAX], ones, steps_h),  # valid_actions_min, _max
-        (col[HD.VALID_SUM], Wh, Wh), (col[HD.SINGLE], Wh, Wh),  # valid_actions_mean, single_action_fraction
-        (rel_w, Wh, Wh), (col[HD.LEARNABLE], Wh, Wh),  # relevance_fraction, learnable_fraction
-    )
+    special = {
+        "loss": (loss, one, W + has_value_data),
+        "policy_loss": (pl, one, any_rel if cfg.per_head else W),
+        "entropy_loss": (el, one, any_rel),
+        "value_loss": (vl, one, has_value_data),
+        "approx_kl": (hs[:, HD.KL_NUM].sum(), any_rel, any_rel),
+        "ratio_std": (xp.sqrt(var), one, W),
+        "log_prob_min": (logp_min, one, has_logp),
+        "log_prob_max": (xp.amax(hs[:, HD.LOGP_MAX]), one, has_logp),
+        "all_finite": (xp.f32((hs[:, HD.NONFINITE].sum() == 0) & xp.isfinite(loss)), one, one),
+        "explained_variance": (1.0 - s[G.RESID_M2] / s[G.RETURN_M2], one, has_value_data * s[G.RETURN_M2]),
+        "value_clip_fraction": (s[G.VALUE_CLIP], VW, VW if vclip else zero),
+        "invalid_value_weights": (s[G.BAD_VALUE_WEIGHTS], one, one if has_values else zero),
+    }
+    over = {Over.ONE: one, Over.WEIGHT: W, Over.STEPS: steps, Over.VALUE_WEIGHT: VW}
+    rows = [special[m.name] if m.form == Form.SPECIAL else
+            _row(m, schema.GLOBAL_STATS, s[getattr(G, m.stat)], over[m.over], one, xp)
+            for m in schema.GLOBAL_METRICS]
+    over_h = {o: xp.expand(v, H) for o, v in over.items()}
+    over_h[Over.REL_WEIGHT] = rel_w
+    heads = [_row(m, schema.HEAD_STATS, hs[:, getattr(HD, m.stat)], over_h[m.over], over_h[Over.ONE], xp)
+             for m in schema.HEAD_METRICS]
     num, den, gate = (xp.cat([xp.stack(g), xp.stack(h).reshape(-1)]) for g, h in zip(zip(*rows), zip(*heads)))
     return xp.f32(xp.where(gate > 0, num / den, _NAN))
 

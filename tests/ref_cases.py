@@ -181,7 +181,11 @@ def configs(draw, num_heads: int) -> ek.PPOLossConfig:
         prob_floor=per_head_field(st.sampled_from([None, 0.001, 0.045, 0.27])),
         value_coef=draw(st.sampled_from([0.0, 0.5, 1.0])),
         value_clip=draw(st.sampled_from([None, 0.2, 1.0])),
-        mask_fill=draw(st.sampled_from([-1e4, -30.0])),
+        mask_fill=draw(st.sampled_from([None, -1e4, -30.0])),
+        advantage_std=draw(st.sampled_from(["population", "unbiased"])),
+        advantage_eps=draw(st.sampled_from([1e-8, 1e-6])),
+        advantage_eps_add=draw(st.booleans()),
+        ratio_std=draw(st.sampled_from(["population", "unbiased"])),
     )
 
 

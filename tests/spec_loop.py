@@ -80,8 +80,11 @@ def _var_w(pairs: list[tuple[float, float]]) -> float:
     (Equal to sum w (x - mean)^2 / W, and exactly 0 for constant data, which the mean-based form is not.)
     """
     den = sum(w for w, _ in pairs)
-    if den == 0 or any(not math.isfinite(x) for _, x in pairs):
-        return NAN  # as the mean-based form: x - mean is NaN for a NaN or infinite x
+    if den == 0:
+        return NAN
+    bad = [x for _, x in pairs if not math.isfinite(x)]
+    if bad:  # an infinity (of one sign) spreads the data without bound; NaN, or both infinities, is NaN
+        return INF if all(x == bad[0] for x in bad) and not math.isnan(bad[0]) else NAN
     total = 0.0
     for i, (wi, xi) in enumerate(pairs):
         for wj, xj in pairs[i + 1:]:
@@ -152,7 +155,8 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
     C = float(config.log_ratio_clamp)
     CJ = None if config.joint_log_ratio_clamp is None else float(config.joint_log_ratio_clamp)
     per_head = config.surrogate == "per_head"
-    F = float(config.mask_fill)
+    exclude = config.mask_fill is None  # invalid actions excluded from every max and sum
+    F = -INF if exclude else float(config.mask_fill)
     k = [float(x) for x in _per_head(config.entropy_coef_per_head, names, 1.0)]
     floors = _per_head(config.prob_floor, names, None)
 
@@ -178,7 +182,12 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
             # the mean, computed relative to one of the values so that constant advantages normalise to exactly 0
             a0 = col[0][1]
             mean = a0 + _mean_w([(w_, a - a0) for w_, a in col], 0.0)
-            den = _max(math.sqrt(_var_w(col)), 1e-8)  # weighted population std; NaN stays NaN
+            var = _var_w(col)  # weighted population variance; NaN stays NaN
+            if config.advantage_std == "unbiased":
+                var = var * len(col) / (len(col) - 1) if len(col) > 1 else 0.0
+            std = math.sqrt(var) if not math.isnan(var) else NAN
+            eps = float(config.advantage_eps)
+            den = std + eps if config.advantage_eps_add else _max(std, eps)
         for i in range(N):
             if not present[i]:
                 continue
@@ -204,8 +213,10 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
             n = sum(valid)
             nvalid[i][h] = n
             zhat = [z[j] if valid[j] else F for j in range(A_h)]
-            if floors[h] is not None:
-                lse = _logsumexp(zhat)
+            # with exclusion, the softmax runs over the valid actions only (an invalid one has log-prob -inf)
+            over_set = [j for j in range(A_h) if valid[j] or not exclude]
+            if floors[h] is not None and over_set:
+                lse = _logsumexp([zhat[j] for j in over_set])
                 p = [_exp(x - lse) for x in zhat]
                 f = min(float(floors[h]), 0.99 / max(n, 1))
                 under = [valid[j] and p[j] < f for j in range(A_h)]
@@ -213,12 +224,13 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
                 s = max(1.0 - sum(under) * f, 1e-8) / _max(sum(p[j] for j in range(A_h) if over[j]), 1e-8)
                 q = [f if under[j] else p[j] * s for j in range(A_h)]
                 zhat = [_log(_max(q[j], 1e-8)) if valid[j] else F for j in range(A_h)]
-            lse = _logsumexp(zhat)
-            logp = [x - lse for x in zhat]
+            lse = _logsumexp([zhat[j] for j in over_set]) if over_set else NAN
+            logp = [x - lse if (valid[j] or not exclude) else -INF for j, x in enumerate(zhat)]
             p = [_exp(x) for x in logp]
             a = ACT[i][h]
             if 0 <= a < A_h:
-                ell[i][h] = logp[a]
+                # a row without a valid action has no log-prob, as an action out of range
+                ell[i][h] = logp[a] if n > 0 else NAN
                 taken_ok[i][h] = valid[a]
             else:
                 ell[i][h] = NAN
@@ -321,6 +333,9 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
         return _mean_w([(w[i], 1.0 if pred(i) else 0.0) for i in pres], NAN)
 
     rstd = _var_w([(w[i], r[i]) for i in pres])
+    if config.ratio_std == "unbiased" and not math.isnan(rstd):  # Bessel's correction; undefined for one step
+        rstd = rstd * len(pres) / (len(pres) - 1) if len(pres) > 1 else NAN
+    ratio_std = math.sqrt(rstd) if not math.isnan(rstd) else NAN
     ell_rel = [ell[i][h] for i in pres for h in range(H) if relevant(i, h)]
     nonfinite = [sum(1 for i in pres if not math.isfinite(ell[i][h])) for h in range(H)]
     m: dict[str, float] = {
@@ -335,7 +350,7 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
         "clip_fraction_positive": frac(lambda i: clipped(r[i])[0]),
         "clip_fraction_negative": frac(lambda i: clipped(r[i])[1]),
         "ratio_mean": _mean_w([(w[i], r[i]) for i in pres], NAN),
-        "ratio_std": math.sqrt(rstd) if not math.isnan(rstd) else NAN,
+        "ratio_std": ratio_std,
         "ratio_min": _min_ignore_nan([r[i] for i in pres]),
         "ratio_max": _max_ignore_nan([r[i] for i in pres]),
         "log_prob_min": _min_ignore_nan(ell_rel),

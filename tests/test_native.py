@@ -41,7 +41,6 @@ def test_extension_is_built():
 
     info = ek.available_backends()
     assert info["cpu"].available, info["cpu"].reasons
-    assert _C.GLOBAL_SIZE == 22 and _C.HEAD_SIZE == 16
     cuda = info["cuda"]
     if not torch.cuda.is_available():
         assert not cuda.available and cuda.reasons
@@ -174,20 +173,20 @@ def test_per_head_tensors_read_in_place():
     seen = []
     from esper_kernels.backends import native
 
-    orig = native.encode_call
+    orig = native.forward_params
 
-    def spy(call, **kw):
+    def spy(call, outputs):
         seen.append([t.data_ptr() for t in call.logits])
-        return orig(call, **kw)
+        return orig(call, outputs)
 
-    native.encode_call = spy
+    native.forward_params = spy
     try:
         check(dict(b, logits=leaves), layout, ek.PPOLossConfig(entropy_coef=0.1), leaf_fn=lambda lg, make: [
             make(buf).requires_grad_(True)[:, 1:1 + a] for buf, a in zip(bufs, sizes)])
         out = ek.ppo_loss(**dict(b, logits=leaves), layout=layout, backend="cpu", validate=False)
         assert torch.isfinite(out.loss)
     finally:
-        native.encode_call = orig
+        native.forward_params = orig
     assert seen[-1] == [t.data_ptr() for t in leaves]
 
 

@@ -43,11 +43,29 @@ def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):
     assert order[0] == first and sorted(order) == ["cuda", "triton"]
 
 
-@pytest.mark.parametrize("floor, first", [(None, "cpu"), ({"op": 0.05}, "cpu")])
-def test_auto_on_cpu_takes_the_measured_faster_backend(floor, first):
-    """The fused cpu backend, floors or not (measured faster than the reference in both cases)."""
+@pytest.mark.parametrize("floor", [None, {"op": 0.05}])
+def test_auto_on_cpu_takes_the_cpu_backend_with_or_without_floors(floor):
+    """The fused cpu backend, floors or not (measured faster than the reference in both cases); the reference
+    only when the extension is not built."""
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     b = make_batch((3, 4), layout, seed=0)
     out = ek.ppo_loss(**b, layout=layout, config=ek.PPOLossConfig(prob_floor=floor), validate=False)
-    want = first if ek.available_backends()[first].available else "reference"
-    assert out.backend == want
+    assert out.backend == ("cpu" if ek.available_backends()["cpu"].available else "reference")
+
+
+def test_one_version_and_one_triton_minimum():
+    """The installed metadata's version is esper_kernels.__version__ (pyproject reads it), and the Triton extra's
+    minimum is the backend's MIN_TRITON."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from esper_kernels.backends import triton_backend
+
+    assert importlib.metadata.version("esper_kernels") == ek.__version__
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    (spec,) = pyproject["project"]["optional-dependencies"]["triton"]
+    minimum = tuple(int(x) for x in re.fullmatch(r"triton>=(\d+)\.(\d+)", spec).groups())
+    assert minimum == triton_backend.MIN_TRITON

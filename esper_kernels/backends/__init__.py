@@ -1,13 +1,17 @@
 """Backend registry: which backends can run here, why the others cannot, and what "auto" picks.
 
-Each backend says why it cannot run (``not_supported_reasons``, xformers style); an explicit request for a
-backend that cannot run raises with every reason. "auto" takes the first backend that supports the call
-from a per-device order measured fastest (``choice.py``): for CPU tensors the fused C++ ``cpu`` backend, for
-CUDA tensors ``triton`` and ``cuda`` by shape, and ``reference`` last everywhere.
+Every backend lives in a module named by ``_REGISTRY`` that exposes ``BACKENDS[name]``; a module that is missing
+or fails to import makes the backend unavailable with the import error as its reason. Each backend declares
+what it supports as data (``base.Supports``), and the base class turns that into the reasons a call cannot run;
+an explicit request for a backend that cannot run raises with every reason. "auto" takes the first backend that
+supports the call from a per-device order (``_auto_order``): the fused ``cpu`` backend for CPU tensors, for
+CUDA tensors ``triton`` and ``cuda`` ordered by shape from the GPU measurements (``choice.py``), and
+``reference`` last everywhere.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -15,21 +19,22 @@ import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
-from .base import Backend, ReferenceBackend
+from .base import Backend
 
 __all__ = ["BackendInfo", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
            "BackendUnavailableError"]
 
-BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
-
-# fused backends live in their own modules; a module that is missing or fails to import makes that
-# backend unavailable with the import error as its reason
-_MODULES = {"triton": "esper_kernels.backends.triton_backend", "cuda": "esper_kernels.backends.native",
-            "cpu": "esper_kernels.backends.native"}
-_cache: dict[str, Backend | str] = {"reference": ReferenceBackend()}
-# whether each module is in this build, looked up once (no import) so that _load never calls importlib: a
-# call to importlib is a graph break under torch.compile, while a plain import statement is not
-_PRESENT = {name: importlib.util.find_spec(module) is not None for name, module in _MODULES.items()}
+#: every backend and the module that defines it (as ``BACKENDS[name]``), in available_backends() order
+_REGISTRY = {
+    "reference": "esper_kernels.backends.reference_backend",
+    "triton": "esper_kernels.backends.triton_backend",
+    "cuda": "esper_kernels.backends.native",
+    "cpu": "esper_kernels.backends.native",
+}
+BACKEND_NAMES = tuple(_REGISTRY)
+_cache: dict[str, Backend | str] = {}
+# whether each module is in this build, looked up once (no import)
+_PRESENT = {name: importlib.util.find_spec(module) is not None for name, module in _REGISTRY.items()}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -49,20 +54,17 @@ class BackendInfo:
 
 
 def _load(name: str) -> Backend | str:
-    """The backend object, or the reason it cannot be loaded."""
+    """The backend object, or the reason it cannot be loaded. The first load of each backend happens in
+    ``_machine_reasons`` (outside any torch.compile graph), so a traced call only reads the cache."""
     if name in _cache:
         return _cache[name]
     result: Backend | str
+    module = _REGISTRY[name]
     if not _PRESENT[name]:
-        result = f"not part of this build (module {_MODULES[name]} not found)"
+        result = f"not part of this build (module {module} not found)"
     else:
         try:
-            # import statements, not importlib: torch.compile(fullgraph=True) traces through them
-            if name == "triton":
-                from . import triton_backend as module
-            else:
-                from . import native as module
-            result = module.BACKENDS[name]
+            result = importlib.import_module(module).BACKENDS[name]
         except Exception as e:  # an import error is a reason, not a crash
             result = f"import failed: {type(e).__name__}: {e}"
     _cache[name] = result

@@ -23,15 +23,16 @@ see ``cfg.normalize_advantages == False``.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
-from ..reference import RawOutput, normalize_advantages
+from ..reference import normalize_advantages
 from ..stats import stats_size
-from .base import Backend
+from .base import Backend, RawOutput
 
 __all__ = ["FusedBackend", "FusedCall", "cfg_to_list", "cfg_from_list", "register_fused"]
 
@@ -39,19 +40,28 @@ _FUSED: dict[str, FusedBackend] = {}
 
 
 def cfg_to_list(cfg: ResolvedConfig) -> list[float]:
-    """ResolvedConfig -> flat floats (the custom op's config argument)."""
-    return [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, cfg.joint_log_ratio_clamp, float(cfg.per_head),
-            float(cfg.normalize_advantages), float(cfg.normalize_entropy), cfg.entropy_coef, cfg.value_coef,
-            cfg.value_clip, cfg.mask_fill, *cfg.entropy_coef_per_head, *cfg.prob_floor]
+    """ResolvedConfig -> flat floats (the custom op's config argument): its fields in order, per-head tuples
+    flattened (their length is the number of heads)."""
+    out: list[float] = []
+    for value in cfg:
+        out.extend(float(x) for x in value) if isinstance(value, tuple) else out.append(float(value))
+    return out
 
 
 def cfg_from_list(values: list[float], num_heads: int) -> ResolvedConfig:
-    v = list(values)
-    return ResolvedConfig(
-        eps_low=v[0], eps_high=v[1], log_ratio_clamp=v[2], joint_log_ratio_clamp=v[3], per_head=bool(v[4]),
-        normalize_advantages=bool(v[5]), normalize_entropy=bool(v[6]), entropy_coef=v[7], value_coef=v[8],
-        value_clip=v[9], mask_fill=v[10], entropy_coef_per_head=tuple(v[11:11 + num_heads]),
-        prob_floor=tuple(v[11 + num_heads:11 + 2 * num_heads]))
+    """The inverse of ``cfg_to_list`` (each field's type from ResolvedConfig's annotations)."""
+    it = iter(values)
+    fields = {}
+    for name, kind in _CFG_TYPES.items():
+        if typing.get_origin(kind) is tuple:
+            fields[name] = tuple(next(it) for _ in range(num_heads))
+        else:
+            v = next(it)
+            fields[name] = bool(v) if kind is bool else v
+    return ResolvedConfig(**fields)
+
+
+_CFG_TYPES = typing.get_type_hints(ResolvedConfig)
 
 
 @dataclass
@@ -109,16 +119,10 @@ class FusedBackend(Backend):
                         grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         raise NotImplementedError
 
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.logits_dtype == torch.float64:
-            reasons.append("float64 logits are supported by the reference backend only")
-        return reasons
-
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         adv = inputs.advantages
         if cfg.normalize_advantages:
-            adv = normalize_advantages(adv, inputs.weights)
+            adv = normalize_advantages(adv, inputs.weights, cfg)
             cfg = cfg._replace(normalize_advantages=False)
         if torch.compiler.is_compiling():
             # the custom op: one opaque node per direction for the compiler (fake implementations below)
@@ -140,6 +144,13 @@ class FusedBackend(Backend):
                          log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
 
 
+def _refuse_double_backward(name: str) -> None:
+    """Backward with create_graph=True (grad mode on) would need the gradient's own gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"backend {name!r}: the fused backends do not support double backward (a gradient "
+                           "of the gradient, create_graph=True); the 'reference' backend does")
+
+
 class _EagerFused(torch.autograd.Function):
     """Eager path of a fused backend: forward and backward kernels with the custom ops' semantics."""
 
@@ -158,6 +169,7 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_losses, g_log_probs, g_entropy, *_):
+        _refuse_double_backward(ctx.impl.name)
         *_, stats, saved = ctx.saved_tensors
         grads, gv = ctx.impl.kernel_backward(ctx.call, stats, saved, g_losses, g_log_probs, g_entropy)
         if gv is not None and ctx.values_dtype is not None:
@@ -246,6 +258,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g_losses, g_log_probs, g_entropy, g_joint_ratio, g_stats, g_saved):
+    _refuse_double_backward(ctx.backend)
     t = list(ctx.saved_tensors)
     nl, nm, na, nr = ctx.counts
 

@@ -2,7 +2,8 @@
 
 The extension takes plain integers (data pointers, element strides, dtype codes, sizes) and floats (the
 config), never torch objects, so it does not link libtorch and survives PyTorch upgrades. This module
-allocates every output with torch, encodes a call in the order ``csrc/bindings.cpp`` decodes it and runs:
+allocates every output with torch, fills one named ``_C.Params`` per call (the PPOParams struct of
+``csrc/ppo_params.h``, field by field; ``_C.pyi``) and runs:
 
 * ``cpu``: ``_C.cpu_forward`` / ``_C.cpu_backward`` with ``torch.get_num_threads()`` threads; results are
   bitwise independent of the thread count (fixed row chunks, partials merged in a fixed order).
@@ -25,12 +26,12 @@ import math
 import torch
 
 from ..config import ResolvedConfig
-from ..inputs import PPOInputs
 from ..metrics import GLOBAL_METRICS, HEAD_METRICS
-from ..stats import GLOBAL_SIZE, HEAD_SIZE, stats_size
+from ..schema import GLOBAL_SIZE, HEAD_SIZE, fingerprint, stats_size
+from .base import Supports
 from .fused import FusedBackend, FusedCall, register_fused
 
-__all__ = ["CpuBackend", "CudaBackend", "BACKENDS", "encode_call"]
+__all__ = ["CpuBackend", "CudaBackend", "BACKENDS", "forward_params", "backward_params"]
 
 try:
     from .. import _C
@@ -40,8 +41,11 @@ except ImportError as e:  # the extension is not built (or not importable): say 
                      "with `pip install --no-build-isolation -e .` (see README)")
 else:
     _IMPORT_ERROR = ""
-    assert _C.GLOBAL_SIZE == GLOBAL_SIZE and _C.HEAD_SIZE == HEAD_SIZE, "esper_kernels._C: stats layout mismatch"
-    assert _C.INTS_SCALAR == 12 and _C.INTS_PER_HEAD == 19, "esper_kernels._C: call encoding mismatch"
+    if _C.LAYOUT_FINGERPRINT != fingerprint():
+        _IMPORT_ERROR = (f"the C++ extension esper_kernels._C was built from another statistics layout (schema "
+                         f"fingerprint {_C.LAYOUT_FINGERPRINT}, the package has {fingerprint()}); rebuild it with "
+                         "`pip install --no-build-isolation -e .`")
+        _C = None
 
 #: dtype codes of csrc/ppo_params.h (enum DType)
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4, torch.uint8: 4,
@@ -49,12 +53,12 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, 
 MAX_HEADS = 32 if _C is None else int(_C.MAX_HEADS)
 #: oldest GPU the CUDA part is built for (sm_80 machine code, compute_90 PTX)
 MIN_CAPABILITY = (8, 0)
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 _NONE3 = (0, 0, 0)
 _NONE4 = (0, 0, 0, 0)
 
 
 def _vec(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """A per-step vector as (pointer, element stride, dtype code); (0, 0, 0) = not given."""
     return _NONE3 if t is None else (t.data_ptr(), t.stride(0), _DT[t.dtype])
 
 
@@ -78,74 +82,88 @@ def _head_ptrs(tensors: list[torch.Tensor], offsets: tuple[int, ...], num_heads:
     return [(t.data_ptr(), t.stride(0)) for t in tensors]
 
 
-def _encode_inputs(call: FusedCall) -> tuple[list[int], list[float]]:
-    """The ints up to the step vectors (gradient pointers 0) and every float: what forward and backward share."""
+def _input_params(call: FusedCall):
+    """A ``_C.Params`` with every input and the config set by name; outputs and gradients not yet."""
     cfg = call.cfg
-    H, N = call.num_heads, call.n
-    sizes = call.head_sizes
-    offsets = call.offsets
+    H = call.num_heads
     adv = call.advantages
     adv_ph = adv.dim() == 2
     has_v = call.values is not None
     has_vclip = has_v and call.old_values is not None and math.isfinite(cfg.value_clip)
-    has_jclamp = math.isfinite(cfg.joint_log_ratio_clamp)
-    ints = [N, H, max(sizes), _DT[call.logits[0].dtype], int(bool(call.masks)), int(bool(call.relevance)),
-            int(cfg.per_head), int(adv_ph), int(cfg.normalize_entropy), int(has_v), int(has_vclip), int(has_jclamp)]
-    lg = _head_ptrs(call.logits, offsets, H)
-    mk = _head_ptrs(call.masks, offsets, H)
-    adv0 = _vec(adv) if not adv_ph else None
+    p = _C.Params()
+    p.n = call.n
+    p.num_heads = H
+    p.logits_dtype = _DT[call.logits[0].dtype]
+    p.has_mask = int(bool(call.masks))
+    p.has_rel = int(bool(call.relevance))
+    p.per_head = int(cfg.per_head)
+    p.adv_per_head = int(adv_ph)
+    p.normalize_entropy = int(cfg.normalize_entropy)
+    p.has_values = int(has_v)
+    p.has_vclip = int(has_vclip)
+    p.has_jclamp = int(math.isfinite(cfg.joint_log_ratio_clamp))
+    p.mask_exclude = int(cfg.mask_exclude)
+    p.normalize_adv = int(cfg.normalize_advantages)
+    p.adv_std_unbiased = int(cfg.advantage_std_unbiased)
+    p.adv_eps_add = int(cfg.advantage_eps_add)
+    p.eps_low = cfg.eps_low
+    p.eps_high = cfg.eps_high
+    p.log_clamp = cfg.log_ratio_clamp
+    p.joint_clamp = cfg.joint_log_ratio_clamp if p.has_jclamp else 0.0
+    p.entropy_coef = cfg.entropy_coef
+    p.value_coef = cfg.value_coef
+    p.value_clip = cfg.value_clip if has_vclip else 0.0
+    p.mask_fill = cfg.mask_fill  # -inf with mask_exclude
+    p.adv_eps = cfg.advantage_eps
+    p.sizes = list(call.head_sizes)
+    p.floor = [max(float(f), 0.0) for f in cfg.prob_floor]
+    p.kcoef = list(cfg.entropy_coef_per_head)
+    lg = _head_ptrs(call.logits, call.offsets, H)
+    mk = _head_ptrs(call.masks, call.offsets, H)
+    adv0 = None if adv_ph else _vec(adv)
     for h in range(H):
-        ints += (sizes[h], *lg[h], *mk[h], 0, 0, *_vec(call.actions[h]), *_vec(call.old_log_probs[h]))
-        ints += _vec(call.relevance[h]) if call.relevance else _NONE3
-        ints += _col(adv, h) if adv_ph else adv0
-    ints += _vec(call.weights)
-    ints += _vec(call.values)
-    ints += _vec(call.returns)
-    ints += _vec(call.old_values if has_vclip else None)
-    ints += _vec(call.value_weights if has_v else None)
-    jc = cfg.joint_log_ratio_clamp
-    floats = [cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, cfg.entropy_coef,
-              cfg.value_coef, cfg.value_clip if has_vclip else 0.0, cfg.mask_fill]
-    floats += (max(float(f), 0.0) for f in cfg.prob_floor)
-    floats += (float(k) for k in cfg.entropy_coef_per_head)
-    return ints, floats
+        p.set_head(h, logits=lg[h][0], logits_rs=lg[h][1], masks=mk[h][0], masks_rs=mk[h][1],
+                   actions=_vec(call.actions[h]), old_lp=_vec(call.old_log_probs[h]),
+                   rel=_vec(call.relevance[h]) if call.relevance else _NONE3,
+                   adv=_col(adv, h) if adv_ph else adv0)
+    p.weights = _vec(call.weights)
+    if has_v:
+        p.values = _vec(call.values)
+        p.returns = _vec(call.returns)
+        p.value_weights = _vec(call.value_weights)
+        if has_vclip:
+            p.old_values = _vec(call.old_values)
+    return p
 
 
-#: position of head h's gradient (pointer, row stride) in the ints: after the scalars, A_h, logits and masks
-_GRAD_AT = 12 + 5
-_PER_HEAD = 19
+def forward_params(call: FusedCall, outputs: tuple[torch.Tensor, ...]):
+    """The forward's ``_C.Params``: the inputs (encoded once per call, ``call.cache``) and the outputs
+    (losses, log_probs, entropy, joint_ratio, stats, saved)."""
+    p = call.cache.get("native")
+    if p is None:
+        p = call.cache["native"] = _input_params(call)
+    p = p.copy()
+    p.losses, p.log_probs, p.entropy, p.joint_ratio, p.stats, p.saved = (t.data_ptr() for t in outputs)
+    return p
 
 
-def encode_call(call: FusedCall, *, outputs: tuple[torch.Tensor, ...] | None = None, stats: torch.Tensor | None = None,
-                saved: torch.Tensor | None = None, grads: list[torch.Tensor] | None = None,
-                grad_losses: torch.Tensor | None = None, grad_log_probs: torch.Tensor | None = None,
-                grad_entropy: torch.Tensor | None = None,
-                grad_values: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
-    """The (ints, floats) of one call, in the order ``csrc/bindings.cpp`` ``decode`` reads them.
-
-    ``outputs`` = (losses, log_probs, entropy, joint_ratio, stats, saved) for the forward; the backward passes
-    ``stats``, ``saved``, ``grads`` and the incoming gradients instead. The inputs' part is encoded once per
-    call and reused by its backward (``call.cache``).
-    """
-    cached = call.cache.get("native")
-    if cached is None:
-        cached = call.cache["native"] = _encode_inputs(call)
-    prefix, floats = cached
-    ints = list(prefix)
-    if grads:
-        for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, call.num_heads)):
-            at = _GRAD_AT + _PER_HEAD * h
-            ints[at] = ptr
-            ints[at + 1] = rs
-    if outputs is not None:
-        ints += (t.data_ptr() for t in outputs)
-    else:
-        ints += (0, 0, 0, 0, stats.data_ptr(), saved.data_ptr())
-    ints += _vec(grad_losses)
-    ints += _mat(grad_log_probs)
-    ints += _mat(grad_entropy)
-    ints.append(0 if grad_values is None else grad_values.data_ptr())
-    return ints, floats
+def backward_params(call: FusedCall, stats: torch.Tensor, saved: torch.Tensor, grads: list[torch.Tensor],
+                    grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
+                    grad_entropy: torch.Tensor | None, grad_values: torch.Tensor | None):
+    """The backward's ``_C.Params``: the forward's inputs, its statistics and saved values, the incoming
+    gradients and the gradient outputs."""
+    p = call.cache.get("native")
+    if p is None:
+        p = call.cache["native"] = _input_params(call)
+    p = p.copy()
+    p.stats, p.saved = stats.data_ptr(), saved.data_ptr()
+    for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, call.num_heads)):
+        p.set_grad(h, ptr, rs)
+    p.grad_losses = _vec(grad_losses)
+    p.grad_log_probs = _mat(grad_log_probs)
+    p.grad_entropy = _mat(grad_entropy)
+    p.grad_values = 0 if grad_values is None else grad_values.data_ptr()
+    return p
 
 
 def _forward_outputs(call: FusedCall, saved_shape: list[int]) -> tuple[torch.Tensor, ...]:
@@ -162,15 +180,20 @@ def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor
     return grads, gv
 
 
-def _metrics_call(stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> tuple[list, torch.Tensor]:
-    """The arguments of ``_C.derive_metrics`` / ``_C.cuda_derive_metrics`` (csrc/bindings.cpp
-    decode_metrics_cfg) before the stream, and the table they fill."""
+def _metrics_call(stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool):
+    """The ``_C.MetricsCfg`` of ``_C.derive_metrics`` / ``_C.cuda_derive_metrics`` and the table they fill."""
     H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
     out = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, dtype=torch.float32, device=stats.device)
-    vclip = has_values and math.isfinite(cfg.value_clip)
-    ints = [H, int(cfg.per_head), int(has_values), int(vclip)]
-    floats = [cfg.entropy_coef, cfg.value_coef, *cfg.entropy_coef_per_head]
-    return [stats.data_ptr(), out.data_ptr(), ints, floats], out
+    c = _C.MetricsCfg()
+    c.num_heads = H
+    c.per_head = int(cfg.per_head)
+    c.has_values = int(has_values)
+    c.has_vclip = int(has_values and math.isfinite(cfg.value_clip))
+    c.ratio_std_unbiased = int(cfg.ratio_std_unbiased)
+    c.entropy_coef = cfg.entropy_coef
+    c.value_coef = cfg.value_coef
+    c.kcoef = list(cfg.entropy_coef_per_head)
+    return c, out
 
 
 class _NativeBackend(FusedBackend):
@@ -180,23 +203,17 @@ class _NativeBackend(FusedBackend):
     def unavailable_reasons(self) -> list[str]:
         return [_IMPORT_ERROR] if _C is None else []
 
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.layout.num_heads > MAX_HEADS:
-            reasons.append(f"at most {MAX_HEADS} heads (got {inputs.layout.num_heads})")
-        return reasons
-
 
 class CpuBackend(_NativeBackend):
     """The fused loss in multi-threaded C++ on CPU tensors."""
 
     name = "cpu"
-    devices = ("cpu",)
+    supports = Supports(devices=("cpu",), max_heads=MAX_HEADS)
     has_metric_table = _C is not None and hasattr(_C, "derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        args, out = _metrics_call(stats, cfg, has_values)
-        _C.derive_metrics(*args)
+        c, out = _metrics_call(stats, cfg, has_values)
+        _C.derive_metrics(c, stats.data_ptr(), out.data_ptr())
         return out
 
     #: heads of at most 32 actions run 16 rows at a time in SIMD lanes (with AVX-512, floored heads too), wider
@@ -211,17 +228,15 @@ class CpuBackend(_NativeBackend):
 
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
         outs = _forward_outputs(call, self.saved_shape(call.n, call.num_heads))
-        ints, floats = encode_call(call, outputs=outs)
-        _C.cpu_forward(ints, floats, torch.get_num_threads(), self.vectorise)
+        _C.cpu_forward(forward_params(call, outs), torch.get_num_threads(), self.vectorise)
         return outs
 
     def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
                         grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
                         grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         grads, gv = _backward_outputs(call)
-        ints, floats = encode_call(call, stats=stats, saved=saved, grads=grads, grad_losses=grad_losses,
-                                   grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, grad_values=gv)
-        _C.cpu_backward(ints, floats, torch.get_num_threads(), self.vectorise)
+        p = backward_params(call, stats, saved, grads, grad_losses, grad_log_probs, grad_entropy, gv)
+        _C.cpu_backward(p, torch.get_num_threads(), self.vectorise)
         return grads, gv
 
 
@@ -229,12 +244,12 @@ class CudaBackend(_NativeBackend):
     """The fused loss as CUDA kernels (csrc/ppo_cuda.cu) on CUDA tensors."""
 
     name = "cuda"
-    devices = ("cuda",)
+    supports = Supports(devices=("cuda",), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY)
     has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        args, out = _metrics_call(stats, cfg, has_values)
-        _C.cuda_derive_metrics(*args, *self._stream(stats.device))
+        c, out = _metrics_call(stats, cfg, has_values)
+        _C.cuda_derive_metrics(c, stats.data_ptr(), out.data_ptr(), *self._stream(stats.device))
         return out
 
     def unavailable_reasons(self) -> list[str]:
@@ -248,18 +263,6 @@ class CudaBackend(_NativeBackend):
         status = _C.cuda_status()
         return [status] if status else []
 
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        if inputs.device.type == "cuda" and torch.version.hip is None:
-            idx = inputs.device.index if inputs.device.index is not None else torch.cuda.current_device()
-            if idx not in _CAPABILITY:  # a driver query per call otherwise
-                _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-            cap = _CAPABILITY[idx]
-            if cap < MIN_CAPABILITY:
-                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
-                               f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} the CUDA kernels are built for")
-        return reasons
-
     @staticmethod
     def _stream(device: torch.device) -> tuple[int, int]:
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -272,19 +275,17 @@ class CudaBackend(_NativeBackend):
         rows = int(_C.CUDA_STEP_ROWS)
         aux = torch.empty((N, H), dtype=torch.int32, device=dev)
         parts = torch.empty((max(1, -(-N // rows)), stats_size(H)), dtype=torch.float64, device=dev)
-        ints, floats = encode_call(call, outputs=outs)
         stream, idx = self._stream(dev)
-        _C.cuda_forward(ints, floats, aux.data_ptr(), parts.data_ptr(), stream, idx)
+        _C.cuda_forward(forward_params(call, outs), aux.data_ptr(), parts.data_ptr(), stream, idx)
         return outs
 
     def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
                         grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
                         grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         grads, gv = _backward_outputs(call)
-        ints, floats = encode_call(call, stats=stats, saved=saved, grads=grads, grad_losses=grad_losses,
-                                   grad_log_probs=grad_log_probs, grad_entropy=grad_entropy, grad_values=gv)
+        p = backward_params(call, stats, saved, grads, grad_losses, grad_log_probs, grad_entropy, gv)
         stream, idx = self._stream(call.logits[0].device)
-        _C.cuda_backward(ints, floats, stream, idx)
+        _C.cuda_backward(p, stream, idx)
         return grads, gv
 
 

@@ -28,9 +28,9 @@ import warnings
 import torch
 
 from ..config import ResolvedConfig
-from ..inputs import PPOInputs
 from ..metrics import GLOBAL_METRICS, HEAD_METRICS
 from ..stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, stats_size
+from .base import Supports, device_capability
 from .fused import FusedBackend, FusedCall, register_fused
 
 __all__ = ["TritonBackend", "BACKENDS"]
@@ -61,7 +61,6 @@ BF16_CAPABILITY = (8, 0)
 
 _KERNELS = None
 _SM_COUNT: dict[int, int] = {}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def _kernels():
@@ -112,13 +111,6 @@ def _find_triton() -> str | None:
 
 
 _TRITON_PROBLEM = _find_triton()
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -212,14 +204,21 @@ def _launch_context(device: torch.device):
         yield
 
 
+_SUPPORTS = Supports(devices=("cuda",), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY,
+                     dtype_capability={torch.bfloat16: BF16_CAPABILITY})
+_SUPPORTS_INTERPRETED = Supports(devices=("cuda", "cpu"), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY,
+                                 dtype_capability={torch.bfloat16: BF16_CAPABILITY})
+
+
 class TritonBackend(FusedBackend):
     """The fused loss in Triton: CUDA tensors on a GPU, or CPU tensors in Triton's interpreter."""
 
     name = "triton"
 
     @property
-    def devices(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+    def supports(self) -> Supports:  # type: ignore[override]
+        """CUDA tensors; CPU tensors too in Triton's interpreter (TRITON_INTERPRET=1)."""
+        return _SUPPORTS_INTERPRETED if _interpreting() else _SUPPORTS
 
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
         return [n, num_heads + 1]
@@ -233,26 +232,11 @@ class TritonBackend(FusedBackend):
             return ["no CUDA device (set TRITON_INTERPRET=1 before the first call to run Triton's interpreter "
                     "on CPU tensors)"]
         if torch.version.hip is None:
-            cap = _capability(torch.device("cuda"))
+            cap = device_capability(torch.device("cuda"))
             if cap < MIN_CAPABILITY:
                 return [f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} Triton needs"]
         return []
-
-    def not_supported_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:
-        reasons = super().not_supported_reasons(inputs, cfg)
-        dev = inputs.device
-        if dev.type == "cuda" and torch.version.hip is None and not _interpreting():
-            cap = _capability(dev)
-            if cap < MIN_CAPABILITY:
-                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than "
-                               f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
-            elif inputs.logits_dtype == torch.bfloat16 and cap < BF16_CAPABILITY:
-                reasons.append(f"bfloat16 logits need compute capability {BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]}"
-                               f" (this GPU: {cap[0]}.{cap[1]})")
-        if inputs.layout.num_heads > MAX_HEADS:
-            reasons.append(f"at most {MAX_HEADS} heads (got {inputs.layout.num_heads})")
-        return reasons
 
     # ---- forward ------------------------------------------------------------------------------------------
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
