@@ -2,11 +2,13 @@
 
     python benchmarks/cpu_quick.py                      # esper and rl_64k, every provider
     python benchmarks/cpu_quick.py --cases esper --providers cpu reference
+    python benchmarks/cpu_quick.py --cases wide vocab   # any case of esper_kernels.synthetic.SPEC_CASES
 
 Prints the median and 20/80 percentiles (ms) of one training-step-like call per provider: ``ppo_loss`` with
 values (entropy_coef=0.01, joint surrogate, validate=False), ``metrics.tensors()``, then ``loss.backward()``;
 and the speed-up of ``cpu`` over each other provider. Providers are timed round-robin, one call each in turn,
-so that the load of a shared machine falls on all of them alike. Inputs: ``esper_kernels.synthetic.make_batch``.
+so that the load of a shared machine falls on all of them alike. Inputs: the case's batch from
+``esper_kernels.synthetic.SPEC_CASES`` (seed 0), the table ``python -m esper_kernels bench`` and the tests use.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import time
 import torch
 
 import esper_kernels as ek
-from esper_kernels.synthetic import make_batch
+from esper_kernels.synthetic import SPEC_CASES
 
-CASES = {"esper": (12, 150), "rl_64k": (64, 1024)}
+DEFAULT_CASES = ["esper", "rl_64k"]
 
 
 def _step_fn(layout, config, backend):
@@ -66,7 +68,7 @@ def time_interleaved(runners: dict, seconds: float, min_calls: int = 5) -> dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(SPEC_CASES))
     ap.add_argument("--providers", nargs="+", default=["cpu", "reference", "reference_compile"])
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per provider and case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -74,12 +76,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    layout = ek.HeadLayout(ek.ESPER_HEADS)
-    floor = None if args.floor is None else [args.floor] * layout.num_heads
-    config = ek.PPOLossConfig(entropy_coef=0.01, prob_floor=floor)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for case in args.cases:
-        batch = make_batch(CASES[case], layout, seed=0)
+        layout = SPEC_CASES[case].layout
+        floor = None if args.floor is None else [args.floor] * layout.num_heads
+        config = ek.PPOLossConfig(entropy_coef=0.01, prob_floor=floor)
+        batch = SPEC_CASES[case].make_batch(seed=0)
         batch["logits"].requires_grad_(True)
         batch["values"].requires_grad_(True)
         torch._dynamo.reset()

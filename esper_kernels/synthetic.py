@@ -1,12 +1,21 @@
-"""Synthetic esper-shaped batches for the example, the tests and the benchmarks."""
+"""Synthetic batches for the example, the tests and the benchmarks, and the SPEC section 7 cases they share.
+
+``make_batch`` synthesises a random batch for any layout (esper's causal relevance for esper's heads).
+``SPEC_CASES`` is the one table of the named cases (esper, rl_64k, rl_1m, wide, vocab): each ``Case`` holds a
+batch shape and its heads, and ``Case.make_batch`` synthesises a batch of that case. ``python -m esper_kernels
+bench``, ``benchmarks/cpu_quick.py`` and the tests that run these cases all read it.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from .layout import ESPER_HEADS, HeadLayout
 
-__all__ = ["make_batch", "ESPER_RELEVANCE"]
+__all__ = ["ESPER_RELEVANCE", "SPEC_CASES", "Case", "make_batch"]
 
 #: which heads matter for each op (SPEC section 1): op index -> relevant head names
 ESPER_RELEVANCE = {
@@ -19,7 +28,49 @@ ESPER_RELEVANCE = {
 }
 
 
-def make_batch(batch_shape: tuple[int, ...] = (12, 150), layout: HeadLayout | None = None, *,
+@dataclass(frozen=True)
+class Case:
+    """A named case: the batch's leading shape (N = its product) and its heads, in order."""
+
+    name: str
+    batch_shape: tuple[int, ...]
+    heads: tuple[tuple[str, int], ...]
+
+    @property
+    def n_rows(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def layout(self) -> HeadLayout:
+        return HeadLayout(self.heads)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(a for _, a in self.heads)
+
+    @property
+    def head_sizes(self) -> str:
+        """The sizes joined by '/', as the benchmark's CSV records them: '3/13/4/3/3/4/5/6'."""
+        return "/".join(str(a) for a in self.sizes)
+
+    def make_batch(self, **kwargs) -> dict:
+        """``make_batch(self.batch_shape, self.layout, **kwargs)``: dtype, device, seed (default 0) and the rest."""
+        return make_batch(self.batch_shape, self.layout, **kwargs)
+
+
+_ESPER = tuple(ESPER_HEADS.items())
+
+#: SPEC section 7's cases, in the SPEC's order
+SPEC_CASES: dict[str, Case] = {
+    "esper": Case("esper", (12, 150), _ESPER),  # N = 1,800: 12 envs x 150 steps, esper's 8 heads (S = 41)
+    "rl_64k": Case("rl_64k", (65536,), _ESPER),
+    "rl_1m": Case("rl_1m", (1048576,), _ESPER),
+    "wide": Case("wide", (16384,), (("left", 1024), ("right", 1024))),
+    "vocab": Case("vocab", (8192,), (("token", 32768),)),
+}
+
+
+def make_batch(batch_shape: tuple[int, ...] = SPEC_CASES["esper"].batch_shape, layout: HeadLayout | None = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
                mask_density: float = 0.7, absent_fraction: float = 0.1, values: bool = True,
                logit_scale: float = 2.0, old_noise: float = 0.1) -> dict:

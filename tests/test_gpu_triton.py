@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from ref_cases import check_metric_table, stats_cases
 
 import esper_kernels as ek
-from esper_kernels.synthetic import make_batch
+from esper_kernels.synthetic import SPEC_CASES, make_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -79,18 +79,18 @@ def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_esper(dtype):
-    check_triton(make_batch((12, 150), ESPER, dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
+    check_triton(SPEC_CASES["esper"].make_batch(dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
 
 
 def test_esper_per_head_floor_value_clip():
-    b = make_batch((12, 150), ESPER, device="cuda", seed=2)
+    b = SPEC_CASES["esper"].make_batch(device="cuda", seed=2)
     b["old_values"] = b["values"] + 0.3 * torch.randn_like(b["values"])
     check_triton(b, ESPER, PER_HEAD)
 
 
 def test_per_head_separate_tensors_bf16():
     """A dict of per-head bf16 logits in separate allocations, uint8 masks, int32 actions, strided old log-probs."""
-    b = make_batch((12, 150), ESPER, dtype=torch.bfloat16, device="cuda", seed=3)
+    b = SPEC_CASES["esper"].make_batch(dtype=torch.bfloat16, device="cuda", seed=3)
     b["logits"] = {k: v.clone() for k, v in per_head(b["logits"], ESPER, as_mapping=True).items()}
     b["action_masks"] = [m.to(torch.uint8) for m in per_head(b["action_masks"], ESPER)]
     b["actions"] = [b["actions"][..., h].to(torch.int32) for h in range(ESPER.num_heads)]
@@ -98,7 +98,7 @@ def test_per_head_separate_tensors_bf16():
 
 
 def test_rl_64k_bf16_and_deterministic():
-    b = make_batch((65536,), ESPER, dtype=torch.bfloat16, device="cuda", seed=4)
+    b = SPEC_CASES["rl_64k"].make_batch(dtype=torch.bfloat16, device="cuda", seed=4)
     check_triton(b, ESPER, JOINT)
     (o1, g1), (o2, g2) = (run("triton", b, ESPER, JOINT, grad_seed=5) for _ in range(2))
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
@@ -109,13 +109,13 @@ def test_rl_64k_bf16_and_deterministic():
 
 
 def test_wide_fp32():
-    layout = ek.HeadLayout({"a": 1024, "b": 1024})
-    check_triton(device_batch(16384, layout, torch.float32, seed=6), layout, JOINT)
+    case = SPEC_CASES["wide"]
+    check_triton(device_batch(case.n_rows, case.layout, torch.float32, seed=6), case.layout, JOINT)
 
 
 def test_vocab_bf16_streaming():
-    layout = ek.HeadLayout({"token": 32768})
-    check_triton(device_batch(8192, layout, torch.bfloat16, seed=7), layout,
+    case = SPEC_CASES["vocab"]
+    check_triton(device_batch(case.n_rows, case.layout, torch.bfloat16, seed=7), case.layout,
                   ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True))
 
 

@@ -5,7 +5,7 @@ import torch
 from harness import check_backend, compare_metrics
 
 import esper_kernels as ek
-from esper_kernels.synthetic import make_batch
+from esper_kernels.synthetic import SPEC_CASES, make_batch
 
 pytestmark = pytest.mark.reference
 
@@ -25,10 +25,11 @@ def test_compare_metrics_catches_a_difference():
 
 
 @pytest.mark.parametrize("sizes, n, first", [
-    (ek.ESPER_HEADS, 1800, "triton"),  # esper: triton's graph time was lower on the H100
-    (ek.ESPER_HEADS, 65536, "cuda"),  # rl_64k / rl_1m: cuda
-    ({"a": 1024, "b": 1024}, 16384, "triton"),  # wide
-    ({"vocab": 32768}, 8192, "triton"),  # vocab
+    *((SPEC_CASES[c].heads, SPEC_CASES[c].n_rows, first) for c, first in (
+        ("esper", "triton"),  # esper: triton's graph time was lower on the H100
+        ("rl_64k", "cuda"),  # rl_64k / rl_1m: cuda
+        ("wide", "triton"),
+        ("vocab", "triton"))),
     ({"a": 33, "b": 2}, 65536, "triton"),  # a head wider than the CUDA tile
 ])
 def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):

@@ -36,7 +36,7 @@ from esper_kernels.backends import triton_backend as tb
 from esper_kernels.backends import triton_kernels as tk
 from esper_kernels.backends.fused import FusedCall
 from esper_kernels.inputs import prepare_inputs
-from esper_kernels.synthetic import make_batch
+from esper_kernels.synthetic import SPEC_CASES, make_batch
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 SM_COUNT = 132  # H100 SXM: the tile plan of the GPU tests
@@ -154,19 +154,20 @@ def cases() -> dict:
         return dict(logits=b["logits"], action_masks=None, actions=b["actions"], old_log_probs=b["old_log_probs"],
                     advantages=b["advantages"]), layout
 
-    wide2 = ek.HeadLayout({"a": 1024, "b": 1024})
-    vocab = ek.HeadLayout({"token": 32768})
+    n = {name: case.n_rows for name, case in SPEC_CASES.items()}  # the N each SPEC case plans its kernels for
+    wide2 = SPEC_CASES["wide"].layout
+    vocab = SPEC_CASES["vocab"].layout
     wide_floor = ek.HeadLayout({"a": 3, "w": 40000, "b": 5})
     return {
-        "esper_fp32": lambda: (esper_batch(), esper, joint, 1800),
-        "esper_bf16": lambda: (esper_batch(torch.bfloat16), esper, joint, 1800),
-        "esper_fp16": lambda: (esper_batch(torch.float16), esper, joint, 1800),
-        "esper_per_head": lambda: (with_old_values(esper_batch()), esper, per_head_cfg, 1800),
-        "separate_bf16": lambda: (separate(), esper, joint, 1800),
-        "rl_64k_bf16": lambda: (esper_batch(torch.bfloat16), esper, joint, 65536),
-        "wide_fp32": lambda: (make_batch((8,), wide2), wide2, joint, 16384),
+        "esper_fp32": lambda: (esper_batch(), esper, joint, n["esper"]),
+        "esper_bf16": lambda: (esper_batch(torch.bfloat16), esper, joint, n["esper"]),
+        "esper_fp16": lambda: (esper_batch(torch.float16), esper, joint, n["esper"]),
+        "esper_per_head": lambda: (with_old_values(esper_batch()), esper, per_head_cfg, n["esper"]),
+        "separate_bf16": lambda: (separate(), esper, joint, n["esper"]),
+        "rl_64k_bf16": lambda: (esper_batch(torch.bfloat16), esper, joint, n["rl_64k"]),
+        "wide_fp32": lambda: (make_batch((8,), wide2), wide2, joint, n["wide"]),
         "vocab_bf16": lambda: (make_batch((8,), vocab, dtype=torch.bfloat16), vocab,
-                               ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True), 8192),
+                               ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True), n["vocab"]),
         "big_bf16": lambda: (*big(), ek.PPOLossConfig(), 16500),
         "wide_floor_bf16": lambda: (with_old_values(make_batch((8,), wide_floor, dtype=torch.bfloat16)), wide_floor,
                                     ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, value_clip=0.2,
