@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 DEPS := numpy "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
-SOURCES := pyproject.toml CMakeLists.txt esper_kernels/schema.py $(wildcard csrc/*) $(wildcard csrc/*/*)
+# a new subpackage (its __init__.py) needs a new editable install too
+SOURCES := pyproject.toml CMakeLists.txt esper_kernels/schema.py $(wildcard esper_kernels/*/__init__.py) $(wildcard csrc/*) $(wildcard csrc/*/*)
 
 .PHONY: install example demo test test-fast lint bench info clean
 
