@@ -1,4 +1,4 @@
-"""The bugs of the telemetry-freeze report (shared/background/telemetry-freeze-report.md), each pinned down.
+"""The bugs of the telemetry-freeze report (docs/background.md), each pinned down.
 
 * mask collapse: a head with one valid action has exactly zero gradient and learnable_fraction 0, while its
   metrics are finite (nothing to learn, as opposed to broken);
