@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import esper_kernels as ek
 
-sb3_contrib = pytest.importorskip("sb3_contrib")
+sb3_contrib = pytest.importorskip("sb3_contrib",
+                                  reason="sb3-contrib is pinned in the Makefile's DEPS: rm .venv/.deps && make test")
 from sb3_contrib import MaskablePPO  # noqa: E402
 from sb3_contrib.common.maskable.distributions import (  # noqa: E402
     MaskableCategoricalDistribution,

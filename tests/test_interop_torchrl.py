@@ -16,7 +16,7 @@ import torch
 
 import esper_kernels as ek
 
-pytest.importorskip("torchrl")
+pytest.importorskip("torchrl", reason="torchrl is pinned in the Makefile's DEPS: rm .venv/.deps && make test")
 from tensordict import TensorDict
 from tensordict.nn import CompositeDistribution, TensorDictModule, set_composite_lp_aggregate
 from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
