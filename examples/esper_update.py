@@ -172,8 +172,8 @@ def collect_rollout(net: TamiyoStandIn, n_envs: int = 12, max_steps: int = 25, s
         m[..., 0] |= ~m.any(-1)
     masks["op"][..., WAIT] = True  # WAIT is always valid
     forced = torch.rand(n_envs, max_steps, generator=g) < 0.2  # only WAIT valid: the agent had no choice
-    masks["op"][forced] = False
-    masks["op"][forced, WAIT] = True
+    wait_only = torch.arange(NUM_OPS) == WAIT
+    masks["op"] = torch.where(forced.unsqueeze(-1), wait_only, masks["op"])
     lengths = torch.randint(max_steps // 2, max_steps + 1, (n_envs,), generator=g)
     valid = torch.arange(max_steps)[None, :] < lengths[:, None]  # padding after each env's last step
     actions, old_log_probs, values, _ = net.act(states, masks, generator=g)
