@@ -39,7 +39,8 @@ MEASURED: dict[str, float] = {}
 
 def _close(name, got, want):
     got, want = torch.as_tensor(got).detach(), torch.as_tensor(want).detach()
-    key = name.split(" ")[0] if name.startswith(("log_probs ", "entropy ", "d loss")) else name
+    key = name.split(" ")[0] if name.startswith(("log_probs ", "entropy ")) else name
+    key = "d loss / d logits" if key.startswith("d loss") and not key.endswith("values") else key
     MEASURED[key] = max(MEASURED.get(key, 0.0), (got.double() - want.double()).abs().max().item())
     torch.testing.assert_close(torch.as_tensor(got).double(), torch.as_tensor(want).double(), rtol=RTOL, atol=ATOL,
                                msg=lambda m: f"{name}: {m}")
