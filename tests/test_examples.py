@@ -4,8 +4,10 @@ reproduces esper-lite's compute_losses / compute_ratio_metrics.
 ``_esper_losses`` restates esper-lite's loss math in this file's own code (from ``simic/agent/ppo_update.py``
 and ``tamiyo/policy/action_masks.py``: MaskedCategorical with invalid logits at -1e4 and entropy normalised by
 log(n_valid); per-head clipped surrogate over causally relevant, unforced steps with normalisers clamped at
-1; value loss with forced steps at weight 0.2; per-head entropy coefficients; the entropy-floor penalty;
-log-ratios clamped at 20 and the joint at 30). Comparisons are at float32 tolerance (rtol 1e-5, atol 1e-6).
+1; value loss with forced steps at weight 0.2; per-head entropy coefficients; the entropy-floor penalty,
+skipping a head with no step as esper intends (its compute_losses path adds a constant coef * floor**2 for
+such a head instead, see docs/switching.md); log-ratios clamped at 20 and the joint at 30). Comparisons are
+at float32 tolerance (rtol 1e-5, atol 1e-6).
 """
 
 from __future__ import annotations
