@@ -9,7 +9,7 @@ forced steps at weight 0.2; entropy-floor penalty). Here:
   returns the per-head logits and the op-canonical masks (the style mask collapsed to SIGMOID_ADD when the
   op is neither GERMINATE nor SET_ALPHA_TARGET) instead of per-head log-probs and entropies: the one change
   esper's network needs.
-* ``ppo_update`` replaces both helpers by one ``ek.ppo_loss`` call and adds what esper computes beside the
+* ``ppo_update`` replaces both functions by one ``ek.ppo_loss`` call and adds what esper computes beside the
   loss from its outputs: the KL early stop (one host sync on ``approx_kl``), the entropy-floor penalty
   (from ``out.entropy``) and the ratio-explosion diagnostic (from ``out.joint_ratio`` and ``out.log_probs``).
   It logs esper's metric names; ``legacy_ratio_metrics`` recomputes the few whose meaning differs in
