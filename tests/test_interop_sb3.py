@@ -195,3 +195,29 @@ def test_maskable_ppo_loss_log_probs_entropy_kl_and_gradients(sizes, logit_scale
         tv = torch.zeros_like(v) if tv is None else tv
         _close(f"d {name} / d logits", gz, tz)
         _close(f"d {name} / d values", gv, tv)
+
+
+def test_joint_old_log_prob_in_head_zero():
+    """docs/switching.md: with only sb3's stored joint old log-prob, putting it in head 0 and zeros elsewhere
+    gives the same joint ratio, loss, clip fraction, KL and gradients (no per-head log-ratio is clamped)."""
+    sizes = [6, 3, 13, 4, 5]
+    b = make_batch(sizes, n=301, seed=99, logit_scale=2.0)
+    layout = ek.HeadLayout({f"h{i}": a for i, a in enumerate(sizes)})
+    joint_old = b["old_log_probs"].sum(-1)
+    old = torch.zeros_like(b["old_log_probs"])
+    old[:, 0] = joint_old
+
+    z_sb3 = b["logits"].clone().requires_grad_(True)
+    dist = _sb3_distribution(sizes, z_sb3, b["masks"])
+    sb3 = _sb3_train_lines(dist.log_prob(b["actions"]), joint_old, b["advantages"], b["values"], b["returns"],
+                           dist.entropy())
+    z = b["logits"].clone().requires_grad_(True)
+    out = ek.ppo_loss(z, b["masks"], b["actions"], old, b["advantages"], layout=layout, values=b["values"],
+                      returns=b["returns"], config=sb3_config(), backend="reference")
+    m = out.metrics.to_dict()
+    _close("joint old: policy_loss", out.policy_loss, sb3["policy_loss"])
+    _close("joint old: loss", out.loss, sb3["loss"])
+    _close("joint old: clip_fraction", torch.tensor(m["clip_fraction"]), torch.tensor(sb3["clip_fraction"]))
+    _close("joint old: approx_kl", torch.tensor(m["joint_kl_k3"]), sb3["approx_kl"])
+    grad, want = torch.autograd.grad(out.loss, z)[0], torch.autograd.grad(sb3["loss"], z_sb3)[0]
+    _close("joint old: d loss / d logits", grad, want)
