@@ -8,12 +8,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 DEPS := numpy "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+# the interop test tier (tests/test_interop_*.py) and the packaging test (python -m build): pinned
+DEPS += "sb3-contrib==2.9.2" "stable-baselines3==2.9.2" "torchrl==0.14.1" "tensordict==0.14.3" "build==1.6.1"
 # a new subpackage (its __init__.py) needs a new editable install too
 SOURCES := pyproject.toml CMakeLists.txt esper_kernels/schema.py $(wildcard esper_kernels/*/__init__.py) $(wildcard csrc/*) $(wildcard csrc/*/*)
 
 .PHONY: install example demo test test-fast lint bench info clean
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_SPEC) $(TRITON_SPEC) $(DEPS)
