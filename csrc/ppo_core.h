@@ -189,7 +189,7 @@ struct RowIn {
   int64_t a;      // taken action (only used when in_range)
   bool in_range;  // 0 <= a < A
   float floor;    // prob_floor (<= 0: off)
-  float fill;     // mask_fill
+  float fill;     // mask_fill; -inf when invalid actions are excluded (mask_exclude): exp(-inf - m) = 0
   bool norm_ent;  // normalize_entropy
 };
 
@@ -204,15 +204,19 @@ struct FloorC {
   float m1, s1, f, s_f, po;
 };
 
+// the log-softmax of a row from its shifted logits: logp_j = (zhat_j - m) - ls, m the row max (NaN logits never
+// become it), ls = log sum_k exp(zhat_k - m). Never zhat_j - (m + ls): that rounds at the magnitude of zhat (2e-6
+// at a common offset of 50, 5e-4 at 1e4); zhat_j - m is exact for logits within a factor 2 of m. A row without
+// a valid action (m = -inf with exclusion, or an absent step) gives NaN here: its outputs are set apart.
 struct RowSm {
-  float lse;  // logsumexp of the final (floored) masked logits
-  float n;    // valid actions
+  float m;   // max of the final (floored) masked logits
+  float ls;  // log sum exp(zhat - m) of them
+  float n;   // valid actions
   bool floor_on;
   FloorC fc;
 };
 
-// torch.logsumexp's shift: the max, or 0 when the max is infinite
-ESPER_HD float lse_shift(float m) { return (m == INFINITY || m == -INFINITY) ? 0.f : m; }
+ESPER_HD float log_prob(float z, float m, float ls) { return (z - m) - ls; }
 
 // esper's floor: f = min(floor, 0.99 / max(n, 1)) as torch computes it (reciprocal, then * 0.99)
 ESPER_HD float floor_f(float n, float floor) {
@@ -238,7 +242,7 @@ ESPER_HD float row_zfinal(const R& row, const RowSm& sm, float fill, int j) {
   return floor_elem(zh, row.use(j), sm.fc, fill, q, p1, over);
 }
 
-// the row's log-softmax constants: lse of the (floored) masked logits, the valid count, the floor's constants
+// the row's log-softmax constants: m and ls of the (floored) masked logits, the valid count, the floor's constants
 template <class R>
 ESPER_HD RowSm row_softmax(const R& row, const RowIn& in) {
   RowSm sm;
@@ -250,7 +254,7 @@ ESPER_HD RowSm row_softmax(const R& row, const RowIn& in) {
   float m = mc.m;
   if (sm.floor_on) {
     FloorC fc;
-    fc.m1 = lse_shift(m);
+    fc.m1 = m;
     float m1 = fc.m1;
     fc.s1 = (float)row.reduce(
         0.0, [&](int j) { return (double)ek_exp(row.zhat(j) - m1); }, [](double a, double b) { return a + b; });
@@ -274,30 +278,31 @@ ESPER_HD RowSm row_softmax(const R& row, const RowIn& in) {
   } else {
     sm.fc = FloorC{0.f, 1.f, 0.f, 1.f, 0.f};
   }
-  float sh = lse_shift(m);
   float s = (float)row.reduce(
-      0.0, [&](int j) { return (double)ek_exp(row_zfinal(row, sm, in.fill, j) - sh); },
+      0.0, [&](int j) { return (double)ek_exp(row_zfinal(row, sm, in.fill, j) - m); },
       [](double a, double b) { return a + b; });
-  sm.lse = sh + ek_log(s);
+  sm.m = m;
+  sm.ls = ek_log(s);
   return sm;
 }
 
 struct RowFwd {
-  float ell;  // log-prob of the taken action (NaN when out of range)
-  float ent;  // entropy as used in the loss (normalised when asked)
+  float ell;  // log-prob of the taken action (NaN when out of range or without a valid action; -inf when excluded)
+  float ent;  // entropy as used in the loss (normalised when asked; 0 without a valid action)
   float n;    // valid actions
   bool taken;  // the taken action is in range and valid
+  float m, ls;  // the row's log-softmax constants (RowSm)
 };
 
 template <class R>
 ESPER_HD RowFwd row_forward(const R& row, const RowIn& in) {
   RowSm sm = row_softmax(row, in);
-  float lse = sm.lse;
+  const float m = sm.m, ls = sm.ls;
   D2 hp = row.reduce(
       D2{0.0, 0.0},
       [&](int j) {
         if (!row.use(j)) return D2{0.0, 0.0};
-        float lp = row_zfinal(row, sm, in.fill, j) - lse;
+        float lp = log_prob(row_zfinal(row, sm, in.fill, j), m, ls);
         float p = ek_exp(lp);
         return D2{(double)(p * lp), (double)p};
       },
@@ -308,24 +313,36 @@ ESPER_HD RowFwd row_forward(const R& row, const RowIn& in) {
   out.ent = ent;
   out.n = sm.n;
   int ja = in.in_range ? (int)in.a : 0;
-  out.ell = in.in_range ? row_zfinal(row, sm, in.fill, ja) - lse : f_nan();
+  // no log-prob for an action out of range, nor in a row without a valid action (as an out-of-range action)
+  out.ell = (in.in_range && sm.n > 0.f) ? log_prob(row_zfinal(row, sm, in.fill, ja), m, ls) : f_nan();
   out.taken = in.in_range && row.use(ja);
+  out.m = m;
+  out.ls = ls;
   return out;
 }
 
-// d loss / d logits of one row: gL = incoming gradient of ell, gE = of the entropy as output
+// the gradient rule of a row whose upstream gradient (gL, or the raw entropy's ghr) is NaN or infinite: NaN at
+// every valid action, 0 at masked ones (docs/semantics.md section 3)
+ESPER_HD bool bad_upstream(float gL, float ghr) { return !is_finite(gL) || !is_finite(ghr); }
+
+// d loss / d logits of one row: gL = incoming gradient of ell (0 when the action is out of range), gE = of the
+// entropy as output
 template <class R>
 ESPER_HD void row_backward(R& row, const RowIn& in, float gL, float gE) {
   RowSm sm = row_softmax(row, in);
-  float lse = sm.lse;
+  const float m = sm.m, ls = sm.ls;
   float ghr = gE;
   if (in.norm_ent) ghr = sm.n > 1.f ? gE / ek_log(sm.n < 2.f ? 2.f : sm.n) : 0.f;
+  if (bad_upstream(gL, ghr)) {  // (row-uniform: every thread of a block policy takes the same branch)
+    row.for_each([&](int j) { row.store(j, row.use(j) ? f_nan() : 0.f); });
+    return;
+  }
   float ng = -ghr;
   int64_t a = in.in_range ? in.a : -1;
   float fill = in.fill;
   // d/d logp_j (autograd's terms: the gather of ell, then -sum_V p logp directly and through p = exp(logp))
   auto gl = [&](int j, float z, float& p) {
-    float lp = z - lse;
+    float lp = log_prob(z, m, ls);
     p = ek_exp(lp);
     float g = (j == a) ? gL : 0.f;
     return g + (row.use(j) ? ng * p + (ng * lp) * p : 0.f);
@@ -474,20 +491,33 @@ ESPER_HD double moment_mean(double W, double S1, double xmin, double xmax) {
   if (xmin == xmax) return xmin;
   return S1 / W;
 }
-// Chan et al.: merge the moments (wb, mb, qb) into (wa, ma, qa); equal means merge exactly
+// M2 of a moment whose mean is not finite: a kept +inf or -inf makes the mean that infinity and the spread
+// infinite; both infinities, or a NaN value, make both NaN (docs/semantics.md section 5). (The sum w x of the
+// kept values, in double, is non-finite exactly when one of them is: it cannot overflow from float32 values.)
+ESPER_HD double nonfinite_m2(double mean) { return mean != mean ? mean : (double)INFINITY; }
+ESPER_HD bool finite_d(double x) { return x == x && x != (double)INFINITY && x != -(double)INFINITY; }
+
+// Chan et al.: merge the moments (wb, mb, qb) into (wa, ma, qa); equal means merge exactly. A part with a
+// non-finite mean decides alone: the means add as IEEE numbers (inf + inf = inf, inf - inf = NaN) and M2 follows
+// nonfinite_m2 (never the inf - inf = NaN of the shifted formulas)
 ESPER_HD void chan_merge(double& wa, double& ma, double& qa, double wb, double mb, double qb) {
-  if (!(wb > 0)) return;
-  if (!(wa > 0)) {
-    wa = wb;
-    ma = mb;
-    qa = qb;
-    return;
+  if (wb > 0) {
+    if (!(wa > 0)) {
+      wa = wb;
+      ma = mb;
+      qa = qb;
+    } else if (!finite_d(ma) || !finite_d(mb)) {
+      wa = wa + wb;
+      ma = ma + mb;
+    } else {
+      double w = wa + wb;
+      double d = mb - ma;
+      ma = ma + d * (wb / w);
+      qa = qa + qb + d * d * (wa * wb / w);
+      wa = w;
+    }
   }
-  double w = wa + wb;
-  double d = mb - ma;
-  ma = ma + d * (wb / w);
-  qa = qa + qb + d * d * (wa * wb / w);
-  wa = w;
+  if (wa > 0 && !finite_d(ma)) qa = nonfinite_m2(ma);
 }
 
 struct StepIn {
@@ -497,12 +527,21 @@ struct StepIn {
   float adv0;  // advantage (column 0 when per-head), 0 when absent
 };
 
+// the advantage of head h at step i (its column of [N, H] advantages, or the one column); with normalize_adv,
+// (A - mean) / denominator of its column from the pre-pass (adv_norm: (mean, denominator) per column)
+ESPER_HD float load_adv(const PPOParams& P, int h, int64_t i) {
+  const float a = load_f(P.adv[h], i);
+  if (!P.normalize_adv) return a;
+  const float* nm = reinterpret_cast<const float*>(P.adv_norm) + 2 * (P.adv_per_head ? h : 0);
+  return (a - nm[0]) / nm[1];
+}
+
 ESPER_HD StepIn load_step(const PPOParams& P, int64_t i) {
   StepIn s;
   s.w_raw = P.weights.ptr ? load_f(P.weights, i) : 1.f;
   s.present = is_finite(s.w_raw) && s.w_raw > 0.f;
   s.w = s.present ? s.w_raw : 0.f;
-  s.adv0 = s.present ? load_f(P.adv[0], i) : 0.f;
+  s.adv0 = s.present ? load_adv(P, 0, i) : 0.f;
   return s;
 }
 
@@ -549,7 +588,7 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   float wr = rel ? s.w : 0.f;
   float pol = 0.f, u = 0.f;
   if (P.per_head) {
-    float adv = P.adv_per_head ? (s.present ? load_f(P.adv[h], i) : 0.f) : s.adv0;
+    float adv = P.adv_per_head ? (s.present ? load_adv(P, h, i) : 0.f) : s.adv0;
     float s1 = ratio * adv, s2 = clampf(ratio, lo, hi_c) * adv;
     float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     pol = rel ? wr * surr : 0.f;

@@ -285,7 +285,7 @@ def test_backend_reasons_and_interface():
     b = make_batch((3,), LAYOUT, dtype=torch.float64, seed=0)
     with pytest.raises(ek.BackendUnavailableError, match="float64"):
         ek.ppo_loss(**b, layout=LAYOUT, backend="cpu")
-    assert native.CpuBackend().saved_shape(5, 8) == [5, 17]
+    assert native.CpuBackend().saved_shape(5, 8) == [5, 25]
     many = ek.HeadLayout({f"h{i}": 2 for i in range(33)})
     bm = random_batch([2] * 33, (4,), seed=1)
     with pytest.raises(ek.BackendUnavailableError, match="at most 32 heads"):

@@ -7,10 +7,12 @@
 // With H + 1 <= RB the per-(step, head) outputs and saved values move the same way, as rows of the block. The
 // per-lane inputs ([N, H] actions, relevance, old log-probs) are gathered, the masks read as one bit mask per
 // row; float32 exp/log (Cephes polynomials with FMA, within 2 ulp) and float sums over the row (at most SMALL
-// terms); the per-(step, head) statistics accumulate per lane in double and are
-// reduced in lane order at the end of a chunk, so results stay independent of the thread count. The forward
-// saves each row's lse (after the [N, H + 1] coefficients), so the backward needs one exp per logit and no
-// max/sum pass. Not bitwise equal to the row path (other exp, FMA, sum order), but as close to the reference.
+// terms); the per-(step, head) statistics accumulate per lane in double and are reduced in lane order at the
+// end of a chunk, so results stay independent of the thread count. Log-probs come from the shifted logits,
+// (z - m) - log sum exp(z - m), as row_softmax; the forward saves each row's m and log-sum (after the [N, H + 1]
+// coefficients; never their sum, the lse, which rounds at the magnitude of the logits), so the backward needs
+// one exp per logit and no max/sum pass. Not bitwise equal to the row path (other exp, FMA, sum order), but as
+// close to the reference.
 // With a floor: row_softmax's floor and row_backward's floored branch lane-wise (floor_lanes / floor_backward:
 // two exp and a log per logit).
 //
@@ -174,6 +176,16 @@ inline __m512 f_lanes16(const Vec& v, int64_t b0, uint32_t m, float dflt) {
   return _mm512_load_ps(t);
 }
 
+// the advantages of column h at the lanes in m (0 elsewhere), normalised as load_adv when normalize_adv
+inline __m512 adv_lanes(const PPOParams& P, int h, int64_t b0, uint32_t m) {
+  __m512 a = f_lanes16(P.adv[h], b0, m, 0.f);
+  if (P.normalize_adv) {
+    const float* nm = reinterpret_cast<const float*>(P.adv_norm) + 2 * (P.adv_per_head ? h : 0);
+    a = _mm512_maskz_div_ps((__mmask16)m, _mm512_sub_ps(a, _mm512_set1_ps(nm[0])), _mm512_set1_ps(nm[1]));
+  }
+  return a;
+}
+
 // column j of the block (lanes at int32 element offsets idx from base), as float
 template <int DT>
 inline __m512 gather_col(const void* base, __m512i idx, int j) {
@@ -238,7 +250,7 @@ void head_lanes(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, 
   L.rel = P.has_rel ? b_lanes16(P.rel[h], B.b0, pres, P.n) : pres;
   if (!fwd) return;
   _mm512_store_ps(L.old, f_lanes16(P.old_lp[h], B.b0, L.rel, 0.f));
-  if (P.per_head && P.adv_per_head) _mm512_store_ps(L.adv, f_lanes16(P.adv[h], B.b0, pres, 0.f));
+  if (P.per_head && P.adv_per_head) _mm512_store_ps(L.adv, adv_lanes(P, h, B.b0, pres));
   else memcpy(L.adv, B.adv0, sizeof(L.adv));
 }
 
@@ -251,11 +263,9 @@ struct FloorLanes {
 };
 FloorLanes floor_lanes(int A, FastCols& C, __m512 m, __m512 n, float floor) {
   const __m512 one = _mm512_set1_ps(1.f);
-  const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-  const __m512 m1 = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
   __m512 s1 = _mm512_setzero_ps();
   for (int j = 0; j < A; ++j) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(C.z[j]), m1));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_load_ps(C.z[j]), m));
     _mm512_store_ps(C.e[j], e);
     s1 = _mm512_add_ps(s1, e);
   }
@@ -280,7 +290,7 @@ inline __m512 floor_q(const FloorLanes& fl, __m512 p1, __mmask16 under) {
   return _mm512_mask_blend_ps(under, _mm512_mul_ps(p1, fl.s_f), fl.f);
 }
 
-// the forward of head h over one block: outputs, saved lse / coefficients, lane statistics, Lsum and flags
+// the forward of head h over one block: outputs, saved m, ls and coefficients, lane statistics, Lsum and flags
 template <int DT>
 void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
                                FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags) {
@@ -321,38 +331,42 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
       za = _mm512_mask_mov_ps(za, _mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), z);
     }
   }
-  const __mmask16 minf = _mm512_cmp_ps_mask(_mm512_abs_ps(m), _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-  const __m512 sh = _mm512_mask_mov_ps(m, minf, _mm512_setzero_ps());  // lse_shift
-  // one pass: s = sum e_j, and over the valid columns t2 = sum e_j, t1 = sum e_j d_j (e_j = exp(d_j),
-  // d_j = z_j - sh <= 0); then -sum_V p_j logp_j = (log(s) t2 - t1) / s, two terms >= 0 (no cancellation)
+  // one pass from the shifted logits d_j = z_j - m <= 0 (row_softmax): s = sum e_j, and over the valid columns
+  // t2 = sum e_j, t1 = sum e_j d_j (e_j = exp(d_j)); then logp_j = d_j - log(s) and
+  // -sum_V p_j logp_j = (log(s) t2 - t1) / s, two terms >= 0 (no cancellation). Rows without a valid action
+  // (m = -inf with exclusion, absent steps) give NaN here and are set apart below
   __m512 s = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps();
   for (int j = 0; j < A; ++j) {
-    const __m512 d = _mm512_sub_ps(_mm512_load_ps(C.z[j]), sh);
+    const __m512 d = _mm512_sub_ps(_mm512_load_ps(C.z[j]), m);
     const __m512 e = exp16(d);
     s = _mm512_add_ps(s, e);
     t2 = _mm512_mask_add_ps(t2, C.v[j], t2, e);
     t1 = _mm512_mask3_fmadd_ps(e, d, t1, C.v[j]);
   }
   const __m512 ls = log16(s);
-  const __m512 lse = _mm512_add_ps(sh, ls);
-  __m512 ent = _mm512_div_ps(_mm512_fmsub_ps(ls, t2, t1), s);
+  const __mmask16 nonempty = _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_GT_OQ);
+  __m512 ent = _mm512_maskz_div_ps(nonempty, _mm512_fmsub_ps(ls, t2, t1), s);  // 0 without a valid action
   if (P.normalize_entropy) {
     const __m512 ln = _mm512_i32gather_ps(_mm512_cvttps_epi32(n), log_tab().v, 4);
     ent = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(n, one, _CMP_GT_OQ), ent, ln);
   }
   ent = _mm512_maskz_mov_ps(pres, ent);
-  __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr, _mm512_sub_ps(za, lse));
+  // NaN out of range or without a valid action (-inf for an excluded taken action: d = -inf)
+  __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr & nonempty,
+                                  _mm512_sub_ps(_mm512_sub_ps(za, m), ls));
   ell = _mm512_maskz_mov_ps(pres, ell);  // absent steps: 0 (as the row path)
   if (F.otr) {  // written as rows by flush_out
     _mm512_store_ps(C.oc[0][h], ell);
     _mm512_store_ps(C.oc[1][h], ent);
-    _mm512_store_ps(C.oc[2][h], lse);
+    _mm512_store_ps(C.oc[2][h], m);
+    _mm512_store_ps(C.oc[4][h], ls);
   } else {
     const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
     const int64_t o = B.b0 * H + h;
     _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.log_probs) + o, live, idxH, ell, 4);
     _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.entropy) + o, live, idxH, ent, 4);
-    _mm512_mask_i32scatter_ps(saved_lse(P) + o, live, idxH, lse, 4);
+    _mm512_mask_i32scatter_ps(saved_m(P) + o, live, idxH, m, 4);
+    _mm512_mask_i32scatter_ps(saved_ls(P) + o, live, idxH, ls, 4);
   }
 
   // head_step, lane-wise (the same float operations)
@@ -420,11 +434,11 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
 
 // row_backward's floored branch, lane-wise: the gradient d/d z of each column into C.g (0 on masked columns),
 // with C.e = 0, so that the caller's g - p sigma (sigma = 0) leaves it as it is. zs: the packed columns (else
-// gathered from base at idx); lse: the saved lse of the floored logits; gl, ng: as fast_backward
+// gathered from base at idx); ms, ls: the saved m and ls of the floored logits; gl, ng: as fast_backward
 template <int DT>
-inline void floor_backward(const PPOParams& P, int h, int A, FastCols& C, __m512i MR,
-                                        const float (*zs)[RB], const void* base, __m512i idx, __m512 fill,
-                                        __m512 lse, __m512i av, __m512 gl, __m512 ng) {
+inline void floor_backward(const PPOParams& P, int h, int A, FastCols& C, __m512i MR, const float (*zs)[RB],
+                           const void* base, __m512i idx, __m512 fill, __m512 ms, __m512 ls, __m512i av, __m512 gl,
+                           __m512 ng) {
   const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
   __m512 m = _mm512_set1_ps(-INFINITY), n = zero;
   for (int j = 0; j < A; ++j) {  // the masked logits, their max and the valid count
@@ -442,7 +456,7 @@ inline void floor_backward(const PPOParams& P, int h, int A, FastCols& C, __m512
     const __m512 p1 = _mm512_load_ps(C.e[j]);
     const __mmask16 vj = C.v[j], under = vj & _mm512_cmp_ps_mask(p1, fl.f, _CMP_LT_OQ);
     const __m512 z = _mm512_mask_blend_ps(vj, fill, log16(clamp_min16(floor_q(fl, p1, under), 1e-8f)));
-    const __m512 lp = _mm512_sub_ps(z, lse);
+    const __m512 lp = _mm512_sub_ps(_mm512_sub_ps(z, ms), ls);
     const __m512 p = exp16(lp);
     __m512 g = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), gl);
     g = _mm512_mask_add_ps(g, vj, g, _mm512_fmadd_ps(_mm512_mul_ps(ng, lp), p, _mm512_mul_ps(ng, p)));
@@ -496,8 +510,7 @@ inline void floor_backward(const PPOParams& P, int h, int A, FastCols& C, __m512
 
 // the backward of head h over one block (gL, gE: incoming gradients of present lanes, 0 elsewhere)
 template <int DT>
-void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
-                                FastCols& C) {
+void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows, FastCols& C) {
   const int A = P.sizes[h], H = P.num_heads;
   HeadLanes L;
   head_lanes(P, F, h, B, rows, false, L);
@@ -510,13 +523,15 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
   char* gbase = reinterpret_cast<char*>(P.grads[h]) + B.b0 * P.grads_rs[h] * es;
   const __m512 fill = _mm512_set1_ps(P.mask_fill);
   const __m512i av = _mm512_load_si512(L.act);
-  __m512 lse, u;  // saved lse and coefficient (0 in lanes >= nb)
-  if (F.otr) {  // staged as columns by stage_saved
-    lse = _mm512_load_ps(C.oc[2][h]);
+  __m512 ms, ls, u;  // saved m, ls and coefficient (0 in lanes >= nb)
+  if (F.otr) {  // staged as columns by fast_stage
+    ms = _mm512_load_ps(C.oc[2][h]);
+    ls = _mm512_load_ps(C.oc[4][h]);
     u = _mm512_load_ps(C.oc[3][h]);
   } else {
     const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
-    lse = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_lse(P) + B.b0 * H + h, 4);
+    ms = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_m(P) + B.b0 * H + h, 4);
+    ls = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxH, saved_ls(P) + B.b0 * H + h, 4);
     const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
     u = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idxS,
                                  reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
@@ -544,15 +559,18 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
     ghr = _mm512_maskz_div_ps(_mm512_cmpgt_epi32_mask(ni, _mm512_set1_epi32(1)), ghr, ln);
   }
   const __m512 ng = _mm512_sub_ps(_mm512_setzero_ps(), ghr);
+  // a non-finite upstream (row_backward's bad_upstream): NaN at every valid action of the lane's row
+  const __mmask16 bad = pres & ~(finite16(gl) & finite16(ghr));
+  const __m512 nan = _mm512_set1_ps(NAN);
   const bool zp = F.zp.on;
   const float(*zs)[RB] = C.zs + F.zp.off[h];
   __m512 sig = _mm512_setzero_ps();
   if (P.floor[h] > 0.f)  // the gradient into C.g, C.e = 0: the stores below leave it as it is (sig = 0)
-    floor_backward<DT>(P, h, A, C, MR, zp ? zs : nullptr, base, idx, fill, lse, av, gl, ng);
+    floor_backward<DT>(P, h, A, C, MR, zp ? zs : nullptr, base, idx, fill, ms, ls, av, gl, ng);
   for (int j = 0; j < A && !(P.floor[h] > 0.f); ++j) {  // without a floor
     const __mmask16 vj = _mm512_test_epi32_mask(MR, _mm512_set1_epi32((int32_t)(1u << j)));
     const __m512 z = _mm512_mask_blend_ps(vj, fill, zp ? _mm512_load_ps(zs[j]) : gather_col<DT>(base, idx, j));
-    const __m512 lp = _mm512_sub_ps(z, lse);
+    const __m512 lp = _mm512_sub_ps(_mm512_sub_ps(z, ms), ls);
     const __m512 p = exp16(lp);
     __m512 g = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(av, _mm512_set1_epi32(j)), gl);
     g = _mm512_mask_add_ps(g, vj, g, _mm512_fmadd_ps(_mm512_mul_ps(ng, lp), p, _mm512_mul_ps(ng, p)));
@@ -563,14 +581,16 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
   }
   if (F.gp.on) {  // written as rows by flush_g
     float(*gs)[RB] = C.gs + F.gp.off[h];
-    for (int j = 0; j < A; ++j)
-      _mm512_store_ps(gs[j], _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig,
-                                                                           _mm512_load_ps(C.g[j]))));
+    for (int j = 0; j < A; ++j) {
+      const __m512 out = _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig,
+                                                                        _mm512_load_ps(C.g[j])));
+      _mm512_store_ps(gs[j], _mm512_mask_mov_ps(out, C.v[j] & bad, nan));
+    }
     return;
   }
   for (int j = 0; j < A; ++j) {
-    const __m512 out = _mm512_maskz_mov_ps(
-        C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig, _mm512_load_ps(C.g[j])));
+    __m512 out = _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig, _mm512_load_ps(C.g[j])));
+    out = _mm512_mask_mov_ps(out, C.v[j] & bad, nan);
     if (DT == DT_F32) _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(gbase) + j, live, gidx, out, 4);
     else _mm512_store_ps(C.g[j], out);
   }
@@ -755,7 +775,7 @@ void block_in_vec(const PPOParams& P, int64_t b0, int nb, BlockIn& B) {
   B.pres = pres;
   _mm512_store_ps(B.w_raw, w_raw);
   _mm512_store_ps(B.w, _mm512_maskz_mov_ps(pres, w_raw));
-  _mm512_store_ps(B.adv0, f_lanes16(P.adv[0], b0, pres, 0.f));
+  _mm512_store_ps(B.adv0, adv_lanes(P, 0, b0, pres));
 }
 void fast_mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
   if (F.mpacked) mask_rows(F, B, rows);
@@ -764,7 +784,7 @@ void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, co
                                   const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
   fast_global(P, F, B, Lsum, flags, C, acc, xs, xw);
 }
-// before a block's heads: the packed logits (forward and backward) and, in the backward, the saved lse and
+// before a block's heads: the packed logits (forward and backward) and, in the backward, the saved m, ls and
 // coefficients as columns
 void fast_stage(const PPOParams& P, const FastPlan& F, const BlockIn& B, FastCols& C, bool fwd) {
   if (F.zp.on) {
@@ -776,7 +796,8 @@ void fast_stage(const PPOParams& P, const FastPlan& F, const BlockIn& B, FastCol
   }
   if (!fwd && F.otr) {
     const int H = P.num_heads;
-    load_cols(saved_lse(P) + B.b0 * H, H, B.nb, (__mmask16)((1u << H) - 1u), C.oc[2]);
+    load_cols(saved_m(P) + B.b0 * H, H, B.nb, (__mmask16)((1u << H) - 1u), C.oc[2]);
+    load_cols(saved_ls(P) + B.b0 * H, H, B.nb, (__mmask16)((1u << H) - 1u), C.oc[4]);
     load_cols(reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1), H + 1, B.nb, (__mmask16)((2u << H) - 1u),
               C.oc[3]);
   }
@@ -789,7 +810,8 @@ void fast_flush(const PPOParams& P, const FastPlan& F, const BlockIn& B, const F
     const __mmask16 hm = (__mmask16)F.hmask;
     store_cols(reinterpret_cast<float*>(P.log_probs) + B.b0 * H, H, B.nb, hm, C.oc[0]);
     store_cols(reinterpret_cast<float*>(P.entropy) + B.b0 * H, H, B.nb, hm, C.oc[1]);
-    store_cols(saved_lse(P) + B.b0 * H, H, B.nb, hm, C.oc[2]);
+    store_cols(saved_m(P) + B.b0 * H, H, B.nb, hm, C.oc[2]);
+    store_cols(saved_ls(P) + B.b0 * H, H, B.nb, hm, C.oc[4]);
     store_cols(reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1), H + 1, B.nb, (__mmask16)F.smask, C.oc[3]);
     return;
   }

@@ -2,7 +2,8 @@
 //
 // One row at a time, 16 columns per vector. The forward reads the row twice (the max of the masked
 // logits and the valid count; then e = exp(zhat - shift), summed, with the entropy's sums in the same pass:
-// -sum_V p logp = (log(s) sum_V e - sum_V e d) / s) and saves the row's lse; the backward reads it back and
+// -sum_V p logp = (log(s) sum_V e - sum_V e d) / s, e = exp(d), d = zhat - m) and saves the row's m and
+// log(s) (never m + log(s), which rounds at the logits' magnitude); the backward reads them back and
 // needs one exp per logit: p and r = p (1 + logp) go to the row buffers, then the gradient
 // (j == a ? gL : 0) - gHraw r - p sigma on the valid columns. Sums run in float per lane over at most
 // WIDE_FLUSH columns, then in double, reduced in a fixed order: the same bits whatever the thread count.
@@ -77,9 +78,9 @@ inline void wide_flush(__m512& f, __m512d& lo, __m512d& hi) {
 }
 inline float wide_sum(__m512d lo, __m512d hi) { return (float)_mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
 
-// the forward of row i of wide head h (a present step): row_forward's outputs and the row's lse
+// the forward of row i of wide head h (a present step): row_forward's outputs, with the row's m and ls
 template <int DT>
-RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float& lse_out) {
+RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi) {
   const int A = P.sizes[h];
   const int es = DT == DT_F32 ? 4 : 2;
   const void* row = reinterpret_cast<const char*>(P.logits[h]) + i * P.logits_rs[h] * es;
@@ -103,9 +104,9 @@ RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, floa
     n += __builtin_popcount((unsigned)v);
   }
   const WideNext next(P, h, i, es);
-  const float sh = lse_shift(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
+  const float sh = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));  // m (-inf without a valid action: see n)
   const __m512 shv = _mm512_set1_ps(sh);
-  // s = sum e_j over every column; over the valid ones t2 = sum e_j, t1 = sum e_j d_j (d_j = zhat_j - sh)
+  // s = sum e_j over every column; over the valid ones t2 = sum e_j, t1 = sum e_j d_j (d_j = zhat_j - m)
   __m512 s = _mm512_setzero_ps(), t1 = s, t2 = s;
   __m512d s_lo = _mm512_setzero_pd(), s_hi = s_lo, t1_lo = s_lo, t1_hi = s_lo, t2_lo = s_lo, t2_hi = s_lo;
   for (int c0 = 0; c0 < A; c0 += WIDE_FLUSH) {
@@ -125,7 +126,6 @@ RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, floa
   }
   const float sf = wide_sum(s_lo, s_hi), t1f = wide_sum(t1_lo, t1_hi), t2f = wide_sum(t2_lo, t2_hi);
   const float ls = ek_log(sf);
-  const float lse = sh + ls;
   const float nf = (float)n;
   float ent = n > 0 ? (ls * t2f - t1f) / sf : 0.f;
   if (P.normalize_entropy) ent = nf > 1.f ? ent / ek_log(nf < 2.f ? 2.f : nf) : 0.f;
@@ -134,28 +134,30 @@ RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, floa
   out.n = nf;
   out.taken = false;
   out.ell = f_nan();
-  if (hi.in_range) {
+  if (hi.in_range) {  // (NaN also without a valid action, as an action out of range)
     const bool va = !m || m[hi.a] != 0;
-    out.ell = (va ? load_logit(P, h, i, hi.a) : P.mask_fill) - lse;
+    if (n > 0) out.ell = log_prob(va ? load_logit(P, h, i, hi.a) : P.mask_fill, sh, ls);
     out.taken = va;
   }
-  lse_out = lse;
+  out.m = sh;
+  out.ls = ls;
   return out;
 }
 
-// the gradient of row i of wide head h (a present step) from the saved lse; p, r and the valid bits of the
+// the gradient of row i of wide head h (a present step) from the saved m and ls; p, r and the valid bits of the
 // row go through pb, rb, vb (A floats, A floats, A / 8 bytes)
 template <int DT>
-void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,
-                                float* rb, uint8_t* vb) {
+void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb, float* rb,
+                   uint8_t* vb) {
   const int A = P.sizes[h];
   const int es = DT == DT_F32 ? 4 : 2;
   const void* row = reinterpret_cast<const char*>(P.logits[h]) + i * P.logits_rs[h] * es;
   const uint8_t* m = P.has_mask ? reinterpret_cast<const uint8_t*>(P.masks[h]) + i * P.masks_rs[h] : nullptr;
   const __m512 fill = _mm512_set1_ps(P.mask_fill);
-  const __m512 lse = _mm512_set1_ps(saved_lse(P)[i * P.num_heads + h]);
+  const __m512 ms = _mm512_set1_ps(saved_m(P)[i * P.num_heads + h]);
+  const __m512 ls = _mm512_set1_ps(saved_ls(P)[i * P.num_heads + h]);
   char* grow = reinterpret_cast<char*>(P.grads[h]) + i * P.grads_rs[h] * es;
-  // pass 1: p = exp(zhat - lse), r = p + logp p on the valid columns; sum_V r
+  // pass 1: p = exp(logp), logp = (zhat - m) - ls, r = p + logp p on the valid columns; sum_V r
   __m512 sr = _mm512_setzero_ps();
   __m512d sr_lo = _mm512_setzero_pd(), sr_hi = sr_lo;
   int n = 0;
@@ -164,7 +166,7 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
     for (int j = c0; j < c1; j += 16) {
       if (es == 4 || (j & 31) == 0) WideNext::line_w(grow + (int64_t)j * es);  // the lines pass 2 writes
       const __mmask16 k = wide_tail(c1, j), v = wide_valid(m, j, k);
-      const __m512 lp = _mm512_sub_ps(_mm512_mask_blend_ps(v, fill, wide_load<DT>(row, j, k)), lse);
+      const __m512 lp = _mm512_sub_ps(_mm512_sub_ps(_mm512_mask_blend_ps(v, fill, wide_load<DT>(row, j, k)), ms), ls);
       const __m512 p = _mm512_maskz_mov_ps(v, exp16(lp));
       const __m512 r = _mm512_maskz_fmadd_ps(v, lp, p, p);
       sr = _mm512_add_ps(sr, r);
@@ -185,6 +187,9 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
   const int64_t a = hi.in_range ? hi.a : -1;
   const float gla = a >= 0 ? gL : 0.f;
   const float sig = gla + ng * wide_sum(sr_lo, sr_hi);
+  // a non-finite upstream (row_backward's bad_upstream): NaN at every valid column
+  const __mmask16 bad = bad_upstream(gla, ghr) ? (__mmask16)0xffff : (__mmask16)0;
+  const __m512 nan = _mm512_set1_ps(NAN);
   // pass 2: g_j = (j == a ? gL : 0) + ng r_j - p_j sigma on the valid columns, 0 elsewhere
   const __m512 ngv = _mm512_set1_ps(ng), sigv = _mm512_set1_ps(sig), glv = _mm512_set1_ps(gla);
   const __m512i av = _mm512_set1_epi32((int32_t)a);
@@ -197,7 +202,8 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
     const __mmask16 isa = _mm512_cmpeq_epi32_mask(_mm512_add_epi32(iota16i(), _mm512_set1_epi32(j)), av);
     const __m512 q = _mm512_mul_ps(ngv, _mm512_maskz_loadu_ps(k, rb + j));
     const __m512 base = _mm512_mask_add_ps(q, isa, q, glv);
-    const __m512 g = _mm512_maskz_mov_ps((__mmask16)vv, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, pb + j), sigv, base));
+    __m512 g = _mm512_maskz_mov_ps((__mmask16)vv, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, pb + j), sigv, base));
+    g = _mm512_mask_mov_ps(g, (__mmask16)vv & bad, nan);
     if (DT == DT_F32) _mm512_mask_storeu_ps(reinterpret_cast<float*>(grow) + j, k, g);
     else _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(grow) + j, k, _mm512_cvtepi32_epi16(to16<DT>(g)));
   }
@@ -206,11 +212,11 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
 }  // namespace
 
 // ---- entry points (cpu_internal.h) ---------------------------------------------------------------------------
-RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float& lse) {
+RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi) {
   switch (P.logits_dtype) {
-    case DT_F32: return wide_forward<DT_F32>(P, h, i, hi, lse);
-    case DT_F16: return wide_forward<DT_F16>(P, h, i, hi, lse);
-    default: return wide_forward<DT_BF16>(P, h, i, hi, lse);
+    case DT_F32: return wide_forward<DT_F32>(P, h, i, hi);
+    case DT_F16: return wide_forward<DT_F16>(P, h, i, hi);
+    default: return wide_forward<DT_BF16>(P, h, i, hi);
   }
 }
 void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,

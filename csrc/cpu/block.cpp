@@ -67,9 +67,11 @@ inline void stage_block(const PPOParams& P, int h, int64_t b0, int nb, const Ste
   }
 }
 
-// the lse of each row (row_softmax without a floor); n = valid count
-ESPER_CLONES void block_lse(int A, const SmallBuf& B, float* __restrict lse, float* __restrict n_out) {
-  float m[RB], n[RB], sh[RB];
+// the log-softmax constants of each row (row_softmax without a floor): m = max, ls = log sum exp(z - m); n =
+// valid count
+ESPER_CLONES void block_softmax(int A, const SmallBuf& B, float* __restrict m_out, float* __restrict ls,
+                                float* __restrict n_out) {
+  float m[RB], n[RB];
   double sd[RB];
   for (int r = 0; r < RB; ++r) {
     m[r] = -INFINITY;
@@ -82,34 +84,34 @@ ESPER_CLONES void block_lse(int A, const SmallBuf& B, float* __restrict lse, flo
       m[r] = z > m[r] ? z : m[r];
       n[r] += B.u[j][r];
     }
-  for (int r = 0; r < RB; ++r) sh[r] = lse_shift(m[r]);
   for (int j = 0; j < A; ++j)
-    for (int r = 0; r < RB; ++r) sd[r] += (double)host_expf(B.z[j][r] - sh[r]);
+    for (int r = 0; r < RB; ++r) sd[r] += (double)host_expf(B.z[j][r] - m[r]);
   for (int r = 0; r < RB; ++r) {
-    lse[r] = sh[r] + ek_log((float)sd[r]);
+    m_out[r] = m[r];
+    ls[r] = ek_log((float)sd[r]);
     n_out[r] = n[r];
   }
 }
 
-ESPER_CLONES void block_entropy(int A, const SmallBuf& B, const float* lse, double* hx) {
+ESPER_CLONES void block_entropy(int A, const SmallBuf& B, const float* m, const float* ls, double* hx) {
   for (int r = 0; r < RB; ++r) hx[r] = 0.0;
   for (int j = 0; j < A; ++j)
     for (int r = 0; r < RB; ++r) {
-      const float lp = B.z[j][r] - lse[r];
+      const float lp = log_prob(B.z[j][r], m[r], ls[r]);
       const float p = host_expf(lp);
       hx[r] += B.u[j][r] != 0.f ? (double)(p * lp) : 0.0;
     }
 }
 
 // d/d logp (kept in B.g, p in B.p) and its row sums, then the gradient d/d z into B.g
-ESPER_CLONES void block_grad(int A, SmallBuf& B, const float* lse, const int32_t* a, const float* gL,
+ESPER_CLONES void block_grad(int A, SmallBuf& B, const float* m, const float* ls, const int32_t* a, const float* gL,
                              const float* ng) {
   double sd[RB];
   float sig[RB];
   for (int r = 0; r < RB; ++r) sd[r] = 0.0;
   for (int j = 0; j < A; ++j)
     for (int r = 0; r < RB; ++r) {
-      const float lp = B.z[j][r] - lse[r];
+      const float lp = log_prob(B.z[j][r], m[r], ls[r]);
       const float p = host_expf(lp);
       float g = (j == a[r]) ? gL[r] : 0.f;
       g = g + (B.u[j][r] != 0.f ? ng[r] * p + (ng[r] * lp) * p : 0.f);
@@ -128,13 +130,13 @@ void small_forward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* 
                    SmallBuf& B) {
   const int A = P.sizes[h];
   stage_block(P, h, b0, nb, s, B);
-  float lse[RB], n[RB];
+  float m[RB], ls[RB], n[RB];
   double hx[RB];
-  block_lse(A, B, lse, n);
-  block_entropy(A, B, lse, hx);
+  block_softmax(A, B, m, ls, n);
+  block_entropy(A, B, m, ls, hx);
   for (int r = 0; r < nb; ++r) {
     if (!s[r].present) {
-      out[r] = RowFwd{0.f, 0.f, 0.f, false};
+      out[r] = RowFwd{0.f, 0.f, 0.f, false, 0.f, 0.f};
       continue;
     }
     float ent = -(float)hx[r];
@@ -142,8 +144,10 @@ void small_forward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* 
     const int ja = hi[r].in_range ? (int)hi[r].a : 0;
     out[r].ent = ent;
     out[r].n = n[r];
-    out[r].ell = hi[r].in_range ? B.z[ja][r] - lse[r] : f_nan();
+    out[r].ell = (hi[r].in_range && n[r] > 0.f) ? log_prob(B.z[ja][r], m[r], ls[r]) : f_nan();
     out[r].taken = hi[r].in_range && B.u[ja][r] != 0.f;
+    out[r].m = m[r];
+    out[r].ls = ls[r];
   }
 }
 
@@ -152,9 +156,10 @@ void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn*
                     const float* gL, const float* gE, SmallBuf& B) {
   const int A = P.sizes[h];
   stage_block(P, h, b0, nb, s, B);
-  float lse[RB], n[RB], ng[RB], gl[RB];
+  float m[RB], ls[RB], n[RB], ng[RB], gl[RB];
   int32_t a[RB];
-  block_lse(A, B, lse, n);
+  bool bad[RB];
+  block_softmax(A, B, m, ls, n);
   for (int r = 0; r < RB; ++r) {
     const bool ok = r < nb && s[r].present;
     float ghr = ok ? gE[r] : 0.f;
@@ -162,14 +167,16 @@ void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn*
     ng[r] = -ghr;
     gl[r] = ok ? gL[r] : 0.f;
     a[r] = (ok && hi[r].in_range) ? (int32_t)hi[r].a : -1;
+    bad[r] = bad_upstream(gl[r], ghr);
   }
-  block_grad(A, B, lse, a, gl, ng);
+  block_grad(A, B, m, ls, a, gl, ng);
   for (int r = 0; r < nb; ++r) {
     if (!s[r].present) {
       store_row(P, h, b0 + r, nullptr);
       continue;
     }
-    for (int j = 0; j < A; ++j) B.zr[j] = B.g[j][r];
+    // (a non-finite upstream: NaN at every valid action, as row_backward)
+    for (int j = 0; j < A; ++j) B.zr[j] = bad[r] ? (B.u[j][r] != 0.f ? f_nan() : 0.f) : B.g[j][r];
     store_row(P, h, b0 + r, B.zr);
   }
 }

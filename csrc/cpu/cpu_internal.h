@@ -34,10 +34,11 @@ static_assert(CHUNK % RB == 0, "CHUNK must be a multiple of RB");
 constexpr int64_t FAST_MAX_RS = int64_t(1) << 26;  // row strides (elements) whose 16-row offsets fit int32
 constexpr int SPAN = 64;  // columns of a packed block (FastPlan::Span2D)
 
-// the saved lse of (row i, head h): after the [N, H + 1] coefficients (CpuBackend.saved_shape is [N, 2H + 1])
-static inline float* saved_lse(const PPOParams& P) {
-  return reinterpret_cast<float*>(P.saved) + P.n * (P.num_heads + 1);
-}
+// the saved log-softmax constants of (row i, head h) at [i * H + h], for the AVX-512 backward: the row max m,
+// then ls = log sum exp(zhat - m), each [N, H] after the [N, H + 1] coefficients (CpuBackend.saved_shape is
+// [N, 3H + 1])
+static inline float* saved_m(const PPOParams& P) { return reinterpret_cast<float*>(P.saved) + P.n * (P.num_heads + 1); }
+static inline float* saved_ls(const PPOParams& P) { return saved_m(P) + P.n * P.num_heads; }
 
 // the gradient row g of row i of head h into the grads tensor, in the logits' dtype (g == nullptr: zeros)
 static inline void store_row(const PPOParams& P, int h, int64_t i, const float* g) {
@@ -133,18 +134,18 @@ struct FastCols {  // one head's block, column-major: element j of lane r at [j]
   // packed (FastPlan::zp / gp); column c of the span at [c]
   alignas(64) float zs[SPAN][RB];
   alignas(64) float gs[SPAN][RB];
-  // per-(row, head) values in columns (FastPlan::otr): forward log_probs, entropy, lse and the saved row
-  // (H + 1 columns); backward: saved lse and coefficients
-  alignas(64) float oc[4][RB][RB];
+  // per-(row, head) values in columns (FastPlan::otr): forward log_probs, entropy, m, the saved row (H + 1
+  // columns) and ls; backward: saved m, coefficients and ls
+  alignas(64) float oc[5][RB][RB];
   uint16_t v[SMALL];
 };
 
 // per-call constants of the AVX-512 path (shared by the threads)
 struct FastPlan {
   bool fast[ESPER_MAX_HEADS];     // heads this call runs on the AVX-512 path
-  bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their lse in any case)
+  bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their m and ls in any case)
   bool wide[ESPER_MAX_HEADS];     // wide heads this call runs on the AVX-512 wide path (wide_forward / wide_backward)
-  bool wide_ok[ESPER_MAX_HEADS];  // wide heads it would run there (the forward saves their lse in any case)
+  bool wide_ok[ESPER_MAX_HEADS];  // wide heads it would run there (the forward saves their m and ls in any case)
   bool any = false;
   bool all = false;  // every head: the step inputs of a block are read as vectors (block_in_vec), no StepIn
   // masks of every fast head inside one 64-byte window of a row (packed [N, S] masks): one load per row
@@ -167,7 +168,7 @@ struct FastPlan {
     int off[ESPER_MAX_HEADS] = {};
   };
   Span2D zp, gp;
-  // H + 1 <= RB: the [N, H] outputs (log_probs, entropy, lse) and the saved [N, H + 1] rows go through columns
+  // H + 1 <= RB: the [N, H] outputs (log_probs, entropy, m, ls) and the saved [N, H + 1] rows go through columns
   // of FastCols::oc, written (read) as RB contiguous rows of the block
   bool otr = false;
   uint32_t hmask = 0;  // columns of the fast heads
@@ -202,9 +203,10 @@ void fast_backward_any(const PPOParams& P, const FastPlan& F, int h, const Block
 void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
                      const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw);
 void fast_flush(const PPOParams& P, const FastPlan& F, const BlockIn& B, const FastCols& C, bool fwd);
-// avx512_wide.cpp: one row of a wide head (a present step); the forward returns the row's lse in lse, the
-// backward reads it from the saved lse and uses pb, rb (A floats each) and vb (A / 8 + 2 bytes) as row buffers
-RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float& lse);
+// avx512_wide.cpp: one row of a wide head (a present step); the forward returns the row's m and ls in its
+// RowFwd, the backward reads them from the saved values and uses pb, rb (A floats each) and vb (A / 8 + 2 bytes)
+// as row buffers
+RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi);
 void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,
                        float* rb, uint8_t* vb);
 }  // namespace avx512

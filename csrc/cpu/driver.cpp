@@ -301,7 +301,8 @@ FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const Gr
     if (st) F.gp = span2d(P, F.fast, P.grads, P.grads_rs, es);
     F.otr = H + 1 <= RB;
     for (int h = 0; h < H; ++h) F.hmask |= (uint32_t)F.fast[h] << h;
-    F.smask = P.per_head ? (F.hmask | (1u << H)) : ((2u << H) - 1u);
+    // (64-bit: H may be 32; the masks are used only when otr, H < RB)
+    F.smask = (uint32_t)(P.per_head ? (F.hmask | (1ull << H)) : ((2ull << H) - 1ull));
   }
   if (F.mpacked) {
     F.mbase = reinterpret_cast<const uint8_t*>(lo);
@@ -377,20 +378,20 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
         small_forward(P, h, i0, nb, sb, hib, rfb, *b.small);
       } else {
         for (int q = 0; q < nb; ++q) {
-          RowFwd rf{0.f, 0.f, 0.f, false};
-          float lse = 0.f;
+          RowFwd rf{0.f, 0.f, 0.f, false, 0.f, 0.f};
           if (sb[q].present && F.wide[h]) {
 #if ESPER_CPU_AVX512
-            rf = avx512::wide_forward_any(P, h, i0 + q, hib[q], lse);
+            rf = avx512::wide_forward_any(P, h, i0 + q, hib[q]);
 #endif
           } else if (sb[q].present) {
             stage_row(P, h, i0 + q, b.z.data(), b.u.data());
             BufRow row{b.z.data(), b.u.data(), nullptr, P.sizes[h]};
-            const RowIn in = row_in(P, h, hib[q]);
-            rf = row_forward(row, in);
-            if (fast_ok[h] || F.wide_ok[h]) lse = row_softmax(row, in).lse;  // the AVX-512 backward reads it
+            rf = row_forward(row, row_in(P, h, hib[q]));
           }
-          if (fast_ok[h] || F.wide_ok[h]) saved_lse(P)[(i0 + q) * H + h] = lse;
+          if (fast_ok[h] || F.wide_ok[h]) {  // the AVX-512 backward reads them
+            saved_m(P)[(i0 + q) * H + h] = rf.m;
+            saved_ls(P)[(i0 + q) * H + h] = rf.ls;
+          }
           rfb[q] = rf;
         }
       }
@@ -438,10 +439,14 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
     moment_slots(m, wi, mi, qi, lo, hi);
     const double mean = moment_mean(gacc[wi], gacc[mi], gacc[lo], gacc[hi]);
     double m2 = 0.0;
-    for (int64_t r = 0; r < r1 - r0; ++r) {
-      if (xw[m][r] > 0.f) {
-        const double d = (double)xs[m][r] - mean;
-        m2 += (double)xw[m][r] * d * d;
+    if (!finite_d(mean)) {  // a kept infinity (or NaN): no shifted sum (inf - inf), the rule of chan_merge
+      m2 = nonfinite_m2(mean);
+    } else {
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+        if (xw[m][r] > 0.f) {
+          const double d = (double)xs[m][r] - mean;
+          m2 += (double)xw[m][r] * d * d;
+        }
       }
     }
     part[mi] = mean;
@@ -519,6 +524,68 @@ void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const
 #endif
     if (P.has_values && gv)
       for (int q = 0; q < nb; ++q) gv[i0 + q] = value_grad(P, st, gs, i0 + q);
+  }
+}
+
+// ---- advantage normalisation (normalize_adv): a pre-pass over the advantages and weights ------------------------
+// Per advantage column (one, or H for per-head advantages [N, H]) over the present steps (finite w > 0): each
+// chunk's weight, mean (exact for equal values, moment_mean) and M2 about that mean, merged in chunk order by
+// chan_merge, so the result is bitwise the same for any thread count; then (mean, denominator) per column into
+// norm: std = sqrt(M2 / W), times sqrt(n / (n - 1)) with adv_std_unbiased (0 when n <= 1, n present steps), and
+// the denominator max(std, adv_eps), or std + adv_eps with adv_eps_add (docs/semantics.md section 2.9).
+struct AdvPart {
+  double w, mean, m2, n;
+};
+
+void adv_chunk(const PPOParams& P, int cols, int64_t r0, int64_t r1, AdvPart* out) {
+  for (int c = 0; c < cols; ++c) {
+    double W = 0.0, S = 0.0, n = 0.0, lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = r0; i < r1; ++i) {
+      const float w = P.weights.ptr ? load_f(P.weights, i) : 1.f;
+      if (!(is_finite(w) && w > 0.f)) continue;
+      const float a = load_f(P.adv[c], i);
+      W += (double)w;
+      S += (double)w * (double)a;
+      n += 1.0;
+      lo = dmin_nn(lo, a == a ? (double)a : lo);
+      hi = dmax_nn(hi, a == a ? (double)a : hi);
+    }
+    const double mean = moment_mean(W, S, lo, hi);
+    double m2 = 0.0;
+    if (!finite_d(mean)) {
+      m2 = nonfinite_m2(mean);
+    } else {
+      for (int64_t i = r0; i < r1; ++i) {
+        const float w = P.weights.ptr ? load_f(P.weights, i) : 1.f;
+        if (!(is_finite(w) && w > 0.f)) continue;
+        const double d = (double)load_f(P.adv[c], i) - mean;
+        m2 += (double)w * d * d;
+      }
+    }
+    out[c] = AdvPart{W, mean, m2, n};
+  }
+}
+
+void adv_prepass(const PPOParams& P, int nthreads, float* norm) {
+  const int cols = P.adv_per_head ? P.num_heads : 1;
+  const int64_t nchunks = (P.n + CHUNK - 1) / CHUNK;
+  std::vector<AdvPart> parts((size_t)std::max<int64_t>(nchunks, 1) * cols);
+  parallel_chunks(nchunks, nthreads, [&](int64_t c, int) {
+    adv_chunk(P, cols, c * CHUNK, std::min(P.n, (c + 1) * CHUNK), parts.data() + c * cols);
+  });
+  for (int c = 0; c < cols; ++c) {
+    double W = 0.0, mean = 0.0, m2 = 0.0, n = 0.0;
+    for (int64_t k = 0; k < nchunks; ++k) {
+      const AdvPart& p = parts[k * cols + c];
+      chan_merge(W, mean, m2, p.w, p.mean, p.m2);
+      n += p.n;
+    }
+    double var = W > 0.0 ? m2 / W : 0.0;
+    if (P.adv_std_unbiased) var = n > 1.0 ? var * (n / (n - 1.0)) : 0.0;
+    const double sd = sqrt(var);
+    const double eps = (double)P.adv_eps;
+    norm[2 * c] = (float)mean;
+    norm[2 * c + 1] = (float)(P.adv_eps_add ? sd + eps : (sd < eps ? eps : sd));  // (NaN stays NaN)
   }
 }
 
@@ -605,13 +672,21 @@ void FastPlan::vec_stream(const Vec& v) {
 
 using namespace cpu;  // (this file's own namespace)
 
-void cpu_forward(const PPOParams& P, int nthreads, bool vectorise) {
-  const int H = P.num_heads;
+void cpu_forward(const PPOParams& P_in, int nthreads, bool vectorise) {
+  const int H = P_in.num_heads;
   const int K = stats_size(H);
-  const int64_t N = P.n;
+  const int64_t N = P_in.n;
   const int64_t nchunks = (N + CHUNK - 1) / CHUNK;
   std::vector<double> parts((size_t)std::max<int64_t>(nchunks, 1) * K);
-  const int64_t T = useful_threads(P, nthreads, nchunks);
+  const int64_t T = useful_threads(P_in, nthreads, nchunks);
+  PPOParams P = P_in;
+  float norm[2 * ESPER_MAX_HEADS];  // the pre-pass's (mean, denominator) per advantage column
+  if (P.normalize_adv) {
+    adv_prepass(P, (int)T, norm);
+    if (P.adv_norm)  // (also to the caller's scratch, when given)
+      std::memcpy(reinterpret_cast<void*>(P.adv_norm), norm, sizeof(float) * 2 * (P.adv_per_head ? H : 1));
+    P.adv_norm = reinterpret_cast<uintptr_t>(norm);
+  }
   std::vector<Bufs> bufs;
   bufs.reserve(T);
   for (int64_t t = 0; t < T; ++t) bufs.emplace_back(P.max_size, H, vectorise);
@@ -644,7 +719,9 @@ void cpu_forward(const PPOParams& P, int nthreads, bool vectorise) {
   losses_from_stats(P, st, reinterpret_cast<float*>(P.losses));
 }
 
-void cpu_backward(const PPOParams& P, int nthreads, bool vectorise) {
+void cpu_backward(const PPOParams& P_in, int nthreads, bool vectorise) {
+  PPOParams P = P_in;
+  P.normalize_adv = 0;  // (the backward reads no advantage: the forward saved its coefficients)
   const int H = P.num_heads;
   const int64_t N = P.n;
   const int64_t nchunks = (N + CHUNK - 1) / CHUNK;

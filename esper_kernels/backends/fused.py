@@ -17,8 +17,9 @@ so d/d ell gets ``g0 + g1`` times dPL/d ell, d/d H gets ``entropy_coef * g0 + g2
 
 Both kernels are registered as ``torch.library`` custom ops with fake (meta) implementations and autograd,
 so ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque op per direction. Advantage
-normalisation (a few [N]-sized reductions, no pass over the logits) runs before the op, so kernels always
-see ``cfg.normalize_advantages == False``.
+normalisation (a few [N]-sized reductions, no pass over the logits) runs before the op in torch, so the kernels
+see ``cfg.normalize_advantages == False``, unless the backend's ``normalizes_advantages`` says that its kernels
+do it themselves (the ``cpu`` backend's pre-pass).
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class FusedCall:
 class FusedBackend(Backend):
     """A backend whose forward and backward are its own kernels, called through the shared custom ops."""
 
+    #: the kernels normalise the advantages themselves (they get ``cfg.normalize_advantages`` as it is)
+    normalizes_advantages: bool = False
+
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
         """Shape of the float32 per-step coefficients saved between forward and backward."""
         return [n, num_heads]
@@ -121,7 +125,7 @@ class FusedBackend(Backend):
 
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         adv = inputs.advantages
-        if cfg.normalize_advantages:
+        if cfg.normalize_advantages and not self.normalizes_advantages:
             adv = normalize_advantages(adv, inputs.weights, cfg)
             cfg = cfg._replace(normalize_advantages=False)
         if torch.compiler.is_compiling():

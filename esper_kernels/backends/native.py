@@ -16,7 +16,8 @@ Per-head inputs are read in place: packed ``[N, S]`` logits and masks become H p
 tensors are read as bytes (no copy). Saved between forward and backward (``saved_shape``): float32
 ``[N, H + 1]``, column h the unnormalised d policy-loss / d ell_ih (the backward divides by W or den_h read
 from the statistics vector), column H the unnormalised d value-loss / d v_i; the ``cpu`` backend appends each
-(step, head)'s log-sum-exp ``[N, H]``, so that its backward needs one exp per logit and no max/sum pass.
+(step, head)'s row maximum m and log sum exp(z - m), ``[N, H]`` each, so that its backward needs one exp per
+logit and no max/sum pass (never their sum, the log-sum-exp, which rounds at the magnitude of the logits).
 """
 
 from __future__ import annotations
@@ -221,10 +222,14 @@ class CpuBackend(_NativeBackend):
     #: share (the tests check both)
     vectorise = True
 
+    #: the kernels normalise the advantages in their own pre-pass (csrc/cpu/driver.cpp): no torch op, so the
+    #: result is bitwise the same for any thread count and a forked child cannot hang in libgomp
+    normalizes_advantages = True
+
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
-        # [N, H + 1] coefficients (as the cuda backend), then each (step, head)'s log-sum-exp [N, H] for the
-        # backward's small heads: N * (2H + 1) floats, read flat by csrc/ppo_cpu.cpp
-        return [n, 2 * num_heads + 1]
+        # [N, H + 1] coefficients (as the cuda backend), then each (step, head)'s row maximum [N, H] and log-sum
+        # [N, H] for the AVX-512 backward: N * (3H + 1) floats, read flat by csrc/cpu/ (cpu_internal.h)
+        return [n, 3 * num_heads + 1]
 
     def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
         outs = _forward_outputs(call, self.saved_shape(call.n, call.num_heads))
