@@ -17,6 +17,7 @@
 // row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 // cpu_internal.h lists the files.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -146,16 +147,24 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// the AVX-512 paths run: the CPU has AVX-512 and the environment variable ESPER_KERNELS_CPU_AVX512 is not "0"
+// (read at every call: the tests run the paths of a CPU without AVX-512 this way, on one with it)
+bool use_avx512() {
+  if (!cpu_has_avx512()) return false;
+  const char* env = std::getenv("ESPER_KERNELS_CPU_AVX512");
+  return !(env && env[0] == '0' && env[1] == 0);
+}
+
 // heads the AVX-512 path runs: small (with or without a floor), 16-bit logits of at least 2 columns (a column
 // is read as one 32-bit word inside the row), row strides within the gather's int32 offsets
 inline bool fast_head(const PPOParams& P, int h) {
-  return cpu_has_avx512() && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
+  return use_avx512() && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
          P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
 }
 
 // heads the AVX-512 wide path runs: more than SMALL actions, no floor
 inline bool wide_head(const PPOParams& P, int h) {
-  return cpu_has_avx512() && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
+  return use_avx512() && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
 }
 
 inline void block_in(const StepIn* sb, int64_t b0, int nb, BlockIn& B) {
@@ -327,7 +336,6 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
   double hacc[ESPER_MAX_HEADS][ESPER_HEAD_SIZE];
   double gacc[GX_SIZE];
   const bool* fast = F.fast;
-  const bool* fast_ok = F.fast_ok;
   for (int h = 0; h < H; ++h) {
     for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_init(head_kind(k));
     if (fast[h]) b.acc[h].init();
@@ -388,10 +396,6 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
             BufRow row{b.z.data(), b.u.data(), nullptr, P.sizes[h]};
             rf = row_forward(row, row_in(P, h, hib[q]));
           }
-          if (fast_ok[h] || F.wide_ok[h]) {  // the AVX-512 backward reads them
-            saved_m(P)[(i0 + q) * H + h] = rf.m;
-            saved_ls(P)[(i0 + q) * H + h] = rf.ls;
-          }
           rfb[q] = rf;
         }
       }
@@ -400,6 +404,8 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
         const RowFwd& rf = rfb[q];
         logp[i * H + h] = rf.ell;
         ent[i * H + h] = rf.ent;
+        saved_m(P)[i * H + h] = rf.m;  // (for the AVX-512 backward, whichever path the forward took)
+        saved_ls(P)[i * H + h] = rf.ls;
         const HeadStep hs = head_step(P, h, i, sb[q], hib[q], rf, c);
 #pragma GCC unroll 16
         for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_combine(head_kind(k), hacc[h][k], c[k]);
