@@ -144,6 +144,24 @@ def test_huge_equal_logits(path, dtype):
     assert_close("entropy", out.entropy, torch.log(sizes).expand(n, -1))
 
 
+@pytest.mark.parametrize("mask_fill", [None, -1e4], ids=["exclude", "fill"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_block_path_is_bitwise_the_row_path(dtype, mask_fill):
+    """The auto-vectorised block path (a CPU without AVX-512) runs row_forward / row_backward's operations in the
+    same order, rows in SIMD lanes: bitwise the row path's outputs and gradients."""
+    layout = ek.HeadLayout({"a": 3, "b": 13, "c": 1, "d": 32, "e": 5})
+    batch = _batch(300, layout, seed=12, dtype=dtype)
+    config = ek.PPOLossConfig(entropy_coef=0.1, normalize_entropy=True, mask_fill=mask_fill)
+    with cpu_path(True, False):
+        block, gb = _loss_and_grad("cpu", batch, layout, config, batch["logits"])
+    with cpu_path(False, False):
+        row, gr = _loss_and_grad("cpu", batch, layout, config, batch["logits"])
+    p = batch["weights"] > 0
+    assert torch.equal(block.log_probs[p], row.log_probs[p]) and torch.equal(block.entropy[p], row.entropy[p])
+    assert torch.equal(block.loss, row.loss) and torch.equal(block.metrics.stats, row.metrics.stats)
+    assert torch.equal(gb, gr)
+
+
 # -- invalid actions excluded -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", list(PATHS))

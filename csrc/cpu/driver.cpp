@@ -8,11 +8,12 @@
 //
 // Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
 // time), heads of at most 32 actions run the AVX-512 small-head path (avx512_small.cpp): one exp per logit in
-// the forward and one in the backward (the forward saves each row's lse), float32 exp/log with FMA, statistics
-// accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor that
+// the forward and one in the backward (the forward saves each row's m and ls), float32 exp/log with FMA,
+// statistics accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor that
 // it does not take (no AVX-512) run the auto-vectorised block path (block.cpp), bitwise the row path's results.
 // Wider heads without a floor run the AVX-512 wide path (avx512_wide.cpp: one row at a time, 16 columns per
-// vector, the same exp/log, the lse saved as for small heads).
+// vector, the same exp/log, m and ls saved as for small heads). Log-probs come from the shifted logits in every
+// path: (z - m) - log sum exp(z - m) (ppo_core.h row_softmax).
 // Floored wide heads (and floored small heads without AVX-512, and every head with vectorise = false) run the
 // row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 // cpu_internal.h lists the files.
