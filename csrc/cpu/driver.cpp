@@ -149,7 +149,7 @@ bool cpu_has_avx512() {
 }
 
 // the AVX-512 paths run: the CPU has AVX-512 and the environment variable ESPER_KERNELS_CPU_AVX512 is not "0"
-// (read at every call: the tests run the paths of a CPU without AVX-512 this way, on one with it)
+// (read once per call, by fast_plan: the tests run the paths of a CPU without AVX-512 this way, on one with it)
 bool use_avx512() {
   if (!cpu_has_avx512()) return false;
   const char* env = std::getenv("ESPER_KERNELS_CPU_AVX512");
@@ -158,14 +158,14 @@ bool use_avx512() {
 
 // heads the AVX-512 path runs: small (with or without a floor), 16-bit logits of at least 2 columns (a column
 // is read as one 32-bit word inside the row), row strides within the gather's int32 offsets
-inline bool fast_head(const PPOParams& P, int h) {
-  return use_avx512() && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
+inline bool fast_head(const PPOParams& P, int h, bool avx512) {
+  return avx512 && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
          P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
 }
 
 // heads the AVX-512 wide path runs: more than SMALL actions, no floor
-inline bool wide_head(const PPOParams& P, int h) {
-  return use_avx512() && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
+inline bool wide_head(const PPOParams& P, int h, bool avx512) {
+  return avx512 && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
 }
 
 inline void block_in(const StepIn* sb, int64_t b0, int nb, BlockIn& B) {
@@ -246,12 +246,13 @@ inline void prefetch_block(const FastPlan& F, int64_t i0, int64_t n) {
 
 FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const GradScal* gs) {
   FastPlan F;
+  const bool avx512 = use_avx512();
   const int H = P.num_heads;
   uintptr_t lo = UINTPTR_MAX, hi = 0;
   for (int h = 0; h < H; ++h) {
-    F.fast_ok[h] = fast_head(P, h);
+    F.fast_ok[h] = fast_head(P, h, avx512);
     F.fast[h] = vectorise && F.fast_ok[h];
-    F.wide_ok[h] = wide_head(P, h);
+    F.wide_ok[h] = wide_head(P, h, avx512);
     F.wide[h] = vectorise && F.wide_ok[h];
     F.any = F.any || F.fast[h];
     F.all = (h == 0 || F.all) && F.fast[h];
