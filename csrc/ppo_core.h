@@ -291,7 +291,7 @@ struct RowFwd {
   float ent;  // entropy as used in the loss (normalised when asked; 0 without a valid action)
   float n;    // valid actions
   bool taken;  // the taken action is in range and valid
-  float m, ls;  // the row's log-softmax constants (RowSm)
+  float m, ls;  // the row's log-softmax constants (RowSm); 0 without a valid action
 };
 
 template <class R>
@@ -316,8 +316,9 @@ ESPER_HD RowFwd row_forward(const R& row, const RowIn& in) {
   // no log-prob for an action out of range, nor in a row without a valid action (as an out-of-range action)
   out.ell = (in.in_range && sm.n > 0.f) ? log_prob(row_zfinal(row, sm, in.fill, ja), m, ls) : f_nan();
   out.taken = in.in_range && row.use(ja);
-  out.m = m;
-  out.ls = ls;
+  // (a row without a valid action needs neither: 0, never the NaN of -inf - -inf, so the saved values are defined)
+  out.m = sm.n > 0.f ? m : 0.f;
+  out.ls = sm.n > 0.f ? ls : 0.f;
   return out;
 }
 

@@ -355,18 +355,20 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
   __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr & nonempty,
                                   _mm512_sub_ps(_mm512_sub_ps(za, m), ls));
   ell = _mm512_maskz_mov_ps(pres, ell);  // absent steps: 0 (as the row path)
+  // the saved m and ls: 0 without a valid action (as row_forward), never NaN
+  const __m512 msave = _mm512_maskz_mov_ps(nonempty, m), lsave = _mm512_maskz_mov_ps(nonempty, ls);
   if (F.otr) {  // written as rows by flush_out
     _mm512_store_ps(C.oc[0][h], ell);
     _mm512_store_ps(C.oc[1][h], ent);
-    _mm512_store_ps(C.oc[2][h], m);
-    _mm512_store_ps(C.oc[4][h], ls);
+    _mm512_store_ps(C.oc[2][h], msave);
+    _mm512_store_ps(C.oc[4][h], lsave);
   } else {
     const __m512i idxH = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H));
     const int64_t o = B.b0 * H + h;
     _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.log_probs) + o, live, idxH, ell, 4);
     _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(P.entropy) + o, live, idxH, ent, 4);
-    _mm512_mask_i32scatter_ps(saved_m(P) + o, live, idxH, m, 4);
-    _mm512_mask_i32scatter_ps(saved_ls(P) + o, live, idxH, ls, 4);
+    _mm512_mask_i32scatter_ps(saved_m(P) + o, live, idxH, msave, 4);
+    _mm512_mask_i32scatter_ps(saved_ls(P) + o, live, idxH, lsave, 4);
   }
 
   // head_step, lane-wise (the same float operations)

@@ -139,8 +139,8 @@ RowFwd wide_forward(const PPOParams& P, int h, int64_t i, const HeadIn& hi) {
     if (n > 0) out.ell = log_prob(va ? load_logit(P, h, i, hi.a) : P.mask_fill, sh, ls);
     out.taken = va;
   }
-  out.m = sh;
-  out.ls = ls;
+  out.m = n > 0 ? sh : 0.f;  // (as row_forward)
+  out.ls = n > 0 ? ls : 0.f;
   return out;
 }
 

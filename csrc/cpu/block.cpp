@@ -146,8 +146,8 @@ void small_forward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* 
     out[r].n = n[r];
     out[r].ell = (hi[r].in_range && n[r] > 0.f) ? log_prob(B.z[ja][r], m[r], ls[r]) : f_nan();
     out[r].taken = hi[r].in_range && B.u[ja][r] != 0.f;
-    out[r].m = m[r];
-    out[r].ls = ls[r];
+    out[r].m = n[r] > 0.f ? m[r] : 0.f;  // (as row_forward)
+    out[r].ls = n[r] > 0.f ? ls[r] : 0.f;
   }
 }
 

@@ -143,9 +143,9 @@ struct FastCols {  // one head's block, column-major: element j of lane r at [j]
 // per-call constants of the AVX-512 path (shared by the threads)
 struct FastPlan {
   bool fast[ESPER_MAX_HEADS];     // heads this call runs on the AVX-512 path
-  bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there (the forward saves their m and ls in any case)
+  bool fast_ok[ESPER_MAX_HEADS];  // heads it would run there
   bool wide[ESPER_MAX_HEADS];     // wide heads this call runs on the AVX-512 wide path (wide_forward / wide_backward)
-  bool wide_ok[ESPER_MAX_HEADS];  // wide heads it would run there (the forward saves their m and ls in any case)
+  bool wide_ok[ESPER_MAX_HEADS];  // wide heads it would run there
   bool any = false;
   bool all = false;  // every head: the step inputs of a block are read as vectors (block_in_vec), no StepIn
   // masks of every fast head inside one 64-byte window of a row (packed [N, S] masks): one load per row

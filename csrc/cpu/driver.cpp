@@ -8,15 +8,17 @@
 //
 // Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
 // time), heads of at most 32 actions run the AVX-512 small-head path (avx512_small.cpp): one exp per logit in
-// the forward and one in the backward (the forward saves each row's lse), float32 exp/log with FMA, statistics
-// accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor that
+// the forward and one in the backward (the forward saves each row's m and ls), float32 exp/log with FMA,
+// statistics accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor that
 // it does not take (no AVX-512) run the auto-vectorised block path (block.cpp), bitwise the row path's results.
 // Wider heads without a floor run the AVX-512 wide path (avx512_wide.cpp: one row at a time, 16 columns per
-// vector, the same exp/log, the lse saved as for small heads).
+// vector, the same exp/log, m and ls saved as for small heads). Log-probs come from the shifted logits in every
+// path: (z - m) - log sum exp(z - m) (ppo_core.h row_softmax).
 // Floored wide heads (and floored small heads without AVX-512, and every head with vectorise = false) run the
 // row-by-row path over a row buffer (BufRow), which is exactly the code a CUDA thread runs for a small head.
 // cpu_internal.h lists the files.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -146,16 +148,24 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// the AVX-512 paths run: the CPU has AVX-512 and the environment variable ESPER_KERNELS_CPU_AVX512 is not "0"
+// (read once per call, by fast_plan: the tests run the paths of a CPU without AVX-512 this way, on one with it)
+bool use_avx512() {
+  if (!cpu_has_avx512()) return false;
+  const char* env = std::getenv("ESPER_KERNELS_CPU_AVX512");
+  return !(env && env[0] == '0' && env[1] == 0);
+}
+
 // heads the AVX-512 path runs: small (with or without a floor), 16-bit logits of at least 2 columns (a column
 // is read as one 32-bit word inside the row), row strides within the gather's int32 offsets
-inline bool fast_head(const PPOParams& P, int h) {
-  return cpu_has_avx512() && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
+inline bool fast_head(const PPOParams& P, int h, bool avx512) {
+  return avx512 && P.sizes[h] <= SMALL && (P.logits_dtype == DT_F32 || P.sizes[h] >= 2) &&
          P.logits_rs[h] <= FAST_MAX_RS && P.grads_rs[h] <= FAST_MAX_RS;
 }
 
 // heads the AVX-512 wide path runs: more than SMALL actions, no floor
-inline bool wide_head(const PPOParams& P, int h) {
-  return cpu_has_avx512() && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
+inline bool wide_head(const PPOParams& P, int h, bool avx512) {
+  return avx512 && P.sizes[h] > SMALL && !(P.floor[h] > 0.f);
 }
 
 inline void block_in(const StepIn* sb, int64_t b0, int nb, BlockIn& B) {
@@ -236,12 +246,13 @@ inline void prefetch_block(const FastPlan& F, int64_t i0, int64_t n) {
 
 FastPlan fast_plan(const PPOParams& P, bool vectorise, const float* st, const GradScal* gs) {
   FastPlan F;
+  const bool avx512 = use_avx512();
   const int H = P.num_heads;
   uintptr_t lo = UINTPTR_MAX, hi = 0;
   for (int h = 0; h < H; ++h) {
-    F.fast_ok[h] = fast_head(P, h);
+    F.fast_ok[h] = fast_head(P, h, avx512);
     F.fast[h] = vectorise && F.fast_ok[h];
-    F.wide_ok[h] = wide_head(P, h);
+    F.wide_ok[h] = wide_head(P, h, avx512);
     F.wide[h] = vectorise && F.wide_ok[h];
     F.any = F.any || F.fast[h];
     F.all = (h == 0 || F.all) && F.fast[h];
@@ -327,7 +338,6 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
   double hacc[ESPER_MAX_HEADS][ESPER_HEAD_SIZE];
   double gacc[GX_SIZE];
   const bool* fast = F.fast;
-  const bool* fast_ok = F.fast_ok;
   for (int h = 0; h < H; ++h) {
     for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_init(head_kind(k));
     if (fast[h]) b.acc[h].init();
@@ -388,10 +398,6 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
             BufRow row{b.z.data(), b.u.data(), nullptr, P.sizes[h]};
             rf = row_forward(row, row_in(P, h, hib[q]));
           }
-          if (fast_ok[h] || F.wide_ok[h]) {  // the AVX-512 backward reads them
-            saved_m(P)[(i0 + q) * H + h] = rf.m;
-            saved_ls(P)[(i0 + q) * H + h] = rf.ls;
-          }
           rfb[q] = rf;
         }
       }
@@ -400,6 +406,8 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
         const RowFwd& rf = rfb[q];
         logp[i * H + h] = rf.ell;
         ent[i * H + h] = rf.ent;
+        saved_m(P)[i * H + h] = rf.m;  // (for the AVX-512 backward, whichever path the forward took)
+        saved_ls(P)[i * H + h] = rf.ls;
         const HeadStep hs = head_step(P, h, i, sb[q], hib[q], rf, c);
 #pragma GCC unroll 16
         for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_combine(head_kind(k), hacc[h][k], c[k]);
