@@ -1,5 +1,5 @@
 """check_arbitrated: harness.check_backend with the float64 reference as the arbiter of gradient mismatches
-(shared by the triton and cuda tiers; check_triton is its triton form).
+(shared by every fused backend's tier; check_triton is its triton form).
 
 The float32 reference is not exact either: where its gradient is ill-conditioned (a probability floor near a
 uniform distribution: the chain's float32 terms, O(1) in the incoming gradients, cancel to ~1e-6 noise), it can
@@ -11,8 +11,10 @@ reference's is, plus that tolerance (and one unit of the input dtype for bf16/fp
 
 from __future__ import annotations
 
+import math
+
 import torch
-from harness import ATOL, RTOL, check_backend, run
+from harness import ATOL, COUNT_KEYS, COUNT_SUFFIXES, RTOL, check_backend, compare_metrics, run
 from harness import _ulp as ulp
 
 import esper_kernels as ek
@@ -53,13 +55,35 @@ def _grads_vs_float64(backend, batch, layout, config, grad_seed=0):
                                f"float32 reference {r[bad][:4].tolist()}")
 
 
+def _metrics_vs_float64(backend, batch, layout, config):
+    """A metric that cancels (joint_kl_k1 = mean of -L near 0, with L a sum of log-probs of magnitude 30) carries
+    one float32 ulp of those log-probs in the float32 reference too: re-judged against the float64 reference,
+    every metric must be as close to it as the float32 reference's, plus the tolerance; counts stay exact."""
+    got = run(backend, batch, layout, config, grad_seed=None)[0].metrics.to_dict()
+    ref32 = run("reference", batch, layout, config, upcast=True, grad_seed=None)[0].metrics.to_dict()
+    ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config,
+                grad_seed=None)[0].metrics.to_dict()
+    for k, t in ref64.items():
+        g, r = got[k], ref32[k]
+        if k in COUNT_KEYS or k.endswith(COUNT_SUFFIXES) or not (math.isfinite(t) and math.isfinite(r)):
+            compare_metrics({k: g}, {k: r})  # exact, or the NaN/inf pattern: never re-judged
+            continue
+        tol = abs(r - t) + ATOL + RTOL * abs(t)
+        assert abs(g - t) <= tol, (f"metric {k}: got {g!r}, float64 reference {t!r}, float32 reference {r!r}: "
+                                   "farther from float64 than the float32 reference is")
+
+
 def check_arbitrated(backend, batch, layout, config=None, **kw):
-    """harness.check_backend; a gradient mismatch is re-judged against the float64 reference."""
+    """harness.check_backend; a gradient or metric mismatch is re-judged against the float64 reference."""
     config = config or ek.PPOLossConfig()
     try:
         return check_backend(backend, batch, layout, config, **kw)
     except AssertionError as e:
-        if not str(e).startswith("grad ") or "absent steps" in str(e):
+        msg = str(e)
+        if msg.startswith("metric ") and "want exactly" not in msg:  # (counts are never re-judged)
+            _metrics_vs_float64(backend, batch, layout, config)
+            return check_arbitrated(backend, batch, layout, config, **dict(kw, check_metrics=False))
+        if not msg.startswith("grad ") or "absent steps" in msg:
             raise
         _grads_vs_float64(backend, batch, layout, config, grad_seed=kw.get("grad_seed", 0))
         return run(backend, batch, layout, config, grad_seed=None)[0], None

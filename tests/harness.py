@@ -114,7 +114,8 @@ def assert_grad_close(name: str, got: torch.Tensor, want_fp32: torch.Tensor, dty
         assert got is None and want_fp32 is None, f"{name}: one gradient is None"
         return
     assert got.dtype == dtype, f"{name}: gradient dtype {got.dtype}, expected the input dtype {dtype}"
-    non_finite = assert_same_non_finite(name, got, want_fp32)
+    # (rounded to the logits' dtype: a float32 gradient beyond float16's range is +-inf in float16)
+    non_finite = assert_same_non_finite(name, got, want_fp32.detach().cpu().to(dtype))
     if dtype == torch.float32:
         keep = ~non_finite
         assert_close(name, got.detach().cpu()[keep], want_fp32.detach().cpu()[keep])
@@ -148,7 +149,7 @@ def compare_metrics(got: dict[str, float], want: dict[str, float], rtol: float =
 
 
 def check_backend(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig | None = None, *,
-                  grad_seed: int | None = 0, check_grads: bool = True, leaf_fn=None):
+                  grad_seed: int | None = 0, check_grads: bool = True, leaf_fn=None, check_metrics: bool = True):
     """Assert ``backend`` equals the reference (float32 on upcast inputs) on ``batch``; returns both outputs."""
     config = config or ek.PPOLossConfig()
     out, grads = run(backend, batch, layout, config, grad_seed=grad_seed if check_grads else None, leaf_fn=leaf_fn)
@@ -167,7 +168,8 @@ def check_backend(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.P
         assert_close(k, got.detach().cpu()[present], want.detach().cpu()[present])
     assert_close("joint_ratio", out.joint_ratio.cpu()[present], ref.joint_ratio.cpu()[present])
     assert not out.joint_ratio.requires_grad
-    compare_metrics(out.metrics.to_dict(), ref.metrics.to_dict())
+    if check_metrics:
+        compare_metrics(out.metrics.to_dict(), ref.metrics.to_dict())
     if check_grads:
         leaves = _leaves(batch["logits"])
         for i, t in enumerate(leaves):

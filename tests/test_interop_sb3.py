@@ -140,12 +140,7 @@ def test_reproduced_lines_are_in_the_installed_train():
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("sizes", [[7], [6, 3, 13, 4, 5]], ids=["single_head", "multi_head"])
 @pytest.mark.parametrize("logit_scale", [1.0, 8.0])
-def test_maskable_ppo_loss_log_probs_entropy_kl_and_gradients(sizes, logit_scale, backend, request):
-    if backend == "cpu" and logit_scale > 1.0:
-        # the cpu kernel forms ell = z_a - (m + log s) instead of SPEC 3.3's (z_a - m) - log s: for a dominant
-        # action (s - 1 ~ 1.7e-6, logits ~ 34) it returns log p = 0 where sb3-contrib and the reference give
-        # -1.67e-6 (the float64 value is -1.72e-6), an error of one float32 ulp of the logit
-        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu backend: log-prob rounding at large logits"))
+def test_maskable_ppo_loss_log_probs_entropy_kl_and_gradients(sizes, logit_scale, backend):
     b = make_batch(sizes, n=301, seed=len(sizes) * 10 + int(logit_scale), logit_scale=logit_scale)
     H = len(sizes)
     names = [f"h{i}" for i in range(H)]
