@@ -191,7 +191,7 @@ class FusedBackend(Backend):
                              inputs.layout.sizes, kcfg)
             if self.one_pass:
                 losses, log_probs, entropy, joint_ratio, stats, _, table = _EagerOnePass.apply(
-                    self, call, inputs.values, *call.logits)
+                    self, call, torch.is_grad_enabled(), inputs.values, *call.logits)
                 stats = stats.detach()
                 if table is not None:
                     self.remember_table(stats, table.detach(), cfg, inputs.values is not None)
@@ -242,10 +242,14 @@ class _EagerOnePass(torch.autograd.Function):
     ``ctx``; the first backward fixes them up in place and hands them over, a later one recomputes."""
 
     @staticmethod
-    def forward(ctx, impl: FusedBackend, call: FusedCall, values: torch.Tensor | None, *logits: torch.Tensor):
+    def forward(ctx, impl: FusedBackend, call: FusedCall, grad_on: bool, values: torch.Tensor | None,
+                *logits: torch.Tensor):
+        # (grad mode is off inside forward, and needs_input_grad does not see no_grad: the caller's grad_on does)
         need = ctx.needs_input_grad
-        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in call.logits] if any(need[3:]) else None
-        gv = torch.empty(call.n, dtype=torch.float32, device=call.logits[0].device) if need[2] else None
+        grads = None
+        if grad_on and any(need[4:]):
+            grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in call.logits]
+        gv = torch.empty(call.n, dtype=torch.float32, device=call.logits[0].device) if grad_on and need[3] else None
         outs = tuple(impl.kernel_forward(call, grads, gv))
         ctx.impl, ctx.call = impl, call
         ctx.grads, ctx.gv = grads, gv
@@ -268,17 +272,17 @@ class _EagerOnePass(torch.autograd.Function):
         ctx.grads = ctx.gv = None  # handed over below (no copy); a second backward recomputes
         call = ctx.call
         if not holds:
-            if any(need[3:]):
+            if any(need[4:]):
                 grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in call.logits]
-            if need[2]:
+            if need[3]:
                 gv = torch.empty(call.n, dtype=torch.float32, device=call.logits[0].device)
         ctx.impl.kernel_backward(call, stats, saved, g_losses, g_log_probs, g_entropy, grads=grads, grad_values=gv,
                                  holds=holds)
         if gv is not None and ctx.values_dtype is not None:
             gv = gv.to(ctx.values_dtype)
-        out_grads = [g if n else None for g, n in zip(grads, need[3:])] if grads is not None else [None] * len(
+        out_grads = [g if n else None for g, n in zip(grads, need[4:])] if grads is not None else [None] * len(
             call.logits)
-        return (None, None, gv if need[2] else None, *out_grads)
+        return (None, None, None, gv if need[3] else None, *out_grads)
 
 
 def register_fused(backend: FusedBackend) -> FusedBackend:

@@ -432,6 +432,8 @@ class TritonBackend(FusedBackend):
                        has_values: bool) -> None:
         """The forward wrote the metric table of ``stats``: ``metric_table`` returns it instead of a launch while
         these statistics are alive and unmodified."""
+        if stats.is_inference():  # no version counter: the table is derived again when asked
+            return
         key = stats.data_ptr()
 
         def forget(ref, key=key, tables=self._tables):
@@ -442,7 +444,7 @@ class TritonBackend(FusedBackend):
         self._tables[key] = (weakref.ref(stats, forget), stats._version, table, cfg, has_values)
 
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        entry = self._tables.get(stats.data_ptr())
+        entry = None if stats.is_inference() else self._tables.get(stats.data_ptr())
         if entry is not None:
             ref, version, table, tcfg, thv = entry
             orig = ref()

@@ -148,9 +148,21 @@ def _pow2(n: int) -> int:
     return max(2, 1 << (max(n, 1) - 1).bit_length())
 
 
-#: their counts and the power-of-two tile widths of the per-program reductions
+def _chunks(n: int) -> tuple[tuple[int, int], ...]:
+    """(start, width) power-of-two pieces of n columns, widest first (10 -> (0, 8), (8, 2))."""
+    out, start = [], 0
+    while n:
+        width = 1 << (n.bit_length() - 1)
+        out.append((start, width))
+        start, n = start + width, n - width
+    return tuple(out)
+
+
+#: their counts, and the power-of-two pieces the per-program reductions join into tiles
 NFG_SUM, NFG_EXT, NFH_SUM, NFH_EXT = (tl.constexpr(len(x)) for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
-PFG_SUM, PFG_EXT, PFH_SUM, PFH_EXT = (tl.constexpr(_pow2(len(x))) for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
+CH_FG_SUM, CH_FG_EXT, CH_FH_SUM, CH_FH_EXT = (tl.constexpr(_chunks(len(x))) for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
+NCH_FG_SUM, NCH_FG_EXT, NCH_FH_SUM, NCH_FH_EXT = (tl.constexpr(len(_chunks(len(x))))
+                                                  for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
 NMOM = tl.constexpr(len(_schema.MOMENTS))
 #: the global moments (weight, mean, M2 indices)
 MOM_W = tl.constexpr(tuple(w for w, _, _ in _schema.MOMENTS))
@@ -253,12 +265,6 @@ def _floor_params(n, floor):
 
 
 @triton.jit
-def _gt_max(m, x):
-    """The running maximum: x where x > m (a NaN x leaves m; NaN reaches the row through exp instead)."""
-    return tl.where(x > m, x, m)
-
-
-@triton.jit
 def _norm_entropy(ent, n):
     return tl.where(n > 1.0, ent / tl.log(tl.maximum(n, 2.0)), 0.0)
 
@@ -292,6 +298,53 @@ def _moment_leaf(keep, w, x):
 
 
 @triton.jit
+def _moments(w, x, q, idx):
+    """The merged (weight, mean, M2) of parts (w, x, q) along axis 0 (rows, or parts: a row is a part of
+    M2 q = 0), as ``stats.merge_moment``: shifted by the first weighted part's mean, so constant data merges
+    exactly (M2 = 0); a non-finite weighted mean decides alone (their IEEE sum; M2 +inf, or NaN). ``idx`` is
+    each part's position (broadcast like w). Sums only: no per-pair divisions, and fast in the interpreter."""
+    keep = w > 0
+    first = tl.min(tl.where(keep, idx, 2147483647), axis=0)
+    x0 = tl.sum(tl.where(keep & (idx == first), x, 0.0), axis=0)
+    fin = _isfinite(x)
+    good = keep & fin
+    dev = tl.where(good, x - x0, 0.0)
+    W = tl.sum(tl.where(keep, w, 0.0), axis=0)
+    pos = W > 0
+    dm = tl.where(pos, tl.sum(tl.where(good, w * dev, 0.0), axis=0) / tl.where(pos, W, 1.0), 0.0)
+    d = dev - dm
+    m2 = tl.sum(tl.where(keep, q, 0.0), axis=0) + tl.sum(tl.where(good, w * (d * d), 0.0), axis=0)
+    mean = tl.where(pos, x0 + dm, 0.0)
+    bad = tl.sum(tl.where(keep & ~fin, x, 0.0), axis=0)
+    anybad = tl.sum((keep & ~fin).to(tl.int32), axis=0) > 0
+    mean = tl.where(anybad, bad, mean)
+    m2 = tl.where(anybad, tl.where(bad != bad, float("nan"), float("inf")), m2)
+    return W, mean, m2
+
+
+@triton.jit
+def _row_moments(keep, w, x):
+    """(weight, mean, M2) of one program's rows (the ``keep`` ones), shifted by their largest finite value so that
+    constant data gives M2 = 0 exactly; non-finite values decide as in ``_moments``. Five sums / maxima."""
+    fin = _isfinite(x)
+    good = keep & fin
+    x0 = tl.max(tl.where(good, x, float("-inf")), axis=0)
+    x0 = tl.where(x0 == float("-inf"), 0.0, x0)
+    d = tl.where(good, x - x0, 0.0)
+    W = tl.sum(tl.where(keep, w, 0.0), axis=0)
+    pos = W > 0
+    dm = tl.where(pos, tl.sum(tl.where(good, w * d, 0.0), axis=0) / tl.where(pos, W, 1.0), 0.0)
+    e = d - dm
+    m2 = tl.sum(tl.where(good, w * (e * e), 0.0), axis=0)
+    mean = tl.where(pos, x0 + dm, 0.0)
+    bad = tl.sum(tl.where(keep & ~fin, x, 0.0), axis=0)  # an IEEE sum of infinities / NaN: finite iff none
+    anybad = ~_isfinite(bad)
+    mean = tl.where(anybad, bad, mean)
+    m2 = tl.where(anybad, tl.where(bad != bad, float("nan"), float("inf")), m2)
+    return W, mean, m2
+
+
+@triton.jit
 def _index_vec(IDX: tl.constexpr, NI: tl.constexpr, P: tl.constexpr):
     """The int32 vector [IDX[0], ..., IDX[NI - 1], 0, ...] of length P (a compile-time table)."""
     cols = tl.arange(0, P)
@@ -307,54 +360,87 @@ def _index_vec(IDX: tl.constexpr, NI: tl.constexpr, P: tl.constexpr):
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cols(x, BN: tl.constexpr, W: tl.constexpr):
-    """[BN, W] -> tuple of W columns [BN], in column order."""
-    if W == 2:
-        a, b = tl.split(x)
-        out = (a, b)
-    else:
-        e, o = tl.split(tl.reshape(x, [BN, W // 2, 2]))
-        ce = _cols(e, BN, W // 2)
-        co = _cols(o, BN, W // 2)
-        out = ()
-        for i in tl.static_range(W // 2):
-            out = out + (ce[i], co[i])
-    return out
+    """[BN, W] -> tuple of W columns [BN], in column order (a tl.split tree: tile i of a level holds the columns
+    i, i + n, i + 2n, ... of the n tiles of that level)."""
+    parts = (x,)
+    for _level in tl.static_range(12):
+        if parts[0].shape[1] > 2:
+            evens = ()
+            odds = ()
+            for i in tl.static_range(tl.constexpr(len(parts))):
+                e, o = tl.split(tl.reshape(parts[i], [BN, parts[i].shape[1] // 2, 2]))
+                evens = evens + (e,)
+                odds = odds + (o,)
+            parts = evens + odds
+    evens = ()
+    odds = ()
+    for i in tl.static_range(tl.constexpr(len(parts))):
+        e, o = tl.split(parts[i])
+        evens = evens + (e,)
+        odds = odds + (o,)
+    return evens + odds
 
 
 @triton.jit
-def _join_cols(cs, BN: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, STEP: tl.constexpr):
-    """Columns OFF, OFF + STEP, ... (W of them) of the tuple ``cs`` -> a [BN, W] tile (inverse of _cols)."""
-    if W == 2:
-        out = tl.join(cs[OFF], cs[OFF + STEP])
-    else:
-        e = _join_cols(cs, BN, W // 2, OFF, 2 * STEP)
-        o = _join_cols(cs, BN, W // 2, OFF + STEP, 2 * STEP)
-        out = tl.reshape(tl.join(e, o), [BN, W])
-    return out
+def _join_cols(cs, BN: tl.constexpr, W: tl.constexpr):
+    """The W columns of the tuple ``cs`` -> a [BN, W] tile (inverse of _cols)."""
+    n: tl.constexpr = W // 2
+    parts = ()
+    for i in tl.static_range(n):
+        parts = parts + (tl.join(cs[i], cs[i + n]),)
+    for _level in tl.static_range(12):
+        if len(parts) > 1:
+            nxt = ()
+            for i in tl.static_range(tl.constexpr(len(parts) // 2)):
+                t = tl.join(parts[i], parts[i + len(parts) // 2])
+                nxt = nxt + (tl.reshape(t, [BN, t.shape[1] * 2]),)
+            parts = nxt
+    return parts[0]
 
 
 @triton.jit
 def _pad(cs, value, P: tl.constexpr):
     """The tuple ``cs`` padded with ``value`` columns to length P."""
     out = cs
-    for _ in tl.static_range(P - len(cs)):
+    for _ in tl.static_range(tl.constexpr(P - len(cs))):
         out = out + (value,)
     return out
 
 
 @triton.jit
-def _reduce_store(sums, exts, SUM_IDX: tl.constexpr, NS: tl.constexpr, PS: tl.constexpr, EXT_IDX: tl.constexpr,
-                  EXT_NEG: tl.constexpr, NE: tl.constexpr, PE: tl.constexpr, part, BN: tl.constexpr):
-    """One program's partial statistics of a block: the sum-kind columns (tl.sum over the rows) and the
-    extreme-kind columns (tl.max over the rows, minima negated) stored at their schema indices of ``part``."""
-    zero = tl.zeros([BN], dtype=tl.float32)
-    s = tl.sum(_join_cols(_pad(sums, zero, PS), BN, PS, 0, 1), axis=0)
-    cs = tl.arange(0, PS)
-    tl.store(part + _index_vec(SUM_IDX, NS, PS), s, mask=cs < NS)
-    e = tl.max(_join_cols(_pad(exts, zero + float("-inf"), PE), BN, PE, 0, 1), axis=0)
-    ce = tl.arange(0, PE)
-    neg = _index_vec(EXT_NEG, NE, PE) != 0
-    tl.store(part + _index_vec(EXT_IDX, NE, PE), tl.where(neg, -e, e), mask=ce < NE)
+def _reduce_cols(cols, IDX: tl.constexpr, NEG: tl.constexpr, CHUNKS: tl.constexpr, NCH: tl.constexpr,
+                 IS_MAX: tl.constexpr, part, BN: tl.constexpr):
+    """Reduce each [BN] column of ``cols`` over the rows (sum, or max with the NEG columns negated back) and store
+    it at part[IDX[k]]. Power-of-two chunks of columns are joined into [BN, width] tiles (one reduction each, no
+    padding columns); a chunk of one column is reduced alone."""
+    for c in tl.static_range(NCH):
+        if CHUNKS[c][1] == 1:
+            if IS_MAX:
+                v = tl.max(cols[CHUNKS[c][0]], axis=0)
+                if NEG[CHUNKS[c][0]]:
+                    v = -v
+            else:
+                v = tl.sum(cols[CHUNKS[c][0]], axis=0)
+            tl.store(part + IDX[CHUNKS[c][0]], v)
+        else:
+            piece = ()
+            for j in tl.static_range(tl.constexpr(CHUNKS[c][1])):
+                piece = piece + (cols[CHUNKS[c][0] + j],)
+            tile = _join_cols(piece, BN, CHUNKS[c][1])
+            k = tl.arange(0, CHUNKS[c][1])
+            idx = tl.zeros_like(k)
+            neg = k < 0
+            for j in tl.static_range(tl.constexpr(CHUNKS[c][1])):
+                idx = tl.where(k == j, IDX[CHUNKS[c][0] + j], idx)
+                if IS_MAX:
+                    if NEG[CHUNKS[c][0] + j]:
+                        neg = neg | (k == j)
+            if IS_MAX:
+                v = tl.max(tile, axis=0)
+                v = tl.where(neg, -v, v)
+            else:
+                v = tl.sum(tile, axis=0)
+            tl.store(part + idx, v)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -375,7 +461,7 @@ def _lse_cols(zh, vs, A: tl.constexpr, EXCL: tl.constexpr):
     exclusion, every action with a fill)."""
     m = zh[0]  # (with exclusion an invalid action's zhat is -inf: it never raises the maximum)
     for j in tl.static_range(1, A):
-        m = _gt_max(m, zh[j])
+        m = tl.where(zh[j] > m, zh[j], m)
     s = tl.zeros_like(m)
     for j in tl.static_range(A):
         e = tl.exp(zh[j] - m)
@@ -425,9 +511,10 @@ def _small_stats(zs, vs, a_safe, mask_fill, floor, A: tl.constexpr, EXCL: tl.con
         zh, m1, s1, f, s_f, po = _floor_cols(zs, vs, n, floor, mask_fill, A, EXCL)
     else:
         zh = _zhat_cols(zs, vs, mask_fill, A)
-    m = zh[0]  # (with exclusion an invalid action's zhat is -inf: it never raises the maximum)
+    m = zh[0]  # (a running maximum: a NaN leaves it and reaches the row through exp; with exclusion an invalid
+    # action's zhat is -inf and never raises it)
     for j in tl.static_range(1, A):
-        m = _gt_max(m, zh[j])
+        m = tl.where(zh[j] > m, zh[j], m)
     s = tl.zeros_like(m)
     sv = tl.zeros_like(m)
     t = tl.zeros_like(m)
@@ -559,31 +646,40 @@ def _small_grad(zs, vs, st, a_safe, gL, gE, mask_fill, A: tl.constexpr, EXCL: tl
 
 
 @triton.jit
-def _load_tile(base, rs, co, r64, ld, cols, other):
-    return tl.load(base + r64[:, None] * rs + co + cols[None, :], mask=ld, other=other)
+def _rebase(ptrs, strides, row0, H: tl.constexpr):
+    """Per-head pointers moved to row ``row0``."""
+    out = ()
+    for h in tl.static_range(H):
+        out = out + (ptrs[h] + row0 * strides[h],)
+    return out
 
 
 @triton.jit
-def _store_cols(base, rs, co, r64, row_ok, gs, A: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+def _load_tile(base, rs, co, rl, ld, cols, other):
+    return tl.load(base + rl[:, None] * rs + co + cols[None, :], mask=ld, other=other)
+
+
+@triton.jit
+def _store_cols(base, rs, co, rl, row_ok, gs, A: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
                 TILE: tl.constexpr):
     """Store A gradient columns at base[row, co + j] (the logits' dtype): one [BN, W] tile (joined columns; the
     compiler stores it coalesced), or one column at a time."""
     if TILE:
         zero = tl.zeros_like(gs[0])
         cols = tl.arange(0, W)
-        t = _join_cols(_pad(gs, zero, W), BN, W, 0, 1)
-        tl.store(base + r64[:, None] * rs + co + cols[None, :], t.to(base.dtype.element_ty),
+        t = _join_cols(_pad(gs, zero, W), BN, W)
+        tl.store(base + rl[:, None] * rs + co + cols[None, :], t.to(base.dtype.element_ty),
                  mask=row_ok[:, None] & (cols[None, :] < A))
     else:
         for j in tl.static_range(A):
-            tl.store(base + r64 * rs + co + j, gs[j].to(base.dtype.element_ty), mask=row_ok)
+            tl.store(base + rl * rs + co + j, gs[j].to(base.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _scale_tile(base, rs, co, r64, row_ok, scale, A: tl.constexpr, W: tl.constexpr):
+def _scale_tile(base, rs, co, rl, row_ok, scale, A: tl.constexpr, W: tl.constexpr):
     """base[row, co + j] *= scale over a [BN, W] tile (the fix-up's rescale: no layout change, coalesced)."""
     cols = tl.arange(0, W)
-    ptr = base + r64[:, None] * rs + co + cols[None, :]
+    ptr = base + rl[:, None] * rs + co + cols[None, :]
     ok = row_ok[:, None] & (cols[None, :] < A)
     x = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
     tl.store(ptr, (x * scale).to(base.dtype.element_ty), mask=ok)
@@ -593,16 +689,16 @@ def _scale_tile(base, rs, co, r64, row_ok, scale, A: tl.constexpr, W: tl.constex
 # wide heads: [BN, BLOCK_C] chunks of BN rows, online softmax
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A: tl.constexpr,
+def _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A: tl.constexpr,
                HAS_MASK: tl.constexpr):
     """One chunk of a wide head: masked logits zhat (the fill at invalid actions, -inf at padding columns), the
     valid actions (absent rows: none) and the actions the mask marks valid (absent rows too)."""
     col_ok = cols < A
     ld = present[:, None] & col_ok[None, :]
-    z = _load_tile(lg, rs, co, r64, ld, cols, 0.0).to(tl.float32)
+    z = _load_tile(lg, rs, co, rl, ld, cols, 0.0).to(tl.float32)
     if HAS_MASK:
         lm = row_ok[:, None] & col_ok[None, :]
-        marked = lm & (_load_tile(mk, mrs, mco, r64, lm, cols, 0) != 0)
+        marked = lm & (_load_tile(mk, mrs, mco, rl, lm, cols, 0) != 0)
     else:
         marked = row_ok[:, None] & col_ok[None, :]
     valid = ld & marked
@@ -622,7 +718,8 @@ def _wide_floored(zhat1, valid, m1, logs1, f, s_f):
 @triton.jit
 def _online(zhat, valid, m, s, sv, t, EXCL: tl.constexpr):
     """Fold one chunk into the row's running (m, s = sum e, sv = sum_V e, t = sum_V e (zhat - m))."""
-    m_new = _gt_max(m, tl.max(zhat, axis=1))
+    cm = tl.max(zhat, axis=1)
+    m_new = tl.where(cm > m, cm, m)
     alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
     d = zhat - m_new[:, None]
     e = tl.exp(d)
@@ -637,7 +734,7 @@ def _online(zhat, valid, m, s, sv, t, EXCL: tl.constexpr):
 
 
 @triton.jit
-def _wide_stats(lg, rs, co, mk, mrs, mco, r64, row_ok, present, a_safe, mask_fill, floor,
+def _wide_stats(lg, rs, co, mk, mrs, mco, rl, row_ok, present, a_safe, mask_fill, floor,
                 A: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr,
                 FLOOR_ON: tl.constexpr):
     """A wide head's row statistics (the ``_small_stats`` tuple) from one streaming pass over the row (three
@@ -645,7 +742,7 @@ def _wide_stats(lg, rs, co, mk, mrs, mco, r64, row_ok, present, a_safe, mask_fil
     once for the statistics and the gradient. Also the number of actions the mask marks valid (absent rows
     included: their log-prob output follows the reference's)."""
     cols0 = tl.arange(0, BLOCK_C)
-    z0, v0, m0 = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols0, mask_fill, A, HAS_MASK)
+    z0, v0, m0 = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols0, mask_fill, A, HAS_MASK)
     zero = tl.sum(tl.zeros_like(z0), axis=1)
     ninf = zero + float("-inf")
     hit0 = cols0[None, :] == a_safe[:, None]
@@ -656,7 +753,7 @@ def _wide_stats(lg, rs, co, mk, mrs, mco, r64, row_ok, present, a_safe, mask_fil
     m, s, sv, t = _online(z0, v0, ninf, zero, zero, zero, EXCL)
     for c0 in range(BLOCK_C, A, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        zb, vb, mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+        zb, vb, mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
         hb = cols[None, :] == a_safe[:, None]
         n += tl.sum(vb.to(tl.float32), axis=1)
         n_mask += tl.sum(mb.to(tl.float32), axis=1)
@@ -673,7 +770,7 @@ def _wide_stats(lg, rs, co, mk, mrs, mco, r64, row_ok, present, a_safe, mask_fil
         po = zero
         for c0 in range(0, A, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
             p1 = tl.exp((zb - m1[:, None]) - logs1[:, None])
             nu += tl.sum((vb & (p1 < f[:, None])).to(tl.float32), axis=1)
             po += tl.sum(tl.where(vb & ~(p1 < f[:, None]), p1, 0.0), axis=1)
@@ -686,7 +783,7 @@ def _wide_stats(lg, rs, co, mk, mrs, mco, r64, row_ok, present, a_safe, mask_fil
         zsel = zero
         for c0 in range(0, A, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
             z2, _p1, _q = _wide_floored(zb, vb, m1, logs1, f, s_f)
             m, s, sv, t = _online(z2, vb, m, s, sv, t, EXCL)
             zsel += tl.sum(tl.where(cols[None, :] == a_safe[:, None], z2, 0.0), axis=1)
@@ -766,7 +863,7 @@ def _wide_grad_chunk(zhat1, valid, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL:
 
 
 @triton.jit
-def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, r64, row_ok, present, a_safe, st, z0, v0, gL, gE, mask_fill,
+def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, rl, row_ok, present, a_safe, st, z0, v0, gL, gE, mask_fill,
                A: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr,
                FLOOR_ON: tl.constexpr, NORM_ENT: tl.constexpr, REUSE0: tl.constexpr):
     """Write a wide head's gradient: the first chunk from registers (REUSE0), the others read again (with a
@@ -793,7 +890,7 @@ def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, r64, row_ok, present, a_s
         n_bad = tl.zeros_like(m)
         for c0 in range(0, A, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
             zhat, p1, q, _p, g = _wide_g(zb, vb, cols, st, a_safe, gL, ng, FLOOR_ON, EXCL)
             dps, over = _wide_dps(zhat, vb, p1, q, g, st, sig, EXCL)
             ds += tl.sum(dps * p1, axis=1)
@@ -804,7 +901,7 @@ def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, r64, row_ok, present, a_s
         sum1 = tl.zeros_like(m)
         for c0 in range(0, A, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+            zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
             zhat, p1, q, _p, g = _wide_g(zb, vb, cols, st, a_safe, gL, ng, FLOOR_ON, EXCL)
             dps, over = _wide_dps(zhat, vb, p1, q, g, st, sig, EXCL)
             sum1 += tl.sum((dps * s_f[:, None] + tl.where(over, dsum_o[:, None], 0.0)) * p1, axis=1)
@@ -816,15 +913,15 @@ def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, r64, row_ok, present, a_s
         zc = z0
         vc = v0
     else:
-        zc, vc, _mc = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols0, mask_fill, A, HAS_MASK)
+        zc, vc, _mc = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols0, mask_fill, A, HAS_MASK)
     gz = _wide_grad_chunk(zc, vc, cols0, st, a_safe, gL, ng, sig, fin, fl, EXCL, FLOOR_ON)
-    tl.store(gr + r64[:, None] * grs + gco + cols0[None, :], gz.to(gr.dtype.element_ty),
+    tl.store(gr + rl[:, None] * grs + gco + cols0[None, :], gz.to(gr.dtype.element_ty),
              mask=row_ok[:, None] & (cols0[None, :] < A))
     for c0 in range(BLOCK_C, A, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, r64, row_ok, present, cols, mask_fill, A, HAS_MASK)
+        zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
         gz = _wide_grad_chunk(zb, vb, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL, FLOOR_ON)
-        tl.store(gr + r64[:, None] * grs + gco + cols[None, :], gz.to(gr.dtype.element_ty),
+        tl.store(gr + rl[:, None] * grs + gco + cols[None, :], gz.to(gr.dtype.element_ty),
                  mask=row_ok[:, None] & (cols[None, :] < A))
 
 
@@ -832,124 +929,102 @@ def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, r64, row_ok, present, a_s
 # per-row statistics terms, by statistic (schema index): the leaves of the per-program reductions
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _head_sum_leaf(J: tl.constexpr, present, rel, w, ell, ent, lr, ratio, n, taken, pol, clip_lo, clip_hi):
-    if J == HD_POLICY_NUM:
-        x = pol
-    elif J == HD_ENTROPY_NUM:
-        x = tl.where(rel, w * ent, 0.0)
-    elif J == HD_KL_NUM:
-        x = tl.where(rel, w * ((ratio - 1.0) - lr), 0.0)
-    elif J == HD_CLIP_NUM:
-        x = tl.where(rel & ((ratio > clip_hi) | (ratio < clip_lo)), w, 0.0)
-    elif J == HD_NONFINITE:
-        x = (present & ~_isfinite(ell)).to(tl.float32)
-    elif J == HD_EMPTY_MASK:
-        x = (present & (n == 0.0)).to(tl.float32)
-    elif J == HD_INVALID_ACTION:
-        x = (present & ~taken).to(tl.float32)
-    elif J == HD_VALID_SUM:
-        x = tl.where(present, w * n, 0.0)
-    elif J == HD_SINGLE:
-        x = tl.where(present & (n == 1.0), w, 0.0)
-    elif J == HD_LEARNABLE:
-        x = tl.where(rel & (n > 1.0), w, 0.0)
-    else:
-        tl.static_assert(False, "a per-head sum statistic without a per-row term")
-    return x
-
-
-@triton.jit
-def _head_ext_leaf(J: tl.constexpr, present, rel, ell, ratio, n):
-    """Extreme-kind terms for a max-reduction: maxima as they are, minima negated (NaN ignored)."""
+def _head_stats(part_h, present, rel, w, ell, ent, lograt, ratio, n, taken, pol, clip_lo, clip_hi, BN: tl.constexpr):
+    """One head's partial statistics over the program's rows: each statistic's per-row term (by schema index),
+    reduced by its kind and stored at its index of ``part_h``."""
+    fin_ell = (ell == ell) & (tl.abs(ell) != float("inf"))
     ok_ell = rel & (ell == ell)
-    if J == HD_RATIO_MAX:
-        x = tl.where(rel & (ratio == ratio), ratio, float("-inf"))
-    elif J == HD_LOGP_MIN:
-        x = tl.where(ok_ell, -ell, float("-inf"))
-    elif J == HD_LOGP_MAX:
-        x = tl.where(ok_ell, ell, float("-inf"))
-    elif J == HD_VALID_MIN:
-        x = tl.where(present, -n, float("-inf"))
-    elif J == HD_VALID_MAX:
-        x = tl.where(present, n, float("-inf"))
-    else:
-        tl.static_assert(False, "a per-head extreme statistic without a per-row term")
-    return x
-
-
-@triton.jit
-def _global_sum_leaf(J: tl.constexpr, present, w, r, L, gpol, clip_lo, clip_hi, vw, vnum, vclip):
-    if J == G_POLICY_NUM:
-        x = gpol
-    elif J == G_KL_K3:
-        x = tl.where(present, w * ((r - 1.0) - L), 0.0)
-    elif J == G_KL_K1:
-        x = tl.where(present, w * -L, 0.0)
-    elif J == G_CLIP:
-        x = tl.where(present & ((r > clip_hi) | (r < clip_lo)), w, 0.0)
-    elif J == G_CLIP_POS:
-        x = tl.where(present & (r > clip_hi), w, 0.0)
-    elif J == G_CLIP_NEG:
-        x = tl.where(present & (r < clip_lo), w, 0.0)
-    elif J == G_VALUE_NUM:
-        x = vnum
-    elif J == G_VALUE_CLIP:
-        x = vclip
-    else:
-        tl.static_assert(False, "a global sum statistic without a per-row term")
-    return x
-
-
-@triton.jit
-def _global_ext_leaf(J: tl.constexpr, present, r):
-    if J == G_RATIO_MIN:
-        x = tl.where(present & (r == r), -r, float("-inf"))
-    elif J == G_RATIO_MAX:
-        x = tl.where(present & (r == r), r, float("-inf"))
-    else:
-        tl.static_assert(False, "a global extreme statistic without a per-row term")
-    return x
-
-
-@triton.jit
-def _moment_terms(J: tl.constexpr, present, w, r, vpres, vw, R, v):
-    """(keep, weight, value) of the global moment whose MEAN statistic is J."""
-    if J == G_RATIO_MEAN:
-        out = (present, w, r)
-    elif J == G_RETURN_MEAN:
-        out = (vpres, vw, R)
-    elif J == G_RESID_MEAN:
-        out = (vpres, vw, R - v)
-    else:
-        tl.static_assert(False, "a moment without a per-row term")
-    return out
-
-
-@triton.jit
-def _head_stats(part_h, present, rel, w, ell, ent, lr, ratio, n, taken, pol, clip_lo, clip_hi, BN: tl.constexpr):
     sums = ()
     for k in tl.static_range(NFH_SUM):
-        sums = sums + (_head_sum_leaf(FH_SUM[k], present, rel, w, ell, ent, lr, ratio, n, taken, pol, clip_lo,
-                                      clip_hi),)
+        if FH_SUM[k] == HD_POLICY_NUM:
+            x = pol
+        elif FH_SUM[k] == HD_ENTROPY_NUM:
+            x = tl.where(rel, w * ent, 0.0)
+        elif FH_SUM[k] == HD_KL_NUM:
+            x = tl.where(rel, w * ((ratio - 1.0) - lograt), 0.0)
+        elif FH_SUM[k] == HD_CLIP_NUM:
+            x = tl.where(rel & ((ratio > clip_hi) | (ratio < clip_lo)), w, 0.0)
+        elif FH_SUM[k] == HD_NONFINITE:
+            x = (present & ~fin_ell).to(tl.float32)
+        elif FH_SUM[k] == HD_EMPTY_MASK:
+            x = (present & (n == 0.0)).to(tl.float32)
+        elif FH_SUM[k] == HD_INVALID_ACTION:
+            x = (present & ~taken).to(tl.float32)
+        elif FH_SUM[k] == HD_VALID_SUM:
+            x = tl.where(present, w * n, 0.0)
+        elif FH_SUM[k] == HD_SINGLE:
+            x = tl.where(present & (n == 1.0), w, 0.0)
+        elif FH_SUM[k] == HD_LEARNABLE:
+            x = tl.where(rel & (n > 1.0), w, 0.0)
+        else:
+            tl.static_assert(False, "a per-head sum statistic without a per-row term")
+        sums = sums + (x,)
+    # extremes for a max-reduction: maxima as they are, minima negated (NaN ignored)
     exts = ()
     for k in tl.static_range(NFH_EXT):
-        exts = exts + (_head_ext_leaf(FH_EXT[k], present, rel, ell, ratio, n),)
-    _reduce_store(sums, exts, FH_SUM, NFH_SUM, PFH_SUM, FH_EXT, FH_NEG, NFH_EXT, PFH_EXT, part_h, BN)
+        if FH_EXT[k] == HD_RATIO_MAX:
+            x = tl.where(rel & (ratio == ratio), ratio, float("-inf"))
+        elif FH_EXT[k] == HD_LOGP_MIN:
+            x = tl.where(ok_ell, -ell, float("-inf"))
+        elif FH_EXT[k] == HD_LOGP_MAX:
+            x = tl.where(ok_ell, ell, float("-inf"))
+        elif FH_EXT[k] == HD_VALID_MIN:
+            x = tl.where(present, -n, float("-inf"))
+        elif FH_EXT[k] == HD_VALID_MAX:
+            x = tl.where(present, n, float("-inf"))
+        else:
+            tl.static_assert(False, "a per-head extreme statistic without a per-row term")
+        exts = exts + (x,)
+    _reduce_cols(sums, FH_SUM, FH_SUM, CH_FH_SUM, NCH_FH_SUM, False, part_h, BN)
+    _reduce_cols(exts, FH_EXT, FH_NEG, CH_FH_EXT, NCH_FH_EXT, True, part_h, BN)
 
 
 @triton.jit
 def _global_stats(part, present, w, r, L, gpol, clip_lo, clip_hi, vpres, vw, vnum, vclip, R, v, BN: tl.constexpr):
+    """The program's global partial statistics (the pre-pass's excepted), by schema index and kind."""
     sums = ()
     for k in tl.static_range(NFG_SUM):
-        sums = sums + (_global_sum_leaf(FG_SUM[k], present, w, r, L, gpol, clip_lo, clip_hi, vw, vnum, vclip),)
+        if FG_SUM[k] == G_POLICY_NUM:
+            x = gpol
+        elif FG_SUM[k] == G_KL_K3:
+            x = tl.where(present, w * ((r - 1.0) - L), 0.0)
+        elif FG_SUM[k] == G_KL_K1:
+            x = tl.where(present, w * -L, 0.0)
+        elif FG_SUM[k] == G_CLIP:
+            x = tl.where(present & ((r > clip_hi) | (r < clip_lo)), w, 0.0)
+        elif FG_SUM[k] == G_CLIP_POS:
+            x = tl.where(present & (r > clip_hi), w, 0.0)
+        elif FG_SUM[k] == G_CLIP_NEG:
+            x = tl.where(present & (r < clip_lo), w, 0.0)
+        elif FG_SUM[k] == G_VALUE_NUM:
+            x = vnum
+        elif FG_SUM[k] == G_VALUE_CLIP:
+            x = vclip
+        else:
+            tl.static_assert(False, "a global sum statistic without a per-row term")
+        sums = sums + (x,)
     exts = ()
     for k in tl.static_range(NFG_EXT):
-        exts = exts + (_global_ext_leaf(FG_EXT[k], present, r),)
-    _reduce_store(sums, exts, FG_SUM, NFG_SUM, PFG_SUM, FG_EXT, FG_NEG, NFG_EXT, PFG_EXT, part, BN)
+        if FG_EXT[k] == G_RATIO_MIN:
+            x = tl.where(present & (r == r), -r, float("-inf"))
+        elif FG_EXT[k] == G_RATIO_MAX:
+            x = tl.where(present & (r == r), r, float("-inf"))
+        else:
+            tl.static_assert(False, "a global extreme statistic without a per-row term")
+        exts = exts + (x,)
+    _reduce_cols(sums, FG_SUM, FG_SUM, CH_FG_SUM, NCH_FG_SUM, False, part, BN)
+    _reduce_cols(exts, FG_EXT, FG_NEG, CH_FG_EXT, NCH_FG_EXT, True, part, BN)
     for k in tl.static_range(NMOM):
-        keep, mw, mx = _moment_terms(MOM_M[k], present, w, r, vpres, vw, R, v)
-        lw, lm, lq = _moment_leaf(keep, mw, mx)
-        cw, cm, cq = tl.reduce((lw, lm, lq), 0, _chan)
+        # the moments: (keep, weight, value) of the moment whose MEAN statistic is MOM_M[k]
+        if MOM_M[k] == G_RATIO_MEAN:
+            keep, mw, mx = present, w, r
+        elif MOM_M[k] == G_RETURN_MEAN:
+            keep, mw, mx = vpres, vw, R
+        elif MOM_M[k] == G_RESID_MEAN:
+            keep, mw, mx = vpres, vw, R - v
+        else:
+            tl.static_assert(False, "a moment without a per-row term")
+        cw, cm, cq = _row_moments(keep, mw, mx)
         tl.store(part + MOM_W[k], cw)
         tl.store(part + MOM_M[k], cm)
         tl.store(part + MOM_Q[k], cq)
@@ -974,25 +1049,27 @@ def _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp, clip_lo,
         ent = hraw
     d = tl.where(rel, ell - old, 0.0)
     inside = rel & (d >= -log_clamp) & (d <= log_clamp)
-    lr = tl.where(rel, _clamp(d, -log_clamp, log_clamp), 0.0)
-    ratio = tl.exp(lr)
+    lograt = tl.where(rel, _clamp(d, -log_clamp, log_clamp), 0.0)
+    ratio = tl.exp(lograt)
     if PER_HEAD:
         s1 = ratio * adv
         s2 = _clamp(ratio, clip_lo, clip_hi) * adv
         surr = tl.where((s1 <= s2) | (s1 != s1), s1, s2)
         pol = tl.where(rel, w * surr, 0.0)
         # torch.minimum's branch (a tie inside the clip range gives the same gradient either way)
-        gl = tl.where(inside & ~(s1 > s2), -(w * adv) * ratio, 0.0) * _safe_div(g_pol, den)
+        # (selected after the product: a row outside the surrogate's gradient gets exactly 0 even when the
+        # upstream is infinite, as the reference's masked_fill)
+        gl = tl.where(inside & ~(s1 > s2), (-(w * adv) * ratio) * _safe_div(g_pol, den), 0.0)
     else:
         pol = tl.zeros_like(ell)
         gl = pol
-    return ell, ent, lr, ratio, inside, pol, gl
+    return ell, ent, lograt, ratio, inside, pol, gl
 
 
 @triton.jit
 def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT,
               ACT_S, OLD, OLD_S, REL, REL_S, FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, LOGP, ENT, NORM, part, GLP, GLP_S0,
-              GLP_S1, GENT, GENT_S0, GENT_S1, r64, row_ok, present, w, adv0, g_pol, g_ent, mask_fill, log_clamp,
+              GLP_S1, GENT, GENT_S0, GENT_S1, rl, row_ok, present, w, adv0, g_pol, g_ent, mask_fill, log_clamp,
               clip_lo, clip_hi,
               H: tl.constexpr, A: tl.constexpr, BLK: tl.constexpr, HOFF: tl.constexpr, FLOOR_ON: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_REL: tl.constexpr, PER_HEAD: tl.constexpr, ADV_PER_HEAD: tl.constexpr,
@@ -1001,15 +1078,15 @@ def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK,
               BN: tl.constexpr, BLOCK_C: tl.constexpr):
     """Head HI of one row block: statistics, outputs, partial statistics, and (per_head) its gradient; returns
     the clamped log-ratio and what the joint surrogate's gradient needs of this head."""
-    a = tl.load(ACT[HI] + r64 * ACT_S[HI], mask=row_ok, other=0)
+    a = tl.load(ACT[HI] + rl * ACT_S[HI], mask=row_ok, other=0)
     in_range = (a >= 0) & (a < A)
     a_safe = tl.where(in_range, a, 0).to(tl.int32)
     if HAS_REL:
-        rel = present & (tl.load(REL[HI] + r64 * REL_S[HI], mask=present, other=0) != 0)
+        rel = present & (tl.load(REL[HI] + rl * REL_S[HI], mask=present, other=0) != 0)
     else:
         rel = present
     if WIDE:
-        st, zs, vs, n_mask = _wide_stats(LG[HI], LG_RS[HI], LG_CO[HI], MK[HI], MK_RS[HI], MK_CO[HI], r64, row_ok,
+        st, zs, vs, n_mask = _wide_stats(LG[HI], LG_RS[HI], LG_CO[HI], MK[HI], MK_RS[HI], MK_CO[HI], rl, row_ok,
                                          present, a_safe, mask_fill, FLOOR[HI], A, BLOCK_C, HAS_MASK, EXCL, FLOOR_ON)
     else:
         zs = ()
@@ -1026,59 +1103,59 @@ def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK,
             else:
                 vs = vs + (present,)
         st = _small_stats(zs, vs, a_safe, mask_fill, FLOOR[HI], A, EXCL, FLOOR_ON)
-    old = tl.load(OLD[HI] + r64 * OLD_S[HI], mask=rel, other=0).to(tl.float32)
+    old = tl.load(OLD[HI] + rl * OLD_S[HI], mask=rel, other=0).to(tl.float32)
     if ADV_PER_HEAD:
-        adv = tl.load(ADV + r64 * ADV_SN + HI * ADV_SH, mask=present, other=0).to(tl.float32)
+        adv = tl.load(ADV + rl * ADV_SN + HI * ADV_SH, mask=present, other=0).to(tl.float32)
         if NORM_ADV:
             adv = (adv - tl.load(NORM + NPG + H + HI)) / tl.load(NORM + NPG + 2 * H + HI)
         adv = tl.where(present, adv, 0.0)
     else:
         adv = adv0
     den = tl.load(NORM + NPG + HI)
-    ell, ent, lr, ratio, inside, pol, gl = _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp,
+    ell, ent, lograt, ratio, inside, pol, gl = _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp,
                                                         clip_lo, clip_hi, NORM_ENT, PER_HEAD)
     if OUT_ON:
         # an absent step's log-prob is the reference's: no action is used, so every action has -log A (NaN when
         # the mask has no valid action or the action is out of range)
         absent = tl.where(in_range & (n_mask > 0.0), -tl.log(tl.zeros_like(w) + A), float("nan"))
-        tl.store(LOGP + r64 * H + HI, tl.where(present, ell, absent), mask=row_ok)
-        tl.store(ENT + r64 * H + HI, ent, mask=row_ok)
-        _head_stats(part + GS + HI * HS, present, rel, w, ell, ent, lr, ratio, st[S_N], st[S_TAKEN], pol, clip_lo, clip_hi,
-                    BN)
+        tl.store(LOGP + rl * H + HI, tl.where(present, ell, absent), mask=row_ok)
+        tl.store(ENT + rl * H + HI, ent, mask=row_ok)
+        _head_stats(part + GS + HI * HS, present, rel, w, ell, ent, lograt, ratio, st[S_N], st[S_TAKEN] & in_range, pol,
+                    clip_lo, clip_hi, BN)
     keep = ()
     if GRAD_ON:
         gE = tl.where(rel, _safe_div(g_ent * -KCOEF[HI], den) * w, 0.0)
         if HAS_GENT:
-            gE += tl.load(GENT + r64 * GENT_S0 + HI * GENT_S1, mask=row_ok, other=0).to(tl.float32)
+            gE += tl.load(GENT + rl * GENT_S0 + HI * GENT_S1, mask=row_ok, other=0).to(tl.float32)
         if HAS_GLP:
-            glp = tl.load(GLP + r64 * GLP_S0 + HI * GLP_S1, mask=row_ok, other=0).to(tl.float32)
+            glp = tl.load(GLP + rl * GLP_S0 + HI * GLP_S1, mask=row_ok, other=0).to(tl.float32)
         else:
             glp = tl.zeros_like(gE)
         if PER_HEAD:
             gL = tl.where(in_range, gl + glp, 0.0)
             _head_grad(WIDE, zs, vs, st, a_safe, gL, gE, LG[HI], LG_RS[HI], LG_CO[HI], MK[HI], MK_RS[HI], MK_CO[HI],
-                       GR[HI], GR_RS[HI], GR_CO[HI], r64, row_ok, present, mask_fill, A, BLK, HAS_MASK, EXCL,
+                       GR[HI], GR_RS[HI], GR_CO[HI], rl, row_ok, present, mask_fill, A, BLK, HAS_MASK, EXCL,
                        FLOOR_ON, NORM_ENT, TILE_STORE, BN, BLOCK_C)
         else:
             keep = (zs, vs, st, a_safe, in_range, inside, gE, glp)
-    return lr, keep
+    return lograt, keep
 
 
 @triton.jit
 def _head_grad(WIDE: tl.constexpr, zs, vs, st, a_safe, gL, gE, lg, lg_rs, lg_co, mk, mk_rs, mk_co, gr, gr_rs, gr_co,
-               r64, row_ok, present, mask_fill, A: tl.constexpr, BLK: tl.constexpr, HAS_MASK: tl.constexpr,
+               rl, row_ok, present, mask_fill, A: tl.constexpr, BLK: tl.constexpr, HAS_MASK: tl.constexpr,
                EXCL: tl.constexpr, FLOOR_ON: tl.constexpr, NORM_ENT: tl.constexpr, TILE_STORE: tl.constexpr,
                BN: tl.constexpr, BLOCK_C: tl.constexpr):
     if WIDE:
-        _wide_grad(lg, lg_rs, lg_co, mk, mk_rs, mk_co, gr, gr_rs, gr_co, r64, row_ok, present, a_safe, st, zs, vs,
+        _wide_grad(lg, lg_rs, lg_co, mk, mk_rs, mk_co, gr, gr_rs, gr_co, rl, row_ok, present, a_safe, st, zs, vs,
                    gL, gE, mask_fill, A, BLOCK_C, HAS_MASK, EXCL, FLOOR_ON, NORM_ENT, True)
     else:
         gz = _small_grad(zs, vs, st, a_safe, gL, gE, mask_fill, A, EXCL, FLOOR_ON, NORM_ENT)
-        _store_cols(gr, gr_rs, gr_co, r64, row_ok, gz, A, BLK, BN, TILE_STORE)
+        _store_cols(gr, gr_rs, gr_co, rl, row_ok, gz, A, BLK, BN, TILE_STORE)
 
 
 @triton.jit
-def _load_group(GI_H0: tl.constexpr, WIDE: tl.constexpr, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, r64, row_ok, present,
+def _load_group(GI_H0: tl.constexpr, WIDE: tl.constexpr, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, rl, row_ok, present,
                 W: tl.constexpr, WID: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
     """A group of small heads (packed side by side): one [BN, W] tile of logits (present rows) and of masks
     (every row: an absent step's log-prob output needs its mask count), as columns."""
@@ -1087,10 +1164,10 @@ def _load_group(GI_H0: tl.constexpr, WIDE: tl.constexpr, LG, LG_RS, LG_CO, MK, M
     else:
         cols = tl.arange(0, W)
         ld = present[:, None] & (cols[None, :] < WID)
-        zall = _cols(_load_tile(LG[GI_H0], LG_RS[GI_H0], LG_CO[GI_H0], r64, ld, cols, 0.0), BN, W)
+        zall = _cols(_load_tile(LG[GI_H0], LG_RS[GI_H0], LG_CO[GI_H0], rl, ld, cols, 0.0), BN, W)
         if HAS_MASK:
             lm = row_ok[:, None] & (cols[None, :] < WID)
-            vall = _cols(_load_tile(MK[GI_H0], MK_RS[GI_H0], MK_CO[GI_H0], r64, lm, cols, 0), BN, W)
+            vall = _cols(_load_tile(MK[GI_H0], MK_RS[GI_H0], MK_CO[GI_H0], rl, lm, cols, 0), BN, W)
         else:
             vall = zall
         out = (zall, vall)
@@ -1112,12 +1189,38 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
           BLOCK_C: tl.constexpr):
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
-    r64 = rows.to(tl.int64)
+    # every pointer moved to the block's first row (int64, once per tensor), so that per-element offsets are
+    # int32 (local row x stride + column): no 64-bit address arithmetic per element
+    row0 = (pid * BN).to(tl.int64)
+    LG, MK, GR, ACT, OLD, REL = (_rebase(LG, LG_RS, row0, H), _rebase(MK, MK_RS, row0, H), _rebase(GR, GR_RS, row0, H),
+                                 _rebase(ACT, ACT_S, row0, H), _rebase(OLD, OLD_S, row0, H),
+                                 _rebase(REL, REL_S, row0, H))
+    ADV = ADV + row0 * ADV_SN
+    if HAS_W:
+        WT = WT + row0 * WT_S
+    if HAS_V:
+        VAL = VAL + row0 * VAL_S
+        RET = RET + row0 * RET_S
+    if HAS_VCLIP:
+        OVAL = OVAL + row0 * OVAL_S
+    if HAS_VW:
+        VWT = VWT + row0 * VWT_S
+    if OUT_ON:
+        LOGP = LOGP + row0 * H
+        ENT = ENT + row0 * H
+        JR = JR + row0
+    if VGRAD_ON:
+        GV = GV + row0
+    if HAS_GLP:
+        GLP = GLP + row0 * GLP_S0
+    if HAS_GENT:
+        GENT = GENT + row0 * GENT_S0
+    rl = tl.arange(0, BN)  # local rows
     zero = tl.zeros([BN], dtype=tl.float32)
 
     # steps: present = finite w > 0
     if HAS_W:
-        w_raw = tl.load(WT + r64 * WT_S, mask=row_ok, other=0).to(tl.float32)
+        w_raw = tl.load(WT + rl * WT_S, mask=row_ok, other=0).to(tl.float32)
     else:
         w_raw = tl.where(row_ok, 1.0, 0.0)
     present = row_ok & _isfinite(w_raw) & (w_raw > 0)
@@ -1126,7 +1229,7 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
     if ADV_PER_HEAD:
         adv0 = zero
     else:
-        adv0 = tl.load(ADV + r64 * ADV_SN, mask=present, other=0).to(tl.float32)
+        adv0 = tl.load(ADV + rl * ADV_SN, mask=present, other=0).to(tl.float32)
         if NORM_ADV:
             adv0 = (adv0 - tl.load(NORM + NPG + H)) / tl.load(NORM + NPG + 2 * H)
         adv0 = tl.where(present, adv0, 0.0)
@@ -1137,17 +1240,17 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
     Lsum = zero
     keep = ()
     for gi in tl.static_range(NG):
-        group = _load_group(GH0[gi], GWIDE[gi], LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, r64, row_ok, present, GW[gi],
+        group = _load_group(GH0[gi], GWIDE[gi], LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, rl, row_ok, present, GW[gi],
                             GWID[gi], HAS_MASK, BN)
-        for i in tl.static_range(GNH[gi]):
-            lr, kh = _head_fwd(GH0[gi] + i, GWIDE[gi], group, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO,
+        for i in tl.static_range(tl.constexpr(GNH[gi])):
+            lograt, kh = _head_fwd(GH0[gi] + i, GWIDE[gi], group, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO,
                                ACT, ACT_S, OLD, OLD_S, REL, REL_S, FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, LOGP, ENT, NORM,
-                               part, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1, r64, row_ok, present, w, adv0,
+                               part, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1, rl, row_ok, present, w, adv0,
                                g_pol, g_ent, mask_fill, log_clamp, clip_lo, clip_hi, H, SIZES[GH0[gi] + i],
                                BLKS[GH0[gi] + i], HOFF[GH0[gi] + i], FLOOR_ON[GH0[gi] + i], HAS_MASK, HAS_REL,
                                PER_HEAD, ADV_PER_HEAD, NORM_ADV, NORM_ENT, EXCL, HAS_GLP, HAS_GENT, GRAD_ON, OUT_ON,
                                TILE_STORE, BN, BLOCK_C)
-            Lsum += lr
+            Lsum += lograt
             keep = keep + (kh,)
 
     # the TRUE joint ratio
@@ -1160,7 +1263,7 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
     L = tl.where(present, L, 0.0)
     r = tl.exp(L)
     if OUT_ON:
-        tl.store(JR + r64, r, mask=row_ok)
+        tl.store(JR + rl, r, mask=row_ok)
     if PER_HEAD:
         gpol = zero
     else:
@@ -1169,33 +1272,33 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
         surr = tl.where((s1 <= s2) | (s1 != s1), s1, s2)
         gpol = tl.where(present, w * surr, 0.0)
         if GRAD_ON:
-            base = tl.where(present & jin & ~(s1 > s2), -(w * adv0) * r, 0.0) * _safe_div(g_pol, W)
+            base = tl.where(present & jin & ~(s1 > s2), (-(w * adv0) * r) * _safe_div(g_pol, W), 0.0)
             # phase 2: every head's gradient from the joint coefficient (the rows are still in registers)
             for gi in tl.static_range(NG):
-                for i in tl.static_range(GNH[gi]):
+                for i in tl.static_range(tl.constexpr(GNH[gi])):
                     zs, vs, st, a_safe, in_range, inside, gE, glp = keep[GH0[gi] + i]
                     gL = tl.where(in_range, tl.where(inside, base, 0.0) + glp, 0.0)
                     _head_grad(GWIDE[gi], zs, vs, st, a_safe, gL, gE, LG[GH0[gi] + i], LG_RS[GH0[gi] + i],
                                LG_CO[GH0[gi] + i], MK[GH0[gi] + i], MK_RS[GH0[gi] + i], MK_CO[GH0[gi] + i],
-                               GR[GH0[gi] + i], GR_RS[GH0[gi] + i], GR_CO[GH0[gi] + i], r64, row_ok, present,
+                               GR[GH0[gi] + i], GR_RS[GH0[gi] + i], GR_CO[GH0[gi] + i], rl, row_ok, present,
                                mask_fill, SIZES[GH0[gi] + i], BLKS[GH0[gi] + i], HAS_MASK, EXCL,
                                FLOOR_ON[GH0[gi] + i], NORM_ENT, TILE_STORE, BN, BLOCK_C)
 
     # value loss terms
     if HAS_V:
         if HAS_VW:
-            vw_raw = tl.load(VWT + r64 * VWT_S, mask=row_ok, other=0).to(tl.float32)
+            vw_raw = tl.load(VWT + rl * VWT_S, mask=row_ok, other=0).to(tl.float32)
         else:
             vw_raw = w_raw
         vpres = row_ok & _isfinite(vw_raw) & (vw_raw > 0)
         vw = tl.where(vpres, vw_raw, 0.0)
-        v = tl.where(vpres, tl.load(VAL + r64 * VAL_S, mask=vpres, other=0).to(tl.float32), 0.0)
-        R = tl.where(vpres, tl.load(RET + r64 * RET_S, mask=vpres, other=0).to(tl.float32), 0.0)
+        v = tl.where(vpres, tl.load(VAL + rl * VAL_S, mask=vpres, other=0).to(tl.float32), 0.0)
+        R = tl.where(vpres, tl.load(RET + rl * RET_S, mask=vpres, other=0).to(tl.float32), 0.0)
         d1 = v - R
         l1 = d1 * d1
         dl1 = 2.0 * d1
         if HAS_VCLIP:
-            vo = tl.where(vpres, tl.load(OVAL + r64 * OVAL_S, mask=vpres, other=0).to(tl.float32), 0.0)
+            vo = tl.where(vpres, tl.load(OVAL + rl * OVAL_S, mask=vpres, other=0).to(tl.float32), 0.0)
             dv = v - vo
             # vo + clamp(v - vo, -d, d), exactly v where the clamp does not bind (as the reference)
             v_clipped = tl.where(dv > value_clip, vo + value_clip, tl.where(dv < -value_clip, vo - value_clip, v))
@@ -1203,16 +1306,23 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
             l2 = d2 * d2
             vl = tl.where((l1 != l1) | (l1 >= l2), l1, l2)
             vclip = tl.where(vpres & (l2 > l1), vw, 0.0)
-            dl2 = tl.where((dv >= -value_clip) & (dv <= value_clip), 2.0 * d2, 0.0)
-            dvl = tl.where(l1 > l2, dl1, tl.where(l2 > l1, dl2, 0.5 * dl1 + 0.5 * dl2))
+            dl2 = 2.0 * d2
+            inside_v = (dv >= -value_clip) & (dv <= value_clip)
         else:
             vl = l1
             vclip = zero
-            dvl = dl1
         vnum = tl.where(vpres, vw * vl, 0.0)
         if VGRAD_ON:
-            gv = tl.where(vpres, vw * dvl, 0.0) * _safe_div(g_val * 0.5, tl.load(NORM + N_VWEIGHT))
-            tl.store(GV + r64, gv, mask=row_ok)
+            # the reference's chain: the upstream u = (g 0.5 / VW) vw times each branch's local derivative, so a
+            # clamp that blocks gives exactly 0 even for an infinite upstream (torch.maximum halves at a tie)
+            u = vw * _safe_div(g_val * 0.5, tl.load(NORM + N_VWEIGHT))
+            if HAS_VCLIP:
+                t1 = u * dl1
+                t2 = tl.where(inside_v, u * dl2, 0.0)
+                gv = tl.where(l1 > l2, t1, tl.where(l2 > l1, t2, 0.5 * t1 + 0.5 * t2))
+            else:
+                gv = u * dl1
+            tl.store(GV + rl, tl.where(vpres, gv, 0.0), mask=row_ok)
     else:
         vpres = row_ok & (rows < 0)
         vw = zero
@@ -1232,21 +1342,24 @@ def _rescale(pid, GR, GR_RS, GR_CO, GV, N, scale, SIZES: tl.constexpr, NG: tl.co
     (the buffers' own coalesced tiles, no layout change)."""
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
-    r64 = rows.to(tl.int64)
+    row0 = (pid * BN).to(tl.int64)
+    rl = tl.arange(0, BN)
+    GV = GV + row0
     if GRAD_ON:
+        GR = _rebase(GR, GR_RS, row0, len(GR))
         for gi in tl.static_range(NG):
             if GWIDE[gi]:
                 for c0 in range(0, SIZES[GH0[gi]], BLOCK_C):
                     cols = c0 + tl.arange(0, BLOCK_C)
-                    ptr = GR[GH0[gi]] + r64[:, None] * GR_RS[GH0[gi]] + GR_CO[GH0[gi]] + cols[None, :]
+                    ptr = GR[GH0[gi]] + rl[:, None] * GR_RS[GH0[gi]] + GR_CO[GH0[gi]] + cols[None, :]
                     ok = row_ok[:, None] & (cols[None, :] < SIZES[GH0[gi]])
                     x = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
                     tl.store(ptr, (x * scale).to(GR[GH0[gi]].dtype.element_ty), mask=ok)
             else:
-                _scale_tile(GR[GH0[gi]], GR_RS[GH0[gi]], GR_CO[GH0[gi]], r64, row_ok, scale, GWID[gi], GW[gi])
+                _scale_tile(GR[GH0[gi]], GR_RS[GH0[gi]], GR_CO[GH0[gi]], rl, row_ok, scale, GWID[gi], GW[gi])
     if VGRAD_ON:
-        gv = tl.load(GV + r64, mask=row_ok, other=0.0)
-        tl.store(GV + r64, gv * scale, mask=row_ok)
+        gv = tl.load(GV + rl, mask=row_ok, other=0.0)
+        tl.store(GV + rl, gv * scale, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1317,7 +1430,7 @@ def _merge_rows(SRC, row0, nrows, K: tl.constexpr, KPAD: tl.constexpr, CH: tl.co
         tw = tl.load(base + widx[None, :], mask=mload, other=0.0, cache_modifier=".cg")
         tm = tl.load(base + midx[None, :], mask=mload, other=0.0, cache_modifier=".cg")
         tq = tl.load(base + qidx[None, :], mask=mload, other=0.0, cache_modifier=".cg")
-        cw, cm, cq = tl.reduce((tw, tm, tq), 0, _chan)
+        cw, cm, cq = _moments(tw, tm, tq, rr[:, None] + tl.zeros([CH, PMOM], dtype=tl.int32))
         aw, am, aq = _chan(aw, am, aq, cw, cm, cq)
         c += CH
     res = tl.where(kind == K_MIN, mn, tl.where(kind == K_MAX, mx, acc))
@@ -1325,40 +1438,6 @@ def _merge_rows(SRC, row0, nrows, K: tl.constexpr, KPAD: tl.constexpr, CH: tl.co
         res = tl.where(cols == MOM_M[k], tl.sum(tl.where(pm == k, am, 0.0), axis=0), res)
         res = tl.where(cols == MOM_Q[k], tl.sum(tl.where(pm == k, aq, 0.0), axis=0), res)
     return res
-
-
-@triton.jit
-def _form(FORM: tl.constexpr, KIND: tl.constexpr, x, d):
-    """(num, den, gate) of a non-special metric row (esper_kernels.metrics._row)."""
-    one = tl.zeros_like(x) + 1.0
-    if FORM == F_MEAN:
-        out = (x, d + tl.zeros_like(x), d + tl.zeros_like(x))
-    elif FORM == F_COUNT:
-        out = (x, one, one)
-    elif FORM == F_VALUE:
-        out = (x, one, d + tl.zeros_like(x))
-    else:
-        if KIND == K_MIN:
-            measured = x < float("inf")
-        else:
-            measured = x > float("-inf")
-        out = (x, one, tl.where(measured, d, 0.0))
-    return out
-
-
-@triton.jit
-def _over(OVER: tl.constexpr, W, steps, VW, rel_w):
-    if OVER == O_WEIGHT:
-        d = W
-    elif OVER == O_STEPS:
-        d = steps
-    elif OVER == O_VALUE_WEIGHT:
-        d = VW
-    elif OVER == O_REL_WEIGHT:
-        d = rel_w
-    else:
-        d = W * 0.0 + 1.0
-    return d
 
 
 @triton.jit
@@ -1394,11 +1473,12 @@ def _metric_table(STATS, OUT, LOSSES, entropy_coef, value_coef, KCOEF, H: tl.con
         tl.store(LOSSES + 1, pl)
         tl.store(LOSSES + 2, el)
         tl.store(LOSSES + 3, vl)
-    one = W * 0.0 + 1.0
+    zero = tl.sum(tl.zeros([HPAD], dtype=tl.float32), axis=0)  # (constants: W may be inf or NaN)
+    one = zero + 1.0
     if HAS_V:
         hvd = tl.load(STATS + G_VALUE_STEPS)
     else:
-        hvd = W * 0.0
+        hvd = zero
     # torch.amin / amax over the heads: NaN propagates
     lmin_h = tl.load(hb + HD_LOGP_MIN, mask=hok, other=float("inf"))
     lmax_h = tl.load(hb + HD_LOGP_MAX, mask=hok, other=float("-inf"))
@@ -1440,19 +1520,57 @@ def _metric_table(STATS, OUT, LOSSES, entropy_coef, value_coef, KCOEF, H: tl.con
                 if M_VCLIP:
                     num, den, gate = tl.load(STATS + G_VALUE_CLIP), VW, VW
                 else:
-                    num, den, gate = one, one, one * 0.0
+                    num, den, gate = one, one, zero
             else:
                 if HAS_V:
                     num, den, gate = tl.load(STATS + G_BAD_VALUE_WEIGHTS), one, one
                 else:
-                    num, den, gate = one, one, one * 0.0
+                    num, den, gate = one, one, zero
         else:
-            num, den, gate = _form(GM_FORM[i], GM_KIND[i], tl.load(STATS + GM_STAT[i]),
-                                   _over(GM_OVER[i], W, steps, VW, W))
+            # (num, den, gate) of a row of one statistic x and normaliser d (esper_kernels.metrics._row)
+            x = tl.load(STATS + GM_STAT[i])
+            if GM_OVER[i] == O_WEIGHT:
+                d = W
+            elif GM_OVER[i] == O_STEPS:
+                d = steps
+            elif GM_OVER[i] == O_VALUE_WEIGHT:
+                d = VW
+            else:
+                d = one
+            if GM_FORM[i] == F_MEAN:
+                num, den, gate = x, d, d
+            elif GM_FORM[i] == F_COUNT:
+                num, den, gate = x, one, one
+            elif GM_FORM[i] == F_VALUE:
+                num, den, gate = x, one, d
+            elif GM_KIND[i] == K_MIN:  # EXTREME: x where there is data and x is not the empty sentinel
+                num, den, gate = x, one, tl.where(x < float("inf"), d, 0.0)
+            else:
+                num, den, gate = x, one, tl.where(x > float("-inf"), d, 0.0)
         tl.store(OUT + i, tl.where(gate > 0, num / den, float("nan")))
+    onev = tl.zeros([HPAD], dtype=tl.float32) + 1.0
     for mi in tl.static_range(NHM):
         x = tl.load(hb + HM_STAT[mi], mask=hok, other=0.0)
-        num, den, gate = _form(HM_FORM[mi], HM_KIND[mi], x, _over(HM_OVER[mi], W, steps, VW, rel_w))
+        if HM_OVER[mi] == O_REL_WEIGHT:
+            d = rel_w
+        elif HM_OVER[mi] == O_WEIGHT:
+            d = onev * W
+        elif HM_OVER[mi] == O_STEPS:
+            d = onev * steps
+        elif HM_OVER[mi] == O_VALUE_WEIGHT:
+            d = onev * VW
+        else:
+            d = onev
+        if HM_FORM[mi] == F_MEAN:
+            num, den, gate = x, d, d
+        elif HM_FORM[mi] == F_COUNT:
+            num, den, gate = x, onev, onev
+        elif HM_FORM[mi] == F_VALUE:
+            num, den, gate = x, onev, d
+        elif HM_KIND[mi] == K_MIN:
+            num, den, gate = x, onev, tl.where(x < float("inf"), d, 0.0)
+        else:
+            num, den, gate = x, onev, tl.where(x > float("-inf"), d, 0.0)
         tl.store(OUT + NGM + mi * H + hrow, tl.where(gate > 0, num / den, float("nan")), mask=hok)
 
 
@@ -1648,7 +1766,7 @@ def _ppo_pre_kernel(REL, REL_S, ADV, ADV_SN, ADV_SH, WT, WT_S, VWT, VWT_S, PREP,
             for c in tl.static_range(ADV_COLS):
                 a = tl.load(ADV + r64 * ADV_SN + c * ADV_SH, mask=present, other=0).to(tl.float32)
                 lw, lm, lq = _moment_leaf(present, w, a)
-                cw, cm, cq = tl.reduce((lw, lm, lq), 0, _chan)
+                cw, cm, cq = _moments(lw, lm, lq, tl.arange(0, CH))
                 aw, am, aq = mom[c]
                 new = new + (_chan(aw, am, aq, cw, cm, cq),)
             mom = new
@@ -1685,7 +1803,7 @@ def _ppo_pre_kernel(REL, REL_S, ADV, ADV_SN, ADV_SH, WT, WT_S, VWT, VWT_S, PREP,
                     tw = tl.load(base + N_WEIGHT, mask=pok, other=0.0, cache_modifier=".cg")
                     tm = tl.load(base + NPG + H + 2 * c, mask=pok, other=0.0, cache_modifier=".cg")
                     tq = tl.load(base + NPG + H + 2 * c + 1, mask=pok, other=0.0, cache_modifier=".cg")
-                    cw, cm, cq = tl.reduce((tw, tm, tq), 0, _chan)
+                    cw, cm, cq = _moments(tw, tm, tq, pr)
                     aw, am, aq = mw[c]
                     new = new + (_chan(aw, am, aq, cw, cm, cq),)
                 mw = new
