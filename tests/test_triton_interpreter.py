@@ -276,7 +276,6 @@ def test_wide_head_streams(floor):
         _same_grads(batch, layout, config, lambda out: out.loss.backward())
     with tuning(MAX_BLOCK_C=128):  # the wide head in one chunk kept in registers; the joint surrogate
         config = ek.PPOLossConfig(entropy_coef=0.1, prob_floor=[0.1, floor, None])
-        check(batch, layout, config)
         _same_grads(batch, layout, config, lambda out: out.loss.backward())
 
 
@@ -291,12 +290,12 @@ def test_vocab_row_split_in_chunks():
 
 
 def test_many_programs_two_level_merge():
-    """37 rows at 2 rows per program: 19 programs, merge groups of 4 (5 groups: two ticket levels), and a
-    pre-pass of 3 programs; statistics and metrics equal the reference's."""
-    b = make_batch((37,), LAYOUT, seed=9)
-    with tuning(ROWS_PER_PROGRAM=2, MERGE_GROUP=4, MERGE_CHUNK=2, PRE_CHUNK=4, PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2):
-        plan = tb._Plan(LAYOUT.sizes, 37, torch.device("cpu"), True)
-        assert plan.programs == 19 and plan.n_groups == 5
+    """13 rows at 2 rows per program: 7 programs, merge groups of 2 (4 groups, the last one short: two ticket
+    levels), and a pre-pass of 2 programs of 4 chunks each; statistics and metrics equal the reference's."""
+    b = make_batch((13,), LAYOUT, seed=9)
+    with tuning(ROWS_PER_PROGRAM=2, MERGE_GROUP=2, MERGE_CHUNK=2, PRE_CHUNK=2, PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2):
+        plan = tb._Plan(LAYOUT.sizes, 13, torch.device("cpu"), True)
+        assert plan.programs == 7 and plan.n_groups == 4
         check(b, LAYOUT, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_advantages=True,
                                           advantage_std="unbiased", ratio_std="unbiased"))
 
@@ -405,7 +404,7 @@ def test_backend_reasons():
     assert tb.TritonBackend.one_pass
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=stats_cases(max_heads=9))
 def test_metric_table_kernel_equals_the_torch_derivation(case):
     """The one-program metric-table kernel: the table of ``esper_kernels.metrics`` on adversarial statistics."""

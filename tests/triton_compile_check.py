@@ -104,6 +104,10 @@ class Record:
         ops, usage = _sass(kernel.asm["cubin"])
         c = collections.Counter(o.split(".")[0] for o in ops)
         self.sass = len(ops)
+        # the forward's per-row part: the instructions before its first atomic (the merge ticket); what follows is
+        # the last program's merge, losses and metric table, run once per launch
+        first_atom = next((i for i, o in enumerate(ops) if o.startswith("ATOM")), None)
+        self.hot = first_atom if (name == "_ppo_main_kernel" and variant == "forward") else None
         self.regs = int(usage.get("REG", -1))
         self.stack = int(usage.get("STACK", -1))
         self.spills = c["LDL"] + c["STL"]
@@ -112,22 +116,25 @@ class Record:
 
     @property
     def per_row(self) -> str:
-        """SASS per row: per warp-row for row-per-lane kernels (a warp executes one instruction for 32 rows)."""
-        if self.rows <= 0:
+        """SASS per row of the per-row part, for row-per-lane kernels (a warp's instruction serves its 32 rows); a
+        wide-row program loops over column chunks, which a static count does not multiply out ("-")."""
+        if self.rows < 32 * self.warps:
             return "-"
-        rows_per_warp = self.rows / self.warps
-        return f"{self.sass / rows_per_warp:.0f}"
+        count = self.hot if self.hot is not None else self.sass
+        return f"{count / (self.rows / self.warps):.0f}"
 
     def line(self) -> str:
         cs = " ".join(f"{k} {v}" for k, v in self.counts.items())
+        hot = "" if self.hot is None else f", {self.hot} before the ticket"
         return (f"{self.case:<16} {self.name:<20} {self.variant:<22} {self.seconds:6.1f}s grid {self.grid:>7} x "
                 f"{self.warps} warps  regs {self.regs} stack {self.stack} spills {self.spills} conv {self.conv} "
-                f"sass {self.sass} (/row {self.per_row})  {cs}")
+                f"sass {self.sass}{hot} (/row {self.per_row})  {cs}")
 
     def markdown(self) -> str:
         c = self.counts
+        hot = "" if self.hot is None else f" ({self.hot:,})"
         return (f"| {self.name} ({self.case}, {self.variant}) | {self.grid} x {self.warps} | {self.regs} | "
-                f"{self.stack} B / {self.spills} | {self.conv} | {self.sass:,} | {self.per_row} | {c['BAR']} | "
+                f"{self.stack} B / {self.spills} | {self.conv} | {self.sass:,}{hot} | {self.per_row} | {c['BAR']} | "
                 f"{c['SHFL']} | {c['LDS']} + {c['STS']} | {c['LDG']} + {c['STG']} | {c['MUFU']} |")
 
 
@@ -173,8 +180,8 @@ def compile_case(name: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLo
 
     plan_init = tb._Plan.__init__
 
-    def real_plan(self, sizes, n, device, groupable):
-        plan_init(self, sizes, n_real, torch.device("cuda"), groupable)
+    def real_plan(self, sizes, n, device, groupable, floors=()):
+        plan_init(self, sizes, n_real, torch.device("cuda"), groupable, floors)
 
     tb._Plan.__init__ = real_plan
     try:
@@ -250,7 +257,7 @@ SMALL_CASES = ("esper_fp32", "esper_bf16", "esper_fp16", "esper_per_head", "sepa
                "rl_1m_bf16", "rl_1m_per_head")
 
 MARKDOWN_HEADER = ("| kernel (case, variant) | grid x warps | regs | stack / spill instr. | layout conversions | "
-                   "SASS / program | SASS / row | BAR | SHFL | LDS + STS | LDG + STG | MUFU |\n"
+                   "SASS / warp (before the ticket) | SASS / row | BAR | SHFL | LDS + STS | LDG + STG | MUFU |\n"
                    "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 

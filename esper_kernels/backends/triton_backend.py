@@ -56,7 +56,7 @@ GROUP_MAX = 16
 TILE_STORE = True
 #: rows per program when a head is wide, and the widest chunk (columns) of a wide head
 WIDE_ROWS = 2
-MAX_BLOCK_C = 4096
+MAX_BLOCK_C = 2048
 #: programs per merge group (the last of each group merges the group's partial rows; the last group merger
 #: merges the groups), and rows per merge chunk
 MERGE_GROUP = 64
@@ -65,6 +65,8 @@ MERGE_CHUNK = 16
 PRE_CHUNK = 1024
 PRE_PROGRAMS = 256
 PRE_MERGE_CHUNK = 64
+#: register cap per thread of the main kernel (ptxas otherwise settles below 255 with spills in some variants)
+MAXNREG = 255
 #: more heads than this are refused (kernel-parameter space, compile time)
 MAX_HEADS = 24
 #: oldest supported CUDA compute capability (Triton's requirement), and the oldest with native bf16
@@ -160,7 +162,8 @@ class _Plan:
     __slots__ = ("blks", "block_c", "bn", "gh0", "gnh", "gw", "gwid", "gwide", "hoff", "n_groups", "num_warps",
                  "programs", "wide")
 
-    def __init__(self, sizes: tuple[int, ...], n: int, device: torch.device, groupable: bool):
+    def __init__(self, sizes: tuple[int, ...], n: int, device: torch.device, groupable: bool,
+                 floors: tuple[bool, ...] = ()):
         H = len(sizes)
         self.wide = tuple(a > SMALL_MAX for a in sizes)
         self.blks = tuple(max(2, _pow2_ceil(a)) for a in sizes)
@@ -185,6 +188,8 @@ class _Plan:
         if any(self.wide):
             widest = max(a for a, w in zip(sizes, self.wide) if w)
             self.block_c = min(_pow2_ceil(MAX_BLOCK_C), _pow2_ceil(widest))
+            if any(w and f for w, f in zip(self.wide, floors)):
+                self.block_c = max(2, self.block_c // 2)  # the floor's passes hold more chunk tiles
             self.bn = max(2, _pow2_ceil(WIDE_ROWS))
             self.num_warps = 4 if self.bn * self.block_c <= 2048 else 8
         else:
@@ -250,7 +255,7 @@ def _encode(call: FusedCall) -> _Encoded:
     dev = call.logits[0].device
     offsets = call.offsets
     groupable = call.packed and (not call.masks or len(call.masks) == 1)
-    plan = _Plan(call.head_sizes, N, dev, groupable)
+    plan = _Plan(call.head_sizes, N, dev, groupable, tuple(f > 0 for f in cfg.prob_floor))
     lg = _head_table(call.logits, offsets, H)
     mk = _head_table(call.masks, offsets, H) if call.masks else lg
     act = _step_table(call.actions)
@@ -288,7 +293,7 @@ def _encode(call: FusedCall) -> _Encoded:
         HAS_JCLAMP=math.isfinite(jc), EXCL=bool(cfg.mask_exclude), TILE_STORE=bool(TILE_STORE),
         M_VCLIP=has_v and math.isfinite(cfg.value_clip), RATIO_UNBIASED=bool(cfg.ratio_std_unbiased), K=K,
         KPAD=_pow2_ceil(K), HPAD=max(2, _pow2_ceil(H)), GROUP=MERGE_GROUP, MERGE_CH=MERGE_CHUNK, BN=plan.bn,
-        BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps, maxnreg=MAXNREG,
     )
     # the pre-pass
     norm_adv = bool(cfg.normalize_advantages)
