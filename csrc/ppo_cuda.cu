@@ -28,16 +28,17 @@ namespace cg = cooperative_groups;
 using namespace op;
 
 constexpr unsigned FULL = 0xffffffffu;
-// shared memory of the execution policy itself: the block tree's scratch (256 values of up to 16 bytes), the
+// shared memory of the execution policy itself: the block tree's scratch (256 values of up to FOLD_BYTES), the
 // ticket flag and the cluster fold's two slots
-constexpr int EXEC_SCRATCH = WIDE_THREADS * 16 + 16 + 2 * 16;
+constexpr int FOLD_BYTES = 24;
+constexpr int EXEC_SCRATCH = WIDE_THREADS * FOLD_BYTES + 16 + 2 * FOLD_BYTES;
 
 static_assert(sizeof(PPOParams) + sizeof(OnePass) <= 32000, "kernel parameters must fit the 32 KB limit");
 
 // ---- warp shuffles of small trivially-copyable values ------------------------------------------------------
 template <class T>
 __device__ __forceinline__ T shfl_xor_t(T v, int o) {
-  static_assert(sizeof(T) % 4 == 0 && sizeof(T) <= 16, "32-bit words, at most 16 bytes");
+  static_assert(sizeof(T) % 4 == 0 && sizeof(T) <= FOLD_BYTES, "32-bit words, at most FOLD_BYTES");
   constexpr int W = sizeof(T) / 4;
   uint32_t w[W];
   memcpy(w, &v, sizeof(T));
@@ -61,7 +62,7 @@ __device__ __forceinline__ T shfl_down_t(T v, int o) {
 // Members are __host__ __device__ only so that the shared ESPER_HD bodies compile for both sides; their host
 // halves are never called (the host emulation has its own policies).
 struct DevCommon {
-  unsigned char* scratch;  // EXEC_SCRATCH bytes of shared memory
+  unsigned char* scratch;  // EXEC_SCRATCH bytes of shared memory (16-byte aligned)
   __host__ __device__ void sync() {
 #ifdef __CUDA_ARCH__
     __syncthreads();
@@ -127,7 +128,7 @@ struct DevCommon {
   // the last of n blocks to arrive: every thread's earlier global writes are visible to it
   __host__ __device__ bool ticket(uint32_t* ctr, int n, bool) {
 #ifdef __CUDA_ARCH__
-    int* flag = reinterpret_cast<int*>(scratch + WIDE_THREADS * 16);
+    int* flag = reinterpret_cast<int*>(scratch + WIDE_THREADS * FOLD_BYTES);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) *flag = atomicAdd(ctr, 1u) == (uint32_t)(n - 1) ? 1 : 0;
@@ -240,7 +241,7 @@ struct DevWideX : DevCommon {
     if (cl == 1) return r;
 #if __CUDA_ARCH__ >= 900
     cg::cluster_group cluster = cg::this_cluster();
-    T* slot = reinterpret_cast<T*>(scratch + WIDE_THREADS * 16 + 16 + 16 * buf);
+    T* slot = reinterpret_cast<T*>(scratch + WIDE_THREADS * FOLD_BYTES + 16 + FOLD_BYTES * buf);
     buf ^= 1;
     if (threadIdx.x == 0) *slot = r;
     cluster.sync();

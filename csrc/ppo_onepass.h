@@ -359,8 +359,10 @@ struct Core {
   bool taken;  // the taken action is in range and valid
   // the (final, floored) softmax: max, sum of e, log of the sum, raw entropy, valid share of the sum
   float m, s, ls, H, PV;
+  float qa;  // 1 - p_a, as the sum of the other actions' e over s
   // the floor: un-floored max and sum, f, the scale of O, P_O, and whether the closed-form gradient holds
   float m1, s1, f, s_f, PO;
+  float nO;  // valid actions at or over the floor
   bool floor_on, closed;
 };
 
@@ -408,20 +410,21 @@ template <class Row, class ZF>
 ESPER_HD void softmax_sums(Row& row, const RowIn& in, Core& c, ZF zf) {
   const float m = c.m;
   const int a = in.a;
-  struct S4 {
-    float s, sv, t, za;
+  struct S5 {
+    float s, sv, t, za, sna;
   };
-  const S4 r = row.fold(
-      S4{0.f, 0.f, 0.f, 0.f},
+  const S5 r = row.fold(
+      S5{0.f, 0.f, 0.f, 0.f, 0.f},
       [&](int j) {
         const float d = zf(j) - m;
         const float e = ek_exp(d);
         if (Row::kStores) row.set_slot1(j, e);
         const bool u = row.use(j);
-        return S4{e, u ? e : 0.f, u ? e * d : 0.f, j == a ? d : 0.f};
+        return S5{e, u ? e : 0.f, u ? e * d : 0.f, j == a ? d : 0.f, j == a ? 0.f : e};
       },
-      [](S4 x, S4 y) { return S4{x.s + y.s, x.sv + y.sv, x.t + y.t, x.za + y.za}; });
+      [](S5 x, S5 y) { return S5{x.s + y.s, x.sv + y.sv, x.t + y.t, x.za + y.za, x.sna + y.sna}; });
   c.s = r.s;
+  c.qa = r.sna / r.s;  // 1 - p_a without the cancellation of 1 - e_a / s (p_a near 1)
   c.ls = ek_log(r.s);
   c.PV = r.sv / r.s;
   c.H = c.ls * c.PV - r.t / r.s;  // -sum_V p (zf - m - ls)
@@ -445,10 +448,10 @@ ESPER_HD Core row_core(Row& row, const RowIn& in) {
   c.taken = mc.c > 0.f;
   c.floor_on = in.floor > 0.f;
   c.closed = true;
-  c.m1 = c.s1 = c.f = c.s_f = c.PO = 0.f;
+  c.m1 = c.s1 = c.f = c.s_f = c.PO = c.nO = 0.f;
   c.m = mc.a;
   c.s = 1.f;
-  c.ls = c.H = 0.f;
+  c.ls = c.H = c.qa = 0.f;
   c.PV = 1.f;
   c.ell = f_nan();
   c.Hout = 0.f;
@@ -475,6 +478,7 @@ ESPER_HD Core row_core(Row& row, const RowIn& in) {
         },
         f3_add);
     c.PO = uo.b;
+    c.nO = c.n - uo.a;
     c.s_f = clamp_min(1.0f - uo.a * c.f, 1e-8f) / clamp_min(c.PO, 1e-8f);
     // the floored logits' max, and whether a q on O falls under the 1e-8 clamp (then the chain rule, not the
     // closed form, is the reference's gradient)
@@ -530,10 +534,16 @@ ESPER_HD void row_grad(Row& row, const RowIn& in, const Core& c, float gL, float
       if (row.use(j)) {
         const float p = e_of(row, in, c, j) / c.s;
         const float lp = (zh_of(row, in, j) - c.m) - c.ls;
-        g = gL * ((j == a ? 1.f : 0.f) - p) - ghr * (p * (lp + k));
+        g = gL * (j == a ? c.qa : -p) - ghr * (p * (lp + k));
       }
       sink(j, g);
     });
+    return;
+  }
+  if (c.closed && c.nO == 1.f) {
+    // one action at or over the floor: every q is a constant (f under it, 1 - |U| f for it), so the gradient is
+    // exactly 0 (the closed form's g_k - p1_k (g_k / p1_k) would leave a rounding residual)
+    row.for_each([&](int j) { sink(j, 0.f); });
     return;
   }
   if (c.closed) {
@@ -607,6 +617,10 @@ ESPER_HD void row_grad(Row& row, const RowIn& in, const Core& c, float gL, float
     sink(j, row.use(j) ? p1 * (gp1 - sig1) : 0.f);
   });
 }
+
+// the log-prob output of an absent step, as the reference computes it (every action excluded: the dummy uniform
+// row): -log A when the action is in range and the mask has a valid action, else NaN; its entropy output is 0
+ESPER_HD float absent_ell(int A, float n, int a) { return (a >= 0 && n > 0.f) ? -ek_log((float)A) : f_nan(); }
 
 // the gradient of the raw entropy from the gradient of the entropy as output (normalize_entropy)
 ESPER_HD float raw_entropy_grad(const Core& c, bool norm_ent, float gE) {
@@ -1343,7 +1357,14 @@ ESPER_HD void small_head(const PPOParams& P, const OnePass& O, const SmallSmem& 
     if (c) head_ident(c);
     const int H = P.num_heads;
     if (!O.fixup) {
-      reinterpret_cast<float*>(P.log_probs)[i * H + h] = 0.f;
+      const int A = P.sizes[h];
+      float n = (float)A;
+      if (sm.ut) {
+        const uint8_t* U = sm.ut + r * O.pitch + O.off[h];
+        n = 0.f;
+        for (int j = 0; j < A; ++j) n += U[j] ? 1.f : 0.f;
+      }
+      reinterpret_cast<float*>(P.log_probs)[i * H + h] = absent_ell(A, n, head_in(P, h, i, false).a);
       reinterpret_cast<float*>(P.entropy)[i * H + h] = 0.f;
     }
     if (O.write_grad) {
@@ -1641,6 +1662,18 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
         }
       }
     }
+    if (!s.present && fwd)  // the absent step's outputs need its valid counts (the reference's dummy row)
+      for (int h = 0; h < H; ++h) {
+        WideRow<X, STAGED> row{&x, &P, h, P.sizes[h], O.off[h], i};
+        float n = (float)P.sizes[h];
+        if (P.has_mask)
+          n = row.fold(
+              0.f, [&](int j) { return load_valid(P, h, i, j) ? 1.f : 0.f; }, [](float u, float v) { return u + v; });
+        if (x.leader()) {
+          sm.cores[h].n = n;
+          sm.his[h] = head_in(P, h, i, false);
+        }
+      }
     // the row's scalar work: one thread per block (the rank-0 leader also accumulates the statistics)
     if (x.leader()) {
       float c[RV];
@@ -1657,7 +1690,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
           }
         } else if (st) {
           head_ident(c);
-          reinterpret_cast<float*>(P.log_probs)[i * H + h] = 0.f;
+          reinterpret_cast<float*>(P.log_probs)[i * H + h] = absent_ell(P.sizes[h], sm.cores[h].n, sm.his[h].a);
           reinterpret_cast<float*>(P.entropy)[i * H + h] = 0.f;
         }
         if (st) acc_add(sm.b.acc, ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE, c, ESPER_HEAD_SIZE, kHeadMin, kHeadMax);

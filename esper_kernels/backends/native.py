@@ -24,7 +24,6 @@ saves only its normalisers (``[4 + 3H]``): its fix-up recomputes from the logits
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -319,7 +318,9 @@ class CudaBackend(_NativeBackend):
     def __init__(self):
         self._plans: dict[tuple, dict] = {}
         self._mcfgs: dict[tuple, object] = {}
-        self._tables: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # the forwards' statistics+table buffers, most recent last (held: their memory cannot be reused while
+        # listed, so a statistics vector at one of these addresses is that buffer's)
+        self._tables: dict[int, torch.Tensor] = {}
 
     # -- the launches (the host emulation overrides these four) ----------------------------------------------------
     def _device_index(self, dev: torch.device) -> int:
@@ -432,6 +433,8 @@ class CudaBackend(_NativeBackend):
             table=st_tab.data_ptr() + 4 * K if with_table else 0, gv=0 if gv is None else gv.data_ptr())
         if with_table:
             self._tables[stats.data_ptr()] = st_tab
+            if len(self._tables) > 16:
+                del self._tables[next(iter(self._tables))]
         return (losses, log_probs, entropy, joint_ratio, stats), _OnePassState(grads, gv, norms, ctl, scratch)
 
     def _backward(self, call: FusedCall, state: _OnePassState, want: tuple[bool, bool], g_losses, g_log_probs,
@@ -493,8 +496,7 @@ class CudaBackend(_NativeBackend):
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
         H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
         base = self._tables.get(stats.data_ptr())
-        if base is not None and base.data_ptr() == stats.data_ptr() and stats.numel() + _metrics_size(H) == \
-                base.numel():
+        if base is not None and stats.numel() + _metrics_size(H) == base.numel() and stats.device == base.device:
             return base[stats.numel():]  # written by the forward's last block
         c, out = _metrics_call(stats, cfg, has_values)
         self._table_kernel(c, stats, out)
