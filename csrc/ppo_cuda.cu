@@ -267,7 +267,9 @@ __global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_cons
   prepass_block(x, P, O, blockIdx.x);
 }
 
-__global__ void __launch_bounds__(MAX_TILE_ROWS) small_kernel(const __grid_constant__ PPOParams P,
+// WMAX: the widest head's padded width (a kernel per class: registers follow the widest path compiled in)
+template <int WMAX>
+__global__ void __launch_bounds__(MAX_TILE_ROWS, 3) small_kernel(const __grid_constant__ PPOParams P,
                                                               const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevSmallX x;
@@ -275,11 +277,11 @@ __global__ void __launch_bounds__(MAX_TILE_ROWS) small_kernel(const __grid_const
   x.R = blockDim.x;
   const SmallSmem sm = small_carve(smem + EXEC_SCRATCH, P.num_heads, O.rows, O.pitch, O.joint_c != 0,
                                    P.has_mask != 0, O.fixup == 0);
-  small_block(x, P, O, sm, blockIdx.x, gridDim.x);
+  small_block<WMAX>(x, P, O, sm, blockIdx.x, gridDim.x);
 }
 
 template <bool STAGED>
-__global__ void __launch_bounds__(WIDE_THREADS) wide_kernel(const __grid_constant__ PPOParams P,
+__global__ void __launch_bounds__(WIDE_THREADS, 1) wide_kernel(const __grid_constant__ PPOParams P,
                                                             const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevWideX x;
@@ -322,7 +324,8 @@ constexpr int MAX_DEVICES = 64;
 std::mutex g_mu;
 Machine g_machine[MAX_DEVICES];
 bool g_machine_ok[MAX_DEVICES];
-int g_smem_set[MAX_DEVICES][3];  // dynamic shared memory already allowed per kernel (small, wide<1>, wide<0>)
+int g_smem_set[MAX_DEVICES][5];  // dynamic shared memory already allowed per kernel (small<32>, wide<1>, wide<0>,
+                                 // small<8>, small<16>)
 
 std::string machine_of(int device, Machine& M) {
   if (device < 0 || device >= MAX_DEVICES) return "device index out of range";
@@ -357,8 +360,11 @@ std::string allow_smem(K kernel, int which, int device, int bytes) {
 std::string launch_main(const PPOParams& P, const OnePass& O, cudaStream_t stream, int device) {
   const int bytes = O.smem + EXEC_SCRATCH;
   if (O.path == PATH_SMALL) {
-    if (std::string err = allow_smem(small_kernel, 0, device, bytes); !err.empty()) return err;
-    small_kernel<<<O.grid_main, O.rows, bytes, stream>>>(P, O);
+    void (*kern)(const PPOParams, const OnePass) =
+        O.wmax <= 8 ? small_kernel<8> : (O.wmax <= 16 ? small_kernel<16> : small_kernel<32>);
+    const int which = O.wmax <= 8 ? 3 : (O.wmax <= 16 ? 4 : 0);
+    if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
+    kern<<<O.grid_main, O.rows, bytes, stream>>>(P, O);
     if (cudaError_t e = cudaGetLastError()) return err_str("small_kernel launch", e);
     return "";
   }

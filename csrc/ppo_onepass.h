@@ -79,13 +79,15 @@ struct MomentIdx {
 #define ESPER_X(W, M, Q) +1
 constexpr int NMOM = 0 ESPER_GLOBAL_MOMENTS(ESPER_X);
 #undef ESPER_X
-ESPER_HD MomentIdx moment_idx(int k) {
-  const MomentIdx t[] = {
-#define ESPER_X(W, M, Q) {G_##W, G_##M, G_##Q},
-      ESPER_GLOBAL_MOMENTS(ESPER_X)
+ESPER_HD MomentIdx moment_idx(int k) {  // (a chain of selects: no table in local memory)
+  MomentIdx r{0, 0, 0};
+  int c = 0;
+#define ESPER_X(W, M, Q)                       \
+  if (k == c) r = MomentIdx{G_##W, G_##M, G_##Q}; \
+  ++c;
+  ESPER_GLOBAL_MOMENTS(ESPER_X)
 #undef ESPER_X
-  };
-  return t[k];
+  return r;
 }
 
 ESPER_HD bool bit(uint32_t m, int k) { return ((m >> k) & 1u) != 0; }
@@ -161,6 +163,7 @@ struct OnePass {
   int32_t S;       // columns of the row image (sum of head sizes)
   int32_t pitch;   // small path: shared-memory floats per row (odd, >= S): conflict-free row reads
   int32_t rows;    // small path: rows per tile (threads per block)
+  int32_t wmax;    // small path: the padded width of the widest head (8, 16 or 32: the kernel instance)
   int32_t cluster;  // wide path: blocks per row
   int32_t chunk;   // wide path: columns per block (a multiple of 16)
   int32_t nseg_z, nseg_m, nseg_g;
@@ -212,13 +215,6 @@ ESPER_HD void st16(uintptr_t p, const V16& v) {
   memcpy(reinterpret_cast<void*>(p), &v, 16);
 #endif
 }
-// element k of a 16-byte vector of dtype dt (float logits; a byte 0/1 for masks)
-ESPER_HD float v16_f(const V16& v, int k, int32_t dt) {
-  if (dt == DT_F32) return u2f(v.w[k]);
-  const uint16_t h = (uint16_t)(v.w[k >> 1] >> ((k & 1) * 16));
-  return dt == DT_F16 ? half_to_float(h) : bf16_to_float(h);
-}
-ESPER_HD uint8_t v16_b(const V16& v, int k) { return (uint8_t)(v.w[k >> 2] >> ((k & 3) * 8)); }
 ESPER_HD uint32_t f_bits(float g, int32_t dt) {
   return dt == DT_F32 ? f2u(g) : (uint32_t)(dt == DT_F16 ? float_to_half(g) : float_to_bf16(g));
 }
@@ -239,61 +235,89 @@ ESPER_HD uint8_t ld_b(uintptr_t base, int64_t off) {
 #endif
 }
 
-// A contiguous run of `count` elements from address `base` (dtype dt): f(e, value) for each element e, 16 bytes at a
-// time between a scalar head and tail (cooperative: thread tid of nth). Float runs give f(e, float), byte runs
-// f(e, byte as float 0/1). All of a thread's vector loads of one call are independent (issued back to back).
-template <class F>
-ESPER_HD void run_load(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, F f) {
-  const int esz = dtype_size(dt);
-  const int V = 16 / esz;
-  int64_t lead = (int64_t)(((16u - (uint32_t)(base & 15u)) & 15u) / (uint32_t)esz);
-  if ((base & (uintptr_t)(esz - 1)) != 0) lead = count;  // misaligned elements: scalar only
+// element k (compile-time) of a 16-byte vector holding ESZ-byte elements of dtype dt, as a float
+template <int ESZ>
+ESPER_HD float v16_elem(const V16& v, int k, int32_t dt) {
+  if (ESZ == 4) return u2f(v.w[k]);
+  if (ESZ == 2) {
+    const uint16_t h = (uint16_t)(v.w[k >> 1] >> ((k & 1) * 16));
+    return dt == DT_F16 ? half_to_float(h) : bf16_to_float(h);
+  }
+  return (float)(uint8_t)(v.w[k >> 2] >> ((k & 3) * 8));
+}
+ESPER_HD float ld_any(uintptr_t base, int64_t e, int32_t dt) {
+  return dt == DT_U8 ? (float)ld_b(base, e) : ld_f(base, e, dt);
+}
+
+// A contiguous run of `count` elements from address `base` (dtype dt of ESZ bytes): f(e, value) for each element e,
+// 16 bytes at a time between a scalar head and tail (cooperative: thread tid of nth). Byte runs (masks) give
+// f(e, 0 or 1). A thread's vector loads are independent (four in flight per iteration); every register index is a
+// compile-time constant.
+template <int ESZ, class F>
+ESPER_HD void run_load_t(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, F f) {
+  constexpr int V = 16 / ESZ;
+  int64_t lead = (int64_t)(((16u - (uint32_t)(base & 15u)) & 15u) / (uint32_t)ESZ);
+  if ((base & (uintptr_t)(ESZ - 1)) != 0) lead = count;  // misaligned elements: scalar only
   if (lead > count) lead = count;
   const int64_t nvec = (count - lead) / V;
-  for (int64_t e = tid; e < lead; e += nth) f(e, dt == DT_U8 ? (float)ld_b(base, e) : ld_f(base, e, dt));
-  const uintptr_t vb = base + (uintptr_t)(lead * esz);
+  for (int64_t e = tid; e < lead; e += nth) f(e, ld_any(base, e, dt));
+  const uintptr_t vb = base + (uintptr_t)(lead * ESZ);
   int64_t v = tid;
-  for (; v + 3 * (int64_t)nth < nvec; v += 4 * (int64_t)nth) {  // four vectors in flight per thread
-    V16 x[4];
+  for (; v + 3 * (int64_t)nth < nvec; v += 4 * (int64_t)nth) {
+    V16 x0 = ld16(vb + (uintptr_t)(v * 16)), x1 = ld16(vb + (uintptr_t)((v + nth) * 16));
+    V16 x2 = ld16(vb + (uintptr_t)((v + 2 * (int64_t)nth) * 16)), x3 = ld16(vb + (uintptr_t)((v + 3 * (int64_t)nth) * 16));
+    const int64_t e0 = lead + v * V, st = (int64_t)nth * V;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) x[u] = ld16(vb + (uintptr_t)((v + u * (int64_t)nth) * 16));
+    for (int k = 0; k < V; ++k) f(e0 + k, v16_elem<ESZ>(x0, k, dt));
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int64_t e0 = lead + (v + u * (int64_t)nth) * V;
-      for (int k = 0; k < V; ++k) f(e0 + k, dt == DT_U8 ? (float)v16_b(x[u], k) : v16_f(x[u], k, dt));
-    }
+    for (int k = 0; k < V; ++k) f(e0 + st + k, v16_elem<ESZ>(x1, k, dt));
+#pragma unroll
+    for (int k = 0; k < V; ++k) f(e0 + 2 * st + k, v16_elem<ESZ>(x2, k, dt));
+#pragma unroll
+    for (int k = 0; k < V; ++k) f(e0 + 3 * st + k, v16_elem<ESZ>(x3, k, dt));
   }
   for (; v < nvec; v += nth) {
     const V16 x = ld16(vb + (uintptr_t)(v * 16));
     const int64_t e0 = lead + v * V;
-    for (int k = 0; k < V; ++k) f(e0 + k, dt == DT_U8 ? (float)v16_b(x, k) : v16_f(x, k, dt));
+#pragma unroll
+    for (int k = 0; k < V; ++k) f(e0 + k, v16_elem<ESZ>(x, k, dt));
   }
-  for (int64_t e = lead + nvec * V + tid; e < count; e += nth)
-    f(e, dt == DT_U8 ? (float)ld_b(base, e) : ld_f(base, e, dt));
+  for (int64_t e = lead + nvec * V + tid; e < count; e += nth) f(e, ld_any(base, e, dt));
+}
+template <class F>
+ESPER_HD void run_load(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, F f) {
+  if (dt == DT_F32) run_load_t<4>(base, count, dt, tid, nth, f);
+  else if (dt == DT_U8) run_load_t<1>(base, count, dt, tid, nth, f);
+  else run_load_t<2>(base, count, dt, tid, nth, f);
 }
 
 // the opposite: a contiguous run of `count` gradient elements at `base`, value g(e) (float), stored in dtype dt
-template <class G>
-ESPER_HD void run_store(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, G g) {
-  const int esz = dtype_size(dt);
-  const int V = 16 / esz;
-  int64_t lead = (int64_t)(((16u - (uint32_t)(base & 15u)) & 15u) / (uint32_t)esz);
-  if ((base & (uintptr_t)(esz - 1)) != 0) lead = count;
+template <int ESZ, class G>
+ESPER_HD void run_store_t(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, G g) {
+  constexpr int V = 16 / ESZ;
+  int64_t lead = (int64_t)(((16u - (uint32_t)(base & 15u)) & 15u) / (uint32_t)ESZ);
+  if ((base & (uintptr_t)(ESZ - 1)) != 0) lead = count;
   if (lead > count) lead = count;
   const int64_t nvec = (count - lead) / V;
   for (int64_t e = tid; e < lead; e += nth) store_elem(base, e, dt, g(e));
-  const uintptr_t vb = base + (uintptr_t)(lead * esz);
+  const uintptr_t vb = base + (uintptr_t)(lead * ESZ);
   for (int64_t v = tid; v < nvec; v += nth) {
     V16 x{{0u, 0u, 0u, 0u}};
     const int64_t e0 = lead + v * V;
+#pragma unroll
     for (int k = 0; k < V; ++k) {
       const uint32_t b = f_bits(g(e0 + k), dt);
-      if (esz == 4) x.w[k] = b;
+      if (ESZ == 4) x.w[k] = b;
       else x.w[k >> 1] |= b << ((k & 1) * 16);
     }
     st16(vb + (uintptr_t)(v * 16), x);
   }
   for (int64_t e = lead + nvec * V + tid; e < count; e += nth) store_elem(base, e, dt, g(e));
+}
+template <class G>
+ESPER_HD void run_store(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, G g) {
+  if (dt == DT_F32) run_store_t<4>(base, count, dt, tid, nth, g);
+  else run_store_t<2>(base, count, dt, tid, nth, g);
 }
 
 // rows [row0, row0 + nrows) of one segment into a tile: f(r, col + j, value)
@@ -311,7 +335,7 @@ ESPER_HD void seg_load(const Seg& s, int32_t dt, int64_t row0, int nrows, int ti
       const int r = div_magic(e, s);
       const int j = (int)(e - (int64_t)r * s.ncols);
       const int64_t off = (row0 + r) * s.rs + j;
-      f(r, s.col + j, dt == DT_U8 ? (float)ld_b(s.ptr, off) : ld_f(s.ptr, off, dt));
+      f(r, s.col + j, ld_any(s.ptr, off, dt));
     }
   }
 }
@@ -358,10 +382,10 @@ struct Core {
   float Hout;  // entropy as used in the loss
   bool taken;  // the taken action is in range and valid
   // the (final, floored) softmax: max, sum of e, log of the sum, raw entropy, valid share of the sum
-  float m, s, ls, H, PV;
+  float m, s, inv_s, ls, H, PV;
   float qa;  // 1 - p_a, as the sum of the other actions' e over s
   // the floor: un-floored max and sum, f, the scale of O, P_O, and whether the closed-form gradient holds
-  float m1, s1, f, s_f, PO;
+  float m1, s1, inv_s1, f, s_f, PO;
   float nO;  // valid actions at or over the floor
   bool floor_on, closed;
 };
@@ -387,7 +411,7 @@ ESPER_HD float floor_q(float p1, const Core& c) { return p1 < c.f ? c.f : p1 * c
 template <class Row>
 ESPER_HD float p1_of(const Row& row, const RowIn& in, const Core& c, int j) {
   const float e1 = Row::kStores ? row.slot0(j) : ek_exp(zh_of(row, in, j) - c.m1);
-  return e1 / c.s1;
+  return e1 * c.inv_s1;
 }
 template <class Row>
 ESPER_HD float zh2_of(const Row& row, const RowIn& in, const Core& c, int j) {
@@ -395,13 +419,13 @@ ESPER_HD float zh2_of(const Row& row, const RowIn& in, const Core& c, int j) {
   return ek_log(clamp_min(floor_q(p1_of(row, in, c, j), c), 1e-8f));
 }
 // the final masked logit (floored or not) and its e = exp(zhat - m)
-template <class Row>
+template <bool FLOORS, class Row>
 ESPER_HD float zfin_of(const Row& row, const RowIn& in, const Core& c, int j) {
-  return c.floor_on ? zh2_of(row, in, c, j) : zh_of(row, in, j);
+  return (FLOORS && c.floor_on) ? zh2_of(row, in, c, j) : zh_of(row, in, j);
 }
-template <class Row>
+template <bool FLOORS, class Row>
 ESPER_HD float e_of(const Row& row, const RowIn& in, const Core& c, int j) {
-  return Row::kStores ? row.slot1(j) : ek_exp(zfin_of(row, in, c, j) - c.m);
+  return Row::kStores ? row.slot1(j) : ek_exp(zfin_of<FLOORS>(row, in, c, j) - c.m);
 }
 
 // the softmax over the final logits zf (m is known): sums of e, of e over the valid actions, of e (zf - m), and
@@ -424,15 +448,17 @@ ESPER_HD void softmax_sums(Row& row, const RowIn& in, Core& c, ZF zf) {
       },
       [](S5 x, S5 y) { return S5{x.s + y.s, x.sv + y.sv, x.t + y.t, x.za + y.za, x.sna + y.sna}; });
   c.s = r.s;
-  c.qa = r.sna / r.s;  // 1 - p_a without the cancellation of 1 - e_a / s (p_a near 1)
+  c.inv_s = 1.f / r.s;
+  c.qa = r.sna * c.inv_s;  // 1 - p_a without the cancellation of 1 - e_a / s (p_a near 1)
   c.ls = ek_log(r.s);
-  c.PV = r.sv / r.s;
-  c.H = c.ls * c.PV - r.t / r.s;  // -sum_V p (zf - m - ls)
+  c.PV = r.sv * c.inv_s;
+  c.H = c.ls * c.PV - r.t * c.inv_s;  // -sum_V p (zf - m - ls)
   c.ell = a >= 0 ? r.za - c.ls : f_nan();
 }
 
-// the forward of one (row, head): every caller of a shared-fold policy reaches the same folds (row-uniform flow)
-template <class Row>
+// the forward of one (row, head): every caller of a shared-fold policy reaches the same folds (row-uniform flow).
+// FLOORS = false compiles the floor out (the caller knows the head has none)
+template <bool FLOORS, class Row>
 ESPER_HD Core row_core(Row& row, const RowIn& in) {
   Core c;
   const int a = in.a;
@@ -446,17 +472,18 @@ ESPER_HD Core row_core(Row& row, const RowIn& in) {
       f3_maxcnt);
   c.n = mc.b;
   c.taken = mc.c > 0.f;
-  c.floor_on = in.floor > 0.f;
+  c.floor_on = FLOORS && in.floor > 0.f;
   c.closed = true;
   c.m1 = c.s1 = c.f = c.s_f = c.PO = c.nO = 0.f;
+  c.inv_s1 = 1.f;
   c.m = mc.a;
-  c.s = 1.f;
+  c.s = c.inv_s = 1.f;
   c.ls = c.H = c.qa = 0.f;
   c.PV = 1.f;
   c.ell = f_nan();
   c.Hout = 0.f;
   if (c.n == 0.f) return c;  // no valid action: ell NaN, entropy 0, gradient 0 (both mask modes)
-  if (c.floor_on) {
+  if (FLOORS && c.floor_on) {
     // p1 = softmax of the un-floored logits; U = p1 < f, O the other valid actions; q = f on U, p1 s_f on O
     c.m1 = mc.a;
     const float m1 = c.m1;
@@ -468,6 +495,7 @@ ESPER_HD Core row_core(Row& row, const RowIn& in) {
           return e1;
         },
         [](float x, float y) { return x + y; });
+    c.inv_s1 = 1.f / c.s1;
     c.f = floor_of(c.n, in.floor);
     const F3 uo = row.fold(
         F3{0.f, 0.f, 0.f},
@@ -508,7 +536,7 @@ ESPER_HD Core row_core(Row& row, const RowIn& in) {
 
 // d loss / d logits of one (row, head) given the incoming gradients of ell (gL, 0 when the action is out of range)
 // and of the raw entropy (ghr). sink(j, g) receives every column's gradient (0 where invalid).
-template <class Row, class Sink>
+template <bool FLOORS, class Row, class Sink>
 ESPER_HD void row_grad(Row& row, const RowIn& in, const Core& c, float gL, float ghr, Sink sink) {
   if (c.n == 0.f) {
     row.for_each([&](int j) { sink(j, 0.f); });
@@ -521,18 +549,18 @@ ESPER_HD void row_grad(Row& row, const RowIn& in, const Core& c, float gL, float
   const int a = in.a;
   // gradient w.r.t. the final log-prob of column j, and the log-prob
   auto g_lp = [&](int j, float& p, float& lp) {
-    const float e = e_of(row, in, c, j);
-    p = e / c.s;
-    lp = (zfin_of(row, in, c, j) - c.m) - c.ls;
+    const float e = e_of<FLOORS>(row, in, c, j);
+    p = e * c.inv_s;
+    lp = (zfin_of<FLOORS>(row, in, c, j) - c.m) - c.ls;
     const float g = j == a ? gL : 0.f;
     return row.use(j) ? g - ghr * (p * (lp + 1.f)) : g;
   };
-  if (!c.floor_on) {
+  if (!FLOORS || !c.floor_on) {
     const float k = 1.f + c.H - c.PV;
     row.for_each([&](int j) {
       float g = 0.f;
       if (row.use(j)) {
-        const float p = e_of(row, in, c, j) / c.s;
+        const float p = e_of<FLOORS>(row, in, c, j) * c.inv_s;
         const float lp = (zh_of(row, in, j) - c.m) - c.ls;
         g = gL * (j == a ? c.qa : -p) - ghr * (p * (lp + k));
       }
@@ -723,9 +751,9 @@ struct HeadTerms {
   float gent;   // d loss / d (entropy as output) from the entropy term
 };
 
-// the (step, head) terms and, when c != nullptr, the head's statistics contributions c[HEAD_SIZE]
+// the (step, head) terms and, when c != nullptr, the head's statistics contributions c[k * cs], k < HEAD_SIZE
 ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up, int h, int64_t i, const StepIn& s,
-                              const HeadIn& hi, const Core& co, float* c) {
+                              const HeadIn& hi, const Core& co, float* c, int cs = 1) {
   const float C = P.log_clamp, lo = 1.f - P.eps_low, hi_c = 1.f + P.eps_high;
   const bool rel = hi.rel, pres = s.present;
   const float ell = co.ell, n = co.n;
@@ -752,31 +780,33 @@ ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up,
   t.gent = rel ? safe_div(up.g_ent * -P.kcoef[h], den) * s.w : 0.f;
   if (c) {
     const bool ok_ell = rel && ell == ell;
-    c[HD_REL_WEIGHT] = wr;
-    c[HD_POLICY_NUM] = pol;
-    c[HD_ENTROPY_NUM] = rel ? wr * co.Hout : 0.f;
-    c[HD_KL_NUM] = rel ? wr * ((ratio - 1.f) - lr) : 0.f;
-    c[HD_CLIP_NUM] = (rel && (ratio > hi_c || ratio < lo)) ? wr : 0.f;
-    c[HD_RATIO_MAX] = (rel && ratio == ratio) ? ratio : -INFINITY;
-    c[HD_LOGP_MIN] = ok_ell ? ell : INFINITY;
-    c[HD_LOGP_MAX] = ok_ell ? ell : -INFINITY;
-    c[HD_NONFINITE] = (pres && !is_finite(ell)) ? 1.f : 0.f;
-    c[HD_EMPTY_MASK] = (pres && n == 0.f) ? 1.f : 0.f;
-    c[HD_INVALID_ACTION] = (pres && !co.taken) ? 1.f : 0.f;
-    c[HD_VALID_MIN] = pres ? n : INFINITY;
-    c[HD_VALID_MAX] = pres ? n : -INFINITY;
-    c[HD_VALID_SUM] = pres ? s.w * n : 0.f;
-    c[HD_SINGLE] = (pres && n == 1.f) ? s.w : 0.f;
-    c[HD_LEARNABLE] = (rel && n > 1.f) ? s.w : 0.f;
+    c[HD_REL_WEIGHT * cs] = wr;
+    c[HD_POLICY_NUM * cs] = pol;
+    c[HD_ENTROPY_NUM * cs] = rel ? wr * co.Hout : 0.f;
+    c[HD_KL_NUM * cs] = rel ? wr * ((ratio - 1.f) - lr) : 0.f;
+    c[HD_CLIP_NUM * cs] = (rel && (ratio > hi_c || ratio < lo)) ? wr : 0.f;
+    c[HD_RATIO_MAX * cs] = (rel && ratio == ratio) ? ratio : -INFINITY;
+    c[HD_LOGP_MIN * cs] = ok_ell ? ell : INFINITY;
+    c[HD_LOGP_MAX * cs] = ok_ell ? ell : -INFINITY;
+    c[HD_NONFINITE * cs] = (pres && !is_finite(ell)) ? 1.f : 0.f;
+    c[HD_EMPTY_MASK * cs] = (pres && n == 0.f) ? 1.f : 0.f;
+    c[HD_INVALID_ACTION * cs] = (pres && !co.taken) ? 1.f : 0.f;
+    c[HD_VALID_MIN * cs] = pres ? n : INFINITY;
+    c[HD_VALID_MAX * cs] = pres ? n : -INFINITY;
+    c[HD_VALID_SUM * cs] = pres ? s.w * n : 0.f;
+    c[HD_SINGLE * cs] = (pres && n == 1.f) ? s.w : 0.f;
+    c[HD_LEARNABLE * cs] = (rel && n > 1.f) ? s.w : 0.f;
   }
   return t;
 }
 // the identity contributions of a row that is not there
-ESPER_HD void head_ident(float* c) {
-  for (int k = 0; k < ESPER_HEAD_SIZE; ++k) c[k] = kident(bit(kHeadMin, k), bit(kHeadMax, k));
+ESPER_HD void head_ident(float* c, int cs = 1) {
+#pragma unroll
+  for (int k = 0; k < ESPER_HEAD_SIZE; ++k) c[k * cs] = kident(bit(kHeadMin, k), bit(kHeadMax, k));
 }
-ESPER_HD void global_ident(float* c) {
-  for (int k = 0; k < ESPER_GLOBAL_SIZE; ++k) c[k] = kident(bit(kGlobalMin, k), bit(kGlobalMax, k));
+ESPER_HD void global_ident(float* c, int cs = 1) {
+#pragma unroll
+  for (int k = 0; k < ESPER_GLOBAL_SIZE; ++k) c[k * cs] = kident(bit(kGlobalMin, k), bit(kGlobalMax, k));
 }
 
 struct GlobalTerms {
@@ -786,10 +816,10 @@ struct GlobalTerms {
   Mom mom[NMOM];
 };
 
-// the step's joint ratio, joint surrogate and value loss; c[GLOBAL_SIZE] its contributions (moments: identity,
-// their points in mom)
+// the step's joint ratio, joint surrogate and value loss; c[k * cs], k < GLOBAL_SIZE, its contributions (moments:
+// identity, their points in mom)
 ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up& up, int64_t i, const StepIn& s,
-                                  float Lsum, float* c) {
+                                  float Lsum, float* c, int cs = 1) {
   const float lo = 1.f - P.eps_low, hi_c = 1.f + P.eps_high;
   const bool pres = s.present;
   const float w = s.w;
@@ -854,24 +884,24 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
                                      : Mom{0.f, 0.f, 0.f};
   }
   if (c) {
-    global_ident(c);
+    global_ident(c, cs);
     const bool rk = pres && r == r;
-    c[G_STEPS] = pres ? 1.f : 0.f;
-    c[G_WEIGHT] = w;
-    c[G_POLICY_NUM] = gpol;
-    c[G_KL_K3] = pres ? w * ((r - 1.f) - L) : 0.f;
-    c[G_KL_K1] = pres ? w * -L : 0.f;
-    c[G_CLIP] = (pres && (r > hi_c || r < lo)) ? w : 0.f;
-    c[G_CLIP_POS] = (pres && r > hi_c) ? w : 0.f;
-    c[G_CLIP_NEG] = (pres && r < lo) ? w : 0.f;
-    c[G_RATIO_MIN] = rk ? r : INFINITY;
-    c[G_RATIO_MAX] = rk ? r : -INFINITY;
-    c[G_BAD_WEIGHTS] = (!is_finite(s.w_raw) || s.w_raw < 0.f) ? 1.f : 0.f;
-    c[G_VALUE_STEPS] = vpres ? 1.f : 0.f;
-    c[G_VALUE_WEIGHT] = vw;
-    c[G_VALUE_NUM] = vpres ? vw * vl : 0.f;
-    c[G_VALUE_CLIP] = vclip;
-    c[G_BAD_VALUE_WEIGHTS] = (P.has_values && bad_vw) ? 1.f : 0.f;
+    c[G_STEPS * cs] = pres ? 1.f : 0.f;
+    c[G_WEIGHT * cs] = w;
+    c[G_POLICY_NUM * cs] = gpol;
+    c[G_KL_K3 * cs] = pres ? w * ((r - 1.f) - L) : 0.f;
+    c[G_KL_K1 * cs] = pres ? w * -L : 0.f;
+    c[G_CLIP * cs] = (pres && (r > hi_c || r < lo)) ? w : 0.f;
+    c[G_CLIP_POS * cs] = (pres && r > hi_c) ? w : 0.f;
+    c[G_CLIP_NEG * cs] = (pres && r < lo) ? w : 0.f;
+    c[G_RATIO_MIN * cs] = rk ? r : INFINITY;
+    c[G_RATIO_MAX * cs] = rk ? r : -INFINITY;
+    c[G_BAD_WEIGHTS * cs] = (!is_finite(s.w_raw) || s.w_raw < 0.f) ? 1.f : 0.f;
+    c[G_VALUE_STEPS * cs] = vpres ? 1.f : 0.f;
+    c[G_VALUE_WEIGHT * cs] = vw;
+    c[G_VALUE_NUM * cs] = vpres ? vw * vl : 0.f;
+    c[G_VALUE_CLIP * cs] = vclip;
+    c[G_BAD_VALUE_WEIGHTS * cs] = (P.has_values && bad_vw) ? 1.f : 0.f;
   }
   return g;
 }
@@ -1227,11 +1257,12 @@ ESPER_HD void rescale_rows(X& x, const PPOParams& P, const OnePass& O, float fac
 // after a fix-up that changed the gradient buffers: the last block records the scale they now hold
 // (every block of the launch takes a ticket: none may read the old scale after the new one is written)
 template <class X>
-ESPER_HD void fix_epilogue(X& x, const PPOParams& P, const OnePass& O, float state, int nblocks) {
-  (void)P;
+ESPER_HD void fix_epilogue(X& x, const PPOParams& P, const OnePass& O, const float* g4, int nblocks) {
   if (O.force_recompute) return;
   uint32_t* ctl = reinterpret_cast<uint32_t*>(O.ctl);
   if (x.ticket(ctl + CTL_FIX, nblocks, true) && x.leader()) {
+    float factor, state;
+    fix_mode(P, O, g4, factor, state);  // (the same decision every block took; the scale has not changed yet)
     reinterpret_cast<float*>(O.norms)[NM_SCALE] = state;
     x.reset_ticket(ctl + CTL_FIX);
   }
@@ -1303,11 +1334,11 @@ ESPER_HD SmallSmem small_carve(unsigned char* p, int H, int R, int pitch, bool j
   return s;
 }
 
-// one (row, head) of the small path with W >= A: registers from the staged tile, the forward, the outputs and
-// the gradient into the tile (and the joint coefficient tile)
+// one (row, head) of the small path without a floor, W >= A: the row in registers (one exp per logit), the outputs,
+// the gradient into the tile and (joint surrogate) its coefficient for the joint term into the coefficient tile
 template <int W>
 ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h,
-                           int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* c) {
+                           int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* c, int cs) {
   const int A = P.sizes[h], off = O.off[h], pitch = O.pitch;
   RegRow<W> row;
   row.A = A;
@@ -1326,8 +1357,8 @@ ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem
   }
   const HeadIn hi = head_in(P, h, i, true);
   const RowIn in = row_in(P, h, hi);
-  const Core co = row_core(row, in);
-  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c);
+  const Core co = row_core<false>(row, in);
+  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c, cs);
   L += t.lr;
   if (t.flag) jf |= 1u << h;
   if (!O.fixup) {
@@ -1335,26 +1366,94 @@ ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem
     reinterpret_cast<float*>(P.log_probs)[i * H + h] = co.ell;
     reinterpret_cast<float*>(P.entropy)[i * H + h] = co.Hout;
   }
-  if (O.write_grad) {
-    const RowUp ru = row_upstream(P, hi, t, 0.f, h, i, O.fixup != 0);
-    const float ghr = raw_entropy_grad(co, in.norm_ent, ru.gE);
-    float* G = sm.zt + r * pitch + off;
-    row_grad(row, in, co, ru.gL, ghr, [&](int j, float g) { G[j] = g; });
-    if (O.joint_c) {
-      float* Cf = sm.ct + r * pitch + off;
-      row_grad(row, in, co, 1.f, 0.f, [&](int j, float g) { Cf[j] = g; });
+  if (!O.write_grad) return;
+  const RowUp ru = row_upstream(P, hi, t, 0.f, h, i, O.fixup != 0);
+  const float gL = ru.gL, ghr = raw_entropy_grad(co, in.norm_ent, ru.gE);
+  float* G = sm.zt + r * pitch + off;
+  float* Cf = O.joint_c ? sm.ct + r * pitch + off : nullptr;
+  const bool empty = co.n == 0.f, bad = !is_finite(gL) || !is_finite(ghr);
+  const float k = 1.f + co.H - co.PV;
+  const int a = in.a;
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    if (j < A) {
+      float g = 0.f, coef = 0.f;
+      if (!empty && row.use(j)) {
+        const float p = row.ev[j] * co.inv_s;
+        const float lp = (row.zv[j] - co.m) - co.ls;
+        coef = j == a ? co.qa : -p;
+        g = bad ? f_nan() : gL * coef - ghr * (p * (lp + k));
+      }
+      G[j] = g;
+      if (Cf) Cf[j] = coef;
     }
   }
 }
 
+// the small path's row policy for a floored head: the staged row in shared memory, loops (not unrolled), the
+// floor's exps recomputed where needed (a floored head costs a few transcendental operations per logit, but one
+// copy of the code serves every width)
+struct SmemRow {
+  static const bool kStores = false;
+  const float* zr;
+  const uint8_t* ur;
+  int A;
+  ESPER_HD bool use(int j) const { return ur ? ur[j] != 0 : true; }
+  ESPER_HD float z(int j) const { return zr[j]; }
+  ESPER_HD float slot0(int) const { return 0.f; }
+  ESPER_HD void set_slot0(int, float) const {}
+  ESPER_HD float slot1(int) const { return 0.f; }
+  ESPER_HD void set_slot1(int, float) const {}
+  template <class T, class F, class C>
+  ESPER_HD T fold(T acc, F f, C c) const {
+#pragma unroll 1
+    for (int j = 0; j < A; ++j) acc = c(acc, f(j));
+    return acc;
+  }
+  template <class F>
+  ESPER_HD void for_each(F f) const {
+#pragma unroll 1
+    for (int j = 0; j < A; ++j) f(j);
+  }
+};
+
+ESPER_HD void small_head_floor(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h,
+                               int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* c, int cs) {
+  const int off = r * O.pitch + O.off[h];
+  SmemRow row{sm.zt + off, sm.ut ? sm.ut + off : nullptr, P.sizes[h]};
+  const HeadIn hi = head_in(P, h, i, true);
+  const RowIn in = row_in(P, h, hi);
+  const Core co = row_core<true>(row, in);
+  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c, cs);
+  L += t.lr;
+  if (t.flag) jf |= 1u << h;
+  if (!O.fixup) {
+    const int H = P.num_heads;
+    reinterpret_cast<float*>(P.log_probs)[i * H + h] = co.ell;
+    reinterpret_cast<float*>(P.entropy)[i * H + h] = co.Hout;
+  }
+  if (!O.write_grad) return;
+  const RowUp ru = row_upstream(P, hi, t, 0.f, h, i, O.fixup != 0);
+  const float ghr = raw_entropy_grad(co, in.norm_ent, ru.gE);
+  if (O.joint_c) {  // the joint term's coefficient (the gradient for gL = 1, linear in gL), before G overwrites z
+    float* Cf = sm.ct + off;
+    row_grad<true>(row, in, co, 1.f, 0.f, [&](int j, float g) { Cf[j] = g; });
+  }
+  float* G = sm.zt + off;  // (row_grad's last pass reads column j before writing it: in place is safe)
+  row_grad<true>(row, in, co, ru.gL, ghr, [&](int j, float g) { G[j] = g; });
+}
+
+// c: the tile-fold buffer at this row (contribution k at c[k * cs]) or null. WMAX: the widest head of the call
+// (a kernel per width class: its registers are those of its widest path)
+template <int WMAX>
 ESPER_HD void small_head(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h, int64_t i,
-                         int r, bool ok, const StepIn& s, float& L, uint32_t& jf, float* c) {
+                         int r, bool ok, const StepIn& s, float& L, uint32_t& jf, float* c, int cs) {
   if (!ok) {
-    if (c) head_ident(c);
+    if (c) head_ident(c, cs);
     return;
   }
   if (!s.present) {
-    if (c) head_ident(c);
+    if (c) head_ident(c, cs);
     const int H = P.num_heads;
     if (!O.fixup) {
       const int A = P.sizes[h];
@@ -1374,11 +1473,11 @@ ESPER_HD void small_head(const PPOParams& P, const OnePass& O, const SmallSmem& 
     return;
   }
   const int A = P.sizes[h];
-  if (A <= 2) small_head_w<2>(P, O, sm, up, h, i, r, s, L, jf, c);
-  else if (A <= 4) small_head_w<4>(P, O, sm, up, h, i, r, s, L, jf, c);
-  else if (A <= 8) small_head_w<8>(P, O, sm, up, h, i, r, s, L, jf, c);
-  else if (A <= 16) small_head_w<16>(P, O, sm, up, h, i, r, s, L, jf, c);
-  else small_head_w<32>(P, O, sm, up, h, i, r, s, L, jf, c);
+  if (P.floor[h] > 0.f) small_head_floor(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 4 || A <= 4) small_head_w<4>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 8 || A <= 8) small_head_w<(WMAX < 8 ? WMAX : 8)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 16 || A <= 16) small_head_w<(WMAX < 16 ? WMAX : 16)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else small_head_w<WMAX>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
 }
 
 // the joint surrogate's second pass: add gLj * coefficient where the head is flagged (NaN rule on gLj)
@@ -1399,20 +1498,20 @@ ESPER_HD void small_joint_pass(const PPOParams& P, const OnePass& O, const Small
   }
 }
 
-template <class X>
+template <int WMAX, class X>
 ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const SmallSmem& sm, int block, int nblocks) {
   const int H = P.num_heads, R = x.R, RS = R + 8, pitch = O.pitch;
   const bool fwd = !O.fixup;
   prologue(x, P, O, sm.b, block);
-  float factor = 1.f, state = f_nan();
   if (O.fixup) {
+    float factor, state;
     const int mode = fix_mode(P, O, sm.b.g4, factor, state);
     if (mode == FIX_NONE) return;
     if (mode == FIX_RESCALE) {
       const int64_t per = (P.n + nblocks - 1) / nblocks;
       const int64_t i0 = block * per, i1 = i0 + per < P.n ? i0 + per : P.n;
       rescale_rows(x, P, O, factor, i0, i1);
-      fix_epilogue(x, P, O, state, nblocks);
+      fix_epilogue(x, P, O, sm.b.g4, nblocks);
       return;
     }
   }
@@ -1447,10 +1546,7 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
     for (int h = 0; h < H; ++h) {
       float* red = fwd ? sm.red + buf * RV * RS : nullptr;
       x.threads([&](int r) {
-        float c[ESPER_HEAD_SIZE];
-        small_head(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), fwd ? c : nullptr);
-        if (fwd)
-          for (int k = 0; k < ESPER_HEAD_SIZE; ++k) red[k * RS + r] = c[k];
+        small_head<WMAX>(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), fwd ? red + r : nullptr, RS);
       });
       if (fwd) {
         x.fold_tile(red, ESPER_HEAD_SIZE, kHeadMin, kHeadMax, sm.b.acc + ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE);
@@ -1461,10 +1557,10 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
       float* red = fwd ? sm.red + buf * RV * RS : nullptr;
       float* redm = fwd ? sm.redm + buf * 2 * NMOM * RS : nullptr;
       x.threads([&](int r) {
-        float c[ESPER_GLOBAL_SIZE];
+        float* c = fwd ? red + r : nullptr;
         const int64_t i = row0 + r;
         if (r < nrows) {
-          const GlobalTerms g = global_terms(P, sm.b.nm, up, i, st(r), Ls(r), fwd ? c : nullptr);
+          const GlobalTerms g = global_terms(P, sm.b.nm, up, i, st(r), Ls(r), c, RS);
           if (fwd) reinterpret_cast<float*>(P.joint_ratio)[i] = g.r;
           if (O.gv) reinterpret_cast<float*>(O.gv)[i] = g.gv;
           gb(r) = g.gbase;
@@ -1474,11 +1570,9 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
               redm[(2 * m + 1) * RS + r] = g.mom[m].m;
             }
         } else if (fwd) {
-          global_ident(c);
+          global_ident(c, RS);
           for (int m = 0; m < NMOM; ++m) redm[(2 * m) * RS + r] = redm[(2 * m + 1) * RS + r] = 0.f;
         }
-        if (fwd)
-          for (int k = 0; k < ESPER_GLOBAL_SIZE; ++k) red[k * RS + r] = c[k];
       });
       if (fwd) {
         x.fold_tile(red, ESPER_GLOBAL_SIZE, kGlobalMin, kGlobalMax, sm.b.acc);
@@ -1510,7 +1604,7 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
       if (x.leader()) x.reset_ticket(ctl + CTL_MAIN);
     }
   } else {
-    fix_epilogue(x, P, O, state, nblocks);
+    fix_epilogue(x, P, O, sm.b.g4, nblocks);
   }
 }
 
@@ -1561,16 +1655,18 @@ struct RowUpS {
 };
 struct WideSmem {
   BlockSmem b;
-  Core* cores;    // H
-  HeadIn* his;    // H
-  RowUpS* ups;    // H
+  Core* cores;       // H
+  HeadIn* his;       // H
+  RowUpS* ups;       // H
+  HeadTerms* terms;  // H
+  float* c;          // RV: one row's statistics contributions (the rank-0 leader)
   float* z;       // chunk (staged)
   float* e;       // chunk (staged)
   uint8_t* u;     // chunk (staged, has_mask)
 };
 ESPER_HD size_t wide_smem_bytes(int H, int chunk, bool staged, bool has_mask) {
   size_t b = block_smem_bytes(H) + align16(sizeof(Core) * H) + align16(sizeof(HeadIn) * H) +
-             align16(sizeof(RowUpS) * H);
+             align16(sizeof(RowUpS) * H) + align16(sizeof(HeadTerms) * H) + align16(sizeof(float) * RV);
   if (staged) {
     b += 2 * align16(sizeof(float) * (size_t)chunk);
     if (has_mask) b += align16((size_t)chunk);
@@ -1586,6 +1682,10 @@ ESPER_HD WideSmem wide_carve(unsigned char* p, int H, int chunk, bool staged, bo
   p += align16(sizeof(HeadIn) * H);
   w.ups = reinterpret_cast<RowUpS*>(p);
   p += align16(sizeof(RowUpS) * H);
+  w.terms = reinterpret_cast<HeadTerms*>(p);
+  p += align16(sizeof(HeadTerms) * H);
+  w.c = reinterpret_cast<float*>(p);
+  p += align16(sizeof(float) * RV);
   w.z = w.e = nullptr;
   w.u = nullptr;
   if (staged) {
@@ -1612,15 +1712,15 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
   const bool fwd = !O.fixup;
   const int32_t dt = P.logits_dtype;
   prologue(x, P, O, sm.b, cl);
-  float factor = 1.f, state = f_nan();
   if (O.fixup) {
+    float factor, state;
     const int mode = fix_mode(P, O, sm.b.g4, factor, state);
     if (mode == FIX_NONE) return;
     if (mode == FIX_RESCALE) {
       const int64_t per = (P.n + ncl - 1) / ncl;
       const int64_t i0 = cl * per, i1 = i0 + per < P.n ? i0 + per : P.n;
       rescale_rows(x, P, O, factor, i0, i1);
-      fix_epilogue(x, P, O, state, ncl * O.cluster);
+      fix_epilogue(x, P, O, sm.b.g4, ncl * O.cluster);
       return;
     }
   }
@@ -1655,7 +1755,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       for (int h = 0; h < H; ++h) {
         WideRow<X, STAGED> row{&x, &P, h, P.sizes[h], O.off[h], i};
         const HeadIn hi = head_in(P, h, i, true);
-        const Core co = row_core(row, row_in(P, h, hi));
+        const Core co = row_core<true>(row, row_in(P, h, hi));
         if (x.leader()) {
           sm.cores[h] = co;
           sm.his[h] = hi;
@@ -1676,10 +1776,10 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       }
     // the row's scalar work: one thread per block (the rank-0 leader also accumulates the statistics)
     if (x.leader()) {
-      float c[RV];
+      float* c = sm.c;
       const bool st = fwd && x.stats_leader();
       float L = 0.f;
-      HeadTerms t[ESPER_MAX_HEADS];
+      HeadTerms* t = sm.terms;
       for (int h = 0; h < H; ++h) {
         if (s.present) {
           t[h] = head_terms(P, sm.b.nm, up, h, i, s, sm.his[h], sm.cores[h], st ? c : nullptr);
@@ -1720,7 +1820,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       }
       const HeadIn hi = sm.his[h];
       const RowUpS u = sm.ups[h];
-      row_grad(row, row_in(P, h, hi), sm.cores[h], u.gL, u.ghr,
+      row_grad<true>(row, row_in(P, h, hi), sm.cores[h], u.gL, u.ghr,
                [&](int j, float g) { store_elem(gp, gbase + j, dt, g); });
     }
   }
@@ -1737,7 +1837,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       }
     }
   } else {
-    fix_epilogue(x, P, O, state, ncl * O.cluster);
+    fix_epilogue(x, P, O, sm.b.g4, ncl * O.cluster);
   }
 }
 
@@ -1807,6 +1907,7 @@ inline const char* plan(const PPOParams& P, const Machine& M, OnePass& O) {
       const size_t b = small_smem_bytes(H, R, pitch, O.joint_c != 0, P.has_mask != 0, fwd);
       if (b <= 64 * 1024 || (R == 32 && b <= (size_t)M.smem_optin)) {
         O.path = PATH_SMALL;
+        O.wmax = maxA <= 8 ? 8 : (maxA <= 16 ? 16 : 32);
         O.rows = R;
         O.pitch = pitch;
         O.smem = (int32_t)b;

@@ -165,7 +165,7 @@ inline std::string run(const PPOParams& P, const OnePass& O0) {
     x.tickets = 0;
     for (int b = 0; b < O.grid_main; ++b) {
       memset(p, 0, bytes);
-      small_block(x, P, O, sm, b, O.grid_main);
+      small_block<SMALL_W>(x, P, O, sm, b, O.grid_main);
     }
     return "";
   }
