@@ -287,7 +287,10 @@ __global__ void __launch_bounds__(WIDE_THREADS, 1) wide_kernel(const __grid_cons
   DevWideX x;
   x.scratch = smem;
   x.cl = O.cluster;
-  x.rank = (int)(blockIdx.x % (unsigned)O.cluster);
+  x.rank = 0;
+#if __CUDA_ARCH__ >= 900
+  if (O.cluster > 1) x.rank = (int)cg::this_cluster().block_rank();
+#endif
   x.chunk = O.chunk;
   x.buf = 0;
   const WideSmem sm = wide_carve(smem + EXEC_SCRATCH, P.num_heads, O.chunk, STAGED, P.has_mask != 0);

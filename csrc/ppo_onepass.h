@@ -948,22 +948,32 @@ ESPER_HD void acc_init(float* acc, Mom* am, int K) {
   }
   for (int m = 0; m < NMOM; ++m) am[m] = Mom{0.f, 0.f, 0.f};
 }
-// the partial of a block: the statistics layout (a moment's weight is its SUM statistic)
+// the partial of a block: the statistics layout (a moment's weight is its SUM statistic); each entry written once
 ESPER_HD void acc_store(const float* acc, const Mom* am, int K, float* part, int tid, int nth) {
-  for (int k = tid; k < K; k += nth) part[k] = acc[k];
-  if (tid == 0)
+  for (int k = tid; k < K; k += nth) {
+    float v = acc[k];
     for (int m = 0; m < NMOM; ++m) {
       const MomentIdx x = moment_idx(m);
-      part[x.m] = am[m].m;
-      part[x.q] = am[m].q;
+      if (k == x.m) v = am[m].m;
+      if (k == x.q) v = am[m].q;
     }
+    part[k] = v;
+  }
+}
+// a load of another block's partial (device: through L2, never a stale L1 line)
+ESPER_HD float ld_cg(const float* p) {
+#ifdef __CUDA_ARCH__
+  return __ldcg(p);
+#else
+  return *p;
+#endif
 }
 // one lane's share of the merge of statistic k over the parts p = lane, lane + 32, ... (sequential)
 ESPER_HD float merge_lane(const float* parts, int nparts, int K, int k, int lane) {
   bool mn, mx, mom;
   kind_of(k, mn, mx, mom);
   float v = kident(mn, mx);
-  for (int p = lane; p < nparts; p += 32) v = kcombine(mn, mx, v, parts[(int64_t)p * K + k]);
+  for (int p = lane; p < nparts; p += 32) v = kcombine(mn, mx, v, ld_cg(parts + (int64_t)p * K + k));
   return v;
 }
 ESPER_HD Mom merge_lane_mom(const float* parts, int nparts, int K, int m, int lane) {
@@ -971,7 +981,7 @@ ESPER_HD Mom merge_lane_mom(const float* parts, int nparts, int K, int m, int la
   Mom v{0.f, 0.f, 0.f};
   for (int p = lane; p < nparts; p += 32) {
     const float* q = parts + (int64_t)p * K;
-    v = mom_combine(v, Mom{q[x.w], q[x.m], q[x.q]});
+    v = mom_combine(v, Mom{ld_cg(q + x.w), ld_cg(q + x.m), ld_cg(q + x.q)});
   }
   return v;
 }
@@ -1283,8 +1293,7 @@ ESPER_HD void prepass_block(X& x, const PPOParams& P, const OnePass& O, int bloc
   float* part = reinterpret_cast<float*>(O.pre_parts) + (int64_t)block * PK;
   for (int col = 0; col < PK; ++col) {
     if (!pre_used(P, col)) {
-      if (x.leader() && !(col > 0 && pre_is_mom(P, col - 1)) && !(col > 1 && pre_is_mom(P, col - 2)))
-        part[col] = 0.f;
+      if (x.leader() && !pre_is_mom(P, col)) part[col] = 0.f;  // (a used moment's other two columns: its own)
       continue;
     }
     const PreAcc a = x.block_fold([&](int tid, int nth) { return pre_thread(P, col, start, end, tid, nth); },
