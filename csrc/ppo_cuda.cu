@@ -176,8 +176,15 @@ struct DevSmallX : DevCommon {
       const bool valid = t < ntasks;
       const bool a = valid && bit(mn, k), b = valid && bit(mx, k);
       float v = kident(a, b);
-      if (valid)
-        for (int r = g; r < R; r += NGROUPS) v = kcombine(a, b, v, red[k * RS + r]);
+      const float* q = red + k * RS;
+      if (!valid) {
+      } else if (a) {  // one loop per kind (the kind is the task's): the same operations as kcombine
+        for (int r = g; r < R; r += NGROUPS) v = q[r] < v ? q[r] : v;
+      } else if (b) {
+        for (int r = g; r < R; r += NGROUPS) v = q[r] > v ? q[r] : v;
+      } else {
+        for (int r = g; r < R; r += NGROUPS) v = v + q[r];
+      }
 #pragma unroll
       for (int o = 4; o >= 1; o >>= 1) v = kcombine(a, b, v, __shfl_xor_sync(FULL, v, o));
       if (valid && g == 0) acc[k] = kcombine(a, b, acc[k], v);
@@ -269,7 +276,7 @@ __global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_cons
 
 // WMAX: the widest head's padded width (a kernel per class: registers follow the widest path compiled in)
 template <int WMAX>
-__global__ void __launch_bounds__(MAX_TILE_ROWS, 3) small_kernel(const __grid_constant__ PPOParams P,
+__global__ void __launch_bounds__(MAX_TILE_ROWS, WMAX < 32 ? 3 : 2) small_kernel(const __grid_constant__ PPOParams P,
                                                               const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevSmallX x;

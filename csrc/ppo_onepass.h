@@ -208,9 +208,9 @@ ESPER_HD V16 ld16(uintptr_t p) {
   return v;
 #endif
 }
-ESPER_HD void st16(uintptr_t p, const V16& v) {
+ESPER_HD void st16(uintptr_t p, const V16& v) {  // (device: a streaming global store; the gradient is read later)
 #ifdef __CUDA_ARCH__
-  *reinterpret_cast<uint4*>(p) = make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]);
+  __stcs(reinterpret_cast<uint4*>(p), make_uint4(v.w[0], v.w[1], v.w[2], v.w[3]));
 #else
   memcpy(reinterpret_cast<void*>(p), &v, 16);
 #endif
@@ -1526,6 +1526,9 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
   }
   const Up up = upstream_of(P, sm.b.g4);
   const int64_t ntiles = (P.n + R - 1) / R;
+  // a packed row (one segment of every column, no padding) has the tile's layout when the pitch is S (odd S)
+  auto flat = [&](const Seg* sg, int n) { return n == 1 && sg[0].col == 0 && sg[0].ncols == pitch && sg[0].rs == pitch; };
+  const bool flat_z = flat(O.zseg, O.nseg_z), flat_m = flat(O.mseg, O.nseg_m), flat_g = flat(O.gseg, O.nseg_g);
   int buf = 0;
   typename X::template Local<StepIn> st;
   typename X::template Local<float> Ls, gb;
@@ -1535,13 +1538,22 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
     const int nrows = (int)(P.n - row0 < R ? P.n - row0 : R);
     x.sync();
     x.coop([&](int tid, int nth) {
-      for (int k = 0; k < O.nseg_z; ++k)
-        seg_load(O.zseg[k], P.logits_dtype, row0, nrows, tid, nth,
-                 [&](int r, int col, float v) { sm.zt[r * pitch + col] = v; });
-      if (P.has_mask)
-        for (int k = 0; k < O.nseg_m; ++k)
-          seg_load(O.mseg[k], DT_U8, row0, nrows, tid, nth,
-                   [&](int r, int col, float v) { sm.ut[r * pitch + col] = v != 0.f ? 1 : 0; });
+      if (flat_z)  // one contiguous run per tile into the same layout: element e at e (vector shared stores)
+        run_load(O.zseg[0].ptr + (uintptr_t)(row0 * pitch * dtype_size(P.logits_dtype)), (int64_t)nrows * pitch,
+                 P.logits_dtype, tid, nth, [&](int64_t e, float v) { sm.zt[e] = v; });
+      else
+        for (int k = 0; k < O.nseg_z; ++k)
+          seg_load(O.zseg[k], P.logits_dtype, row0, nrows, tid, nth,
+                   [&](int r, int col, float v) { sm.zt[r * pitch + col] = v; });
+      if (P.has_mask) {
+        if (flat_m)
+          run_load(O.mseg[0].ptr + (uintptr_t)(row0 * pitch), (int64_t)nrows * pitch, DT_U8, tid, nth,
+                   [&](int64_t e, float v) { sm.ut[e] = v != 0.f ? 1 : 0; });
+        else
+          for (int k = 0; k < O.nseg_m; ++k)
+            seg_load(O.mseg[k], DT_U8, row0, nrows, tid, nth,
+                     [&](int r, int col, float v) { sm.ut[r * pitch + col] = v != 0.f ? 1 : 0; });
+      }
     });
     x.sync();
     x.threads([&](int r) {
@@ -1596,9 +1608,13 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
     if (O.write_grad) {
       x.sync();
       x.coop([&](int tid, int nth) {
-        for (int k = 0; k < O.nseg_g; ++k)
-          seg_store(O.gseg[k], P.logits_dtype, row0, nrows, tid, nth,
-                    [&](int r, int col) { return sm.zt[r * pitch + col]; });
+        if (flat_g)
+          run_store(O.gseg[0].ptr + (uintptr_t)(row0 * pitch * dtype_size(P.logits_dtype)), (int64_t)nrows * pitch,
+                    P.logits_dtype, tid, nth, [&](int64_t e) { return sm.zt[e]; });
+        else
+          for (int k = 0; k < O.nseg_g; ++k)
+            seg_store(O.gseg[k], P.logits_dtype, row0, nrows, tid, nth,
+                      [&](int r, int col) { return sm.zt[r * pitch + col]; });
       });
     }
   }
