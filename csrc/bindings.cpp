@@ -109,9 +109,11 @@ void set_heads(T* dst, const std::vector<T>& src, const char* what) {
 
 
 // ---- the one-pass CUDA kernels' parameters (shared by the host emulation and the CUDA entry points) ---------
+using G4 = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
 struct OnePassArgs {
   bool fixup = false, write_grad = false, force_recompute = false;
   uintptr_t norms = 0, pre_parts = 0, parts = 0, ctl = 0, table = 0, gv = 0;
+  G4 gl{0, 0, 0, 0};
 };
 
 op::Machine machine_of(int sm_count, int cc_major, int smem_optin, int smem_per_sm, int max_blocks) {
@@ -141,6 +143,10 @@ op::OnePass make_onepass(const PPOParams& P, const op::Machine& M, const OnePass
   O.table = a.table;
   O.gv = a.gv;
   O.write_gv = a.gv != 0;
+  O.gl[0] = std::get<0>(a.gl);
+  O.gl[1] = std::get<1>(a.gl);
+  O.gl[2] = std::get<2>(a.gl);
+  O.gl[3] = std::get<3>(a.gl);
   if (!O.norms || !O.ctl) throw std::invalid_argument("esper_kernels._C: one-pass: norms and ctl are required");
   if (!a.fixup) {
     if (!O.pre_parts || !O.parts || !P.losses || !P.stats || (P.n > 0 && (!P.log_probs || !P.entropy || !P.joint_ratio)))
@@ -381,7 +387,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "onepass_host_backward",
       [host_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl,
-                     uintptr_t gv, int sm_count, int cc_major, int smem_optin, int smem_per_sm, int max_blocks) {
+                     uintptr_t gv, const G4& grad_losses, int sm_count, int cc_major, int smem_optin,
+                     int smem_per_sm, int max_blocks) {
         check_params(P);
         OnePassArgs a;
         a.fixup = true;
@@ -390,13 +397,14 @@ PYBIND11_MODULE(_C, m) {
         a.norms = norms;
         a.ctl = ctl;
         a.gv = gv;
+        a.gl = grad_losses;
         const op::OnePass O =
             make_onepass(P, host_machine(sm_count, cc_major, smem_optin, smem_per_sm, max_blocks), a, nullptr);
         py::gil_scoped_release nogil;
         op::host::run(P, O);
       },
       py::arg("params"), py::kw_only(), py::arg("write_grad"), py::arg("force_recompute"), py::arg("norms"),
-      py::arg("ctl"), py::arg("gv"), py::arg("sm_count") = 132, py::arg("cc_major") = 9,
+      py::arg("ctl"), py::arg("gv"), py::arg("grad_losses"), py::arg("sm_count") = 132, py::arg("cc_major") = 9,
       py::arg("smem_optin") = 227 * 1024, py::arg("smem_per_sm") = 228 * 1024, py::arg("max_blocks") = 0);
 
 #ifdef ESPER_WITH_CUDA
@@ -460,7 +468,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_onepass_backward",
       [dev_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl, uintptr_t gv,
-                    uintptr_t stream, int device, int max_blocks) {
+                    const G4& grad_losses, uintptr_t stream, int device, int max_blocks) {
         check_params(P);
         OnePassArgs a;
         a.fixup = true;
@@ -469,6 +477,7 @@ PYBIND11_MODULE(_C, m) {
         a.norms = norms;
         a.ctl = ctl;
         a.gv = gv;
+        a.gl = grad_losses;
         const op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, nullptr);
         std::string err;
         {
@@ -478,7 +487,8 @@ PYBIND11_MODULE(_C, m) {
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda backward: " + err);
       },
       py::arg("params"), py::kw_only(), py::arg("write_grad"), py::arg("force_recompute"), py::arg("norms"),
-      py::arg("ctl"), py::arg("gv"), py::arg("stream"), py::arg("device"), py::arg("max_blocks") = 0);
+      py::arg("ctl"), py::arg("gv"), py::arg("grad_losses"), py::arg("stream"), py::arg("device"),
+      py::arg("max_blocks") = 0);
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -186,6 +186,7 @@ struct OnePass {
   uintptr_t ctl;        // uint32 [CTL_SIZE]
   uintptr_t table;      // float [metrics_size(H)] or 0
   uintptr_t gv;         // float [N] (d loss / d values) or 0
+  uintptr_t gl[4];      // fix-up: float32 incoming gradients of loss, policy_loss, entropy_loss, value_loss (0: none)
   MetricsCfg mc;
 };
 
@@ -1199,7 +1200,7 @@ ESPER_HD void prologue(X& x, const PPOParams& P, const OnePass& O, const BlockSm
     x.coop([&](int tid, int nth) {
       for (int k = tid; k < norms_size(H); k += nth) b.nm[k] = gnm[k];
       if (tid == 0)
-        for (int k = 0; k < 4; ++k) b.g4[k] = P.grad_losses.ptr ? load_f(P.grad_losses, k) : 0.f;
+        for (int k = 0; k < 4; ++k) b.g4[k] = O.gl[k] ? *reinterpret_cast<const float*>(O.gl[k]) : 0.f;
     });
   }
   if (x.leader()) acc_init(b.acc, b.am, stats_k(H));

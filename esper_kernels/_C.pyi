@@ -88,9 +88,10 @@ def derive_metrics(cfg: MetricsCfg, stats: int, out: int) -> None: ...
 # scratch the caller allocates: norms float32 [norms_size], pre_parts float32 [grid_pre * pre_size], parts float32
 # [nparts * stats_size], ctl 2 uint32 (tickets, zeroed by the pre-pass), table float32 [metrics_size] or 0, gv
 # float32 [N] (d loss / d values) or 0. The forward writes d loss / d logits for an upstream of 1 on `loss` into
-# params' gradient pointers when write_grad; the backward (the fix-up) reads params.grad_losses / grad_log_probs /
+# params' gradient pointers when write_grad; the backward (the fix-up) reads grad_losses and params.grad_log_probs /
 # grad_entropy on the device and returns at once, rescales in place, or recomputes (force_recompute: the buffers
-# hold nothing yet).
+# hold nothing yet). grad_losses: pointers to the float32 incoming gradients of loss, policy_loss, entropy_loss and
+# value_loss (0 where none).
 Plan = dict[str, object]  # path, grid_pre, grid_main, nparts, rows, cluster, chunk, smem, segments, *_size
 
 # the same kernels' code on the CPU, block by block (the host emulation; machine shapes as keywords)
@@ -100,8 +101,8 @@ def onepass_host_forward(params: Params, mcfg: MetricsCfg, *, write_grad: bool, 
                          parts: int, ctl: int, table: int, gv: int, sm_count: int = 132, cc_major: int = 9,
                          smem_optin: int = ..., smem_per_sm: int = ..., max_blocks: int = 0) -> None: ...
 def onepass_host_backward(params: Params, *, write_grad: bool, force_recompute: bool, norms: int, ctl: int, gv: int,
-                          sm_count: int = 132, cc_major: int = 9, smem_optin: int = ..., smem_per_sm: int = ...,
-                          max_blocks: int = 0) -> None: ...
+                          grad_losses: tuple[int, int, int, int], sm_count: int = 132, cc_major: int = 9,
+                          smem_optin: int = ..., smem_per_sm: int = ..., max_blocks: int = 0) -> None: ...
 
 # CUDA (has_cuda): on `stream` under `device`
 def cuda_status() -> str: ...
@@ -110,5 +111,6 @@ def cuda_onepass_forward(params: Params, mcfg: MetricsCfg, *, write_grad: bool, 
                          parts: int, ctl: int, table: int, gv: int, stream: int, device: int,
                          max_blocks: int = 0) -> None: ...
 def cuda_onepass_backward(params: Params, *, write_grad: bool, force_recompute: bool, norms: int, ctl: int, gv: int,
-                          stream: int, device: int, max_blocks: int = 0) -> None: ...
+                          grad_losses: tuple[int, int, int, int], stream: int, device: int,
+                          max_blocks: int = 0) -> None: ...
 def cuda_derive_metrics(cfg: MetricsCfg, stats: int, out: int, stream: int, device: int) -> None: ...

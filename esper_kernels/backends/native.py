@@ -280,15 +280,19 @@ class _OnePass(torch.autograd.Function):
         ctx.save_for_backward(*call.logits, *call.masks, *call.actions, *call.old_log_probs, call.advantages,
                               *call.relevance, call.weights, values, call.returns, call.old_values,
                               call.value_weights)
-        ctx.mark_non_differentiable(outs[3], outs[4])
+        losses, log_probs, entropy, joint_ratio, stats = outs
+        ctx.mark_non_differentiable(joint_ratio, stats)
         ctx.set_materialize_grads(False)
-        return outs
+        # the four losses as separate outputs: a plain loss.backward() hands the fix-up one scalar, with no
+        # select-backward (zero fill and copy) kernels in between
+        return losses[0], losses[1], losses[2], losses[3], log_probs, entropy, joint_ratio, stats
 
     @staticmethod
-    def backward(ctx, g_losses, g_log_probs, g_entropy, *_):
+    def backward(ctx, g_loss, g_policy, g_entropy_loss, g_value, g_log_probs, g_entropy, *_):
         _refuse_double_backward(ctx.impl.name)
         ctx.saved_tensors  # noqa: B018 (raises if an input was modified in place)
-        grads, gv = ctx.impl._onepass_backward(ctx.call, ctx.state, ctx.want, g_losses, g_log_probs, g_entropy)
+        grads, gv = ctx.impl._onepass_backward(ctx.call, ctx.state, ctx.want,
+                                               (g_loss, g_policy, g_entropy_loss, g_value), g_log_probs, g_entropy)
         if gv is not None and ctx.values_dtype is not None and gv.dtype != ctx.values_dtype:
             gv = gv.to(ctx.values_dtype)
         return (None, None, None, None, gv, *(grads if grads is not None else [None] * len(ctx.call.logits)))
@@ -315,6 +319,9 @@ class CudaBackend(_NativeBackend):
     devices = ("cuda",)
     has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
 
+    #: > 0: at most this many main blocks (clusters on the wide path); tests use it to force many tiles per block
+    max_blocks = 0
+
     def __init__(self):
         self._plans: dict[tuple, dict] = {}
         self._mcfgs: dict[tuple, object] = {}
@@ -327,15 +334,18 @@ class CudaBackend(_NativeBackend):
         return dev.index if dev.index is not None else torch.cuda.current_device()
 
     def _plan(self, p, dev: torch.device, fixup: bool, write_grad: bool) -> dict:
-        return _C.cuda_onepass_plan(p, self._device_index(dev), fixup=fixup, write_grad=write_grad)
+        return _C.cuda_onepass_plan(p, self._device_index(dev), fixup=fixup, write_grad=write_grad,
+                                    max_blocks=self.max_blocks)
 
     def _launch_forward(self, p, mcfg, dev: torch.device, **kw) -> None:
         idx = self._device_index(dev)
-        _C.cuda_onepass_forward(p, mcfg, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx, **kw)
+        _C.cuda_onepass_forward(p, mcfg, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
+                                max_blocks=self.max_blocks, **kw)
 
     def _launch_backward(self, p, dev: torch.device, **kw) -> None:
         idx = self._device_index(dev)
-        _C.cuda_onepass_backward(p, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx, **kw)
+        _C.cuda_onepass_backward(p, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
+                                 max_blocks=self.max_blocks, **kw)
 
     def _table_kernel(self, c, stats: torch.Tensor, out: torch.Tensor) -> None:
         idx = self._device_index(stats.device)
@@ -389,7 +399,8 @@ class CudaBackend(_NativeBackend):
 
     def _plan_cached(self, call: FusedCall, p, fixup: bool, write_grad: bool) -> dict:
         dev = call.logits[0].device
-        key = (dev, call.n, call.head_sizes, p.logits_dtype, p.has_mask, p.per_head, fixup, write_grad)
+        key = (dev, call.n, call.head_sizes, p.logits_dtype, p.has_mask, p.per_head, fixup, write_grad,
+               self.max_blocks)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(p, dev, fixup, write_grad)
@@ -437,9 +448,9 @@ class CudaBackend(_NativeBackend):
                 del self._tables[next(iter(self._tables))]
         return (losses, log_probs, entropy, joint_ratio, stats), _OnePassState(grads, gv, norms, ctl, scratch)
 
-    def _backward(self, call: FusedCall, state: _OnePassState, want: tuple[bool, bool], g_losses, g_log_probs,
-                  g_entropy):
-        """The fix-up: (grads, grad_values); the buffers written by the forward when it has them."""
+    def _backward(self, call: FusedCall, state: _OnePassState, want: tuple[bool, bool], g4, g_log_probs, g_entropy):
+        """The fix-up: (grads, grad_values); the buffers written by the forward when it has them. g4: the incoming
+        gradients of the four losses (0-d tensors or None)."""
         want_logits, want_values = want
         dev = call.logits[0].device
         fresh = state.grads is None and state.gv is None
@@ -448,10 +459,12 @@ class CudaBackend(_NativeBackend):
             grads = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in call.logits]
         if want_values and gv is None:
             gv = torch.empty(call.n, dtype=torch.float32, device=dev)
-        p = backward_params(call, state.norms, state.norms, grads if grads is not None else [], g_losses,
-                            g_log_probs, g_entropy, None)
+        g4 = [None if g is None else g.detach().to(torch.float32).reshape(()) for g in g4]
+        p = backward_params(call, state.norms, state.norms, grads if grads is not None else [], None, g_log_probs,
+                            g_entropy, None)
         self._launch_backward(p, dev, write_grad=grads is not None, force_recompute=fresh,
-                              norms=state.norms.data_ptr(), ctl=state.ctl, gv=0 if gv is None else gv.data_ptr())
+                              norms=state.norms.data_ptr(), ctl=state.ctl, gv=0 if gv is None else gv.data_ptr(),
+                              grad_losses=tuple(0 if g is None else g.data_ptr() for g in g4))
         return grads, gv
 
     # -- the eager one-pass protocol -------------------------------------------------------------------------
@@ -465,16 +478,16 @@ class CudaBackend(_NativeBackend):
         grad_on = torch.is_grad_enabled()
         want_logits = grad_on and any(t.requires_grad for t in call.logits)
         want_values = grad_on and inputs.values is not None and inputs.values.requires_grad
-        losses, log_probs, entropy, joint_ratio, stats = _OnePass.apply(self, call, want_logits, want_values,
-                                                                        inputs.values, *call.logits)
-        return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
-                         log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+        loss, pl, el, vl, log_probs, entropy, joint_ratio, stats = _OnePass.apply(
+            self, call, want_logits, want_values, inputs.values, *call.logits)
+        return RawOutput(loss=loss, policy_loss=pl, entropy_loss=el, value_loss=vl, log_probs=log_probs,
+                         entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
 
     def _onepass_forward(self, call: FusedCall, want_logits: bool, want_values: bool):
         return self._forward(call, want_logits, want_values, with_table=True)
 
-    def _onepass_backward(self, call: FusedCall, state: _OnePassState, want, g_losses, g_log_probs, g_entropy):
-        grads, gv = self._backward(call, state, want, g_losses, g_log_probs, g_entropy)
+    def _onepass_backward(self, call: FusedCall, state: _OnePassState, want, g4, g_log_probs, g_entropy):
+        grads, gv = self._backward(call, state, want, g4, g_log_probs, g_entropy)
         # hand the buffers over: autograd may keep them as .grad (no copy); a later backward recomputes
         state.grads = state.gv = None
         return grads, gv
@@ -489,8 +502,8 @@ class CudaBackend(_NativeBackend):
                         grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         # fresh buffers: the fix-up recomputes and keeps no scale state (so it takes no ticket either)
         state = _OnePassState(None, None, saved, saved.data_ptr(), None)
-        return self._backward(call, state, (True, call.values is not None), grad_losses, grad_log_probs,
-                              grad_entropy)
+        g4 = (None,) * 4 if grad_losses is None else tuple(grad_losses.to(torch.float32).unbind())
+        return self._backward(call, state, (True, call.values is not None), g4, grad_log_probs, grad_entropy)
 
     # -- the metric table --------------------------------------------------------------------------------------
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
