@@ -97,6 +97,16 @@ ESPER_HD float kcombine(bool mn, bool mx, float a, float b) {
   return mn ? lo : (mx ? hi : a + b);
 }
 ESPER_HD float kident(bool mn, bool mx) { return mn ? INFINITY : (mx ? -INFINITY : 0.f); }
+// order-preserving integer keys of (non-NaN) floats: the warp's integer min / max reduction (REDUX) takes them
+ESPER_HD int32_t fkey(float x) {
+  const int32_t b = (int32_t)f2u(x);
+  return b >= 0 ? b : (b ^ 0x7fffffff);
+}
+ESPER_HD float fkey_inv(int32_t k) { return u2f((uint32_t)(k >= 0 ? k : (k ^ 0x7fffffff))); }
+// min / max by key (as the warp reduction orders them: -0 < +0)
+ESPER_HD float kminmax(bool mn, float a, float b) {
+  return mn ? (fkey(b) < fkey(a) ? b : a) : (fkey(b) > fkey(a) ? b : a);
+}
 
 // a weighted moment: weight, mean, M2 = sum w (x - mean)^2. A non-finite mean marks values with an infinity (mean =
 // that infinity, M2 = +inf) or a NaN / both infinities (NaN, NaN): merging keeps it (docs/semantics.md section 5)
@@ -141,6 +151,24 @@ ESPER_HD T tree32(T* v, C c) {
     for (int g = 0; g < 32; ++g) v[g] = nv[g];
   }
   return v[0];
+}
+
+// exp of the per-logit softmax terms: on the device ex2.approx(x log2 e) (2 instructions; relative error a few ulp
+// plus |x| 2^-24, x <= 0 here: the terms far below the max, whose error does not reach the sums), on the host the
+// accurate one
+ESPER_HD float exp_fast(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return ek_exp(x);
+#endif
+}
+ESPER_HD int popc32(uint32_t x) {
+#ifdef __CUDA_ARCH__
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
 }
 
 // --------------------------------------------------------------------------------------------------------
@@ -442,7 +470,7 @@ ESPER_HD void softmax_sums(Row& row, const RowIn& in, Core& c, ZF zf) {
       S5{0.f, 0.f, 0.f, 0.f, 0.f},
       [&](int j) {
         const float d = zf(j) - m;
-        const float e = ek_exp(d);
+        const float e = exp_fast(d);
         if (Row::kStores) row.set_slot1(j, e);
         const bool u = row.use(j);
         return S5{e, u ? e : 0.f, u ? e * d : 0.f, j == a ? d : 0.f, j == a ? 0.f : e};
@@ -452,7 +480,7 @@ ESPER_HD void softmax_sums(Row& row, const RowIn& in, Core& c, ZF zf) {
   c.inv_s = 1.f / r.s;
   c.qa = r.sna * c.inv_s;  // 1 - p_a without the cancellation of 1 - e_a / s (p_a near 1)
   c.ls = ek_log(r.s);
-  c.PV = r.sv * c.inv_s;
+  c.PV = r.sv == r.s ? 1.f : r.sv * c.inv_s;  // (exactly 1 with exclusion: masked actions add exact zeros)
   c.H = c.ls * c.PV - r.t * c.inv_s;  // -sum_V p (zf - m - ls)
   c.ell = a >= 0 ? r.za - c.ls : f_nan();
 }
@@ -753,8 +781,9 @@ struct HeadTerms {
 };
 
 // the (step, head) terms and, when c != nullptr, the head's statistics contributions c[k * cs], k < HEAD_SIZE
+// hc: the block's per-head constants (head_consts)
 ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up, int h, int64_t i, const StepIn& s,
-                              const HeadIn& hi, const Core& co, float* c, int cs = 1) {
+                              const HeadIn& hi, const Core& co, float* c, int cs, const float* hc) {
   const float C = P.log_clamp, lo = 1.f - P.eps_low, hi_c = 1.f + P.eps_high;
   const bool rel = hi.rel, pres = s.present;
   const float ell = co.ell, n = co.n;
@@ -764,7 +793,6 @@ ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up,
   const float lr = rel ? clampf(d, -C, C) : 0.f;
   const float ratio = ek_exp(lr);
   const float wr = rel ? s.w : 0.f;
-  const float den = nm[NM_DEN + h];
   HeadTerms t;
   t.lr = lr;
   t.flag = rel && inside;
@@ -776,9 +804,9 @@ ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up,
     const float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     pol = rel ? wr * surr : 0.f;
     const bool act = rel && inside && !(s1 > s2);
-    t.gpol = act ? (-(s.w * adv) * ratio) * safe_div(up.g_pol, den) : 0.f;
+    t.gpol = act ? (-(s.w * adv) * ratio) * hc[2 * h] : 0.f;
   }
-  t.gent = rel ? safe_div(up.g_ent * -P.kcoef[h], den) * s.w : 0.f;
+  t.gent = rel ? hc[2 * h + 1] * s.w : 0.f;
   if (c) {
     const bool ok_ell = rel && ell == ell;
     c[HD_REL_WEIGHT * cs] = wr;
@@ -820,7 +848,7 @@ struct GlobalTerms {
 // the step's joint ratio, joint surrogate and value loss; c[k * cs], k < GLOBAL_SIZE, its contributions (moments:
 // identity, their points in mom)
 ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up& up, int64_t i, const StepIn& s,
-                                  float Lsum, float* c, int cs = 1) {
+                                  float Lsum, float* c, int cs, const float* hc) {
   const float lo = 1.f - P.eps_low, hi_c = 1.f + P.eps_high;
   const bool pres = s.present;
   const float w = s.w;
@@ -842,7 +870,7 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
     const float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     gpol = pres ? w * surr : 0.f;
     const bool act = pres && jin && !(s1 > s2);
-    g.gbase = act ? (-(w * a) * r) * safe_div(up.g_pol, nm[NM_W]) : 0.f;
+    g.gbase = act ? (-(w * a) * r) * hc[2 * P.num_heads] : 0.f;
   }
   bool vpres = false, bad_vw = false;
   float vw = 0.f, vl = 0.f, vclip = 0.f, R = 0.f, v = 0.f;
@@ -874,7 +902,7 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
       vl = l1;
       dvl = dl1;
     }
-    g.gv = vpres ? (vw * dvl) * safe_div(up.g_val * 0.5f, nm[NM_VW]) : 0.f;
+    g.gv = vpres ? (vw * dvl) * hc[2 * P.num_heads + 1] : 0.f;
   }
   const float res = vpres ? R - v : 0.f;
   for (int m = 0; m < NMOM; ++m) {
@@ -905,6 +933,21 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
     c[G_BAD_VALUE_WEIGHTS * cs] = (P.has_values && bad_vw) ? 1.f : 0.f;
   }
   return g;
+}
+
+// the block's per-head constants of the upstream: hc[2h] = d PL / d (per_head numerator of h), hc[2h + 1] the entropy
+// term's coefficient over den_h, hc[2H] the joint surrogate's scale over W, hc[2H + 1] the value loss's over VW
+ESPER_HD int hc_size(int H) { return 2 * H + 2; }
+ESPER_HD void head_consts(const PPOParams& P, const float* nm, const float* g4, float* hc) {
+  const Up up = upstream_of(P, g4);
+  const int H = P.num_heads;
+  for (int h = 0; h < H; ++h) {
+    const float den = nm[NM_DEN + h];
+    hc[2 * h] = safe_div(up.g_pol, den);
+    hc[2 * h + 1] = safe_div(up.g_ent * -P.kcoef[h], den);
+  }
+  hc[2 * H] = safe_div(up.g_pol, nm[NM_W]);
+  hc[2 * H + 1] = safe_div(up.g_val * 0.5f, nm[NM_VW]);
 }
 
 // the incoming gradients of one (step, head)'s ell and raw entropy in the fix-up (or the forward: g4 = (1,0,0,0))
@@ -1126,7 +1169,7 @@ ESPER_HD int fix_mode(const PPOParams& P, const OnePass& O, const float* g4, flo
 //   x.ticket(counter, n, all_ranks)                 true in the last of n blocks to arrive (threadfence + atomic);
 //                                                   all_ranks: every block of a cluster takes one (else rank 0 only)
 //   x.reset_ticket(counter)                         the last block resets the counter
-//   small: x.fold_tile(red, V, minbits, maxbits, acc), x.fold_tile_mom(redm, am)   the tile folds
+//   small: x.warp_head_stats(cl, wacc, K, base), x.warp_global_stats(cl, wacc, wmom, K)   the warps' statistics
 //   wide:  x.cluster_fold(f, combine), x.zp(col) / x.up(col) / x.ep(col)   the cluster fold; chunk storage
 // --------------------------------------------------------------------------------------------------------
 constexpr int RV = ESPER_GLOBAL_SIZE > ESPER_HEAD_SIZE ? ESPER_GLOBAL_SIZE : ESPER_HEAD_SIZE;
@@ -1139,12 +1182,14 @@ struct BlockSmem {
   Mom* am;       // NMOM
   PreAcc* pmom;  // H: merged advantage moments
   float* out;    // stats_k(H): the last block's merged statistics
+  float* hc;     // hc_size(H): the per-head constants of the upstream
 };
 ESPER_HD size_t align16(size_t b) { return (b + 15) & ~(size_t)15; }
 ESPER_HD size_t block_smem_bytes(int H) {
   const int K = stats_k(H);
   return align16(sizeof(float) * norms_size(H)) + align16(sizeof(float) * 4) + align16(sizeof(float) * K) +
-         align16(sizeof(Mom) * NMOM) + align16(sizeof(PreAcc) * H) + align16(sizeof(float) * K);
+         align16(sizeof(Mom) * NMOM) + align16(sizeof(PreAcc) * H) + align16(sizeof(float) * K) +
+         align16(sizeof(float) * hc_size(H));
 }
 ESPER_HD BlockSmem block_carve(unsigned char*& p, int H) {
   const int K = stats_k(H);
@@ -1161,6 +1206,8 @@ ESPER_HD BlockSmem block_carve(unsigned char*& p, int H) {
   p += align16(sizeof(PreAcc) * H);
   b.out = reinterpret_cast<float*>(p);
   p += align16(sizeof(float) * K);
+  b.hc = reinterpret_cast<float*>(p);
+  p += align16(sizeof(float) * hc_size(H));
   return b;
 }
 
@@ -1203,7 +1250,11 @@ ESPER_HD void prologue(X& x, const PPOParams& P, const OnePass& O, const BlockSm
         for (int k = 0; k < 4; ++k) b.g4[k] = O.gl[k] ? *reinterpret_cast<const float*>(O.gl[k]) : 0.f;
     });
   }
-  if (x.leader()) acc_init(b.acc, b.am, stats_k(H));
+  x.sync();  // the normalisers and the incoming gradients are in place
+  if (x.leader()) {
+    acc_init(b.acc, b.am, stats_k(H));
+    head_consts(P, b.nm, b.g4, b.hc);
+  }
   x.sync();
 }
 
@@ -1303,20 +1354,74 @@ ESPER_HD void prepass_block(X& x, const PPOParams& P, const OnePass& O, int bloc
   }
 }
 
+// ---- the small path's statistics: one row's contributions, reduced across the warp --------------------------
+// Each warp folds its 32 rows at once: the MIN / MAX statistics by the integer warp reduction of order-preserving
+// keys (exact), the sums and counts by a butterfly (reduce-scatter: 16 values over the 32 lanes in log steps, each
+// lane ends with the warp's total of one value), the moments by a shifted two-pass (the first finite kept value of
+// the warp as the shift: constant data stay exact) whose sums join the butterfly. Each warp accumulates into its own
+// row of accumulators across tiles; the block combines its warps in order at the end.
+struct HeadC {
+  float v[ESPER_HEAD_SIZE];
+};
+struct GlobC {
+  float v[ESPER_GLOBAL_SIZE];
+  float mw[NMOM], mx[NMOM];  // the moments' points (weight 0: not kept)
+};
+constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+constexpr int HEAD_BF = pow2_at_least(ESPER_HEAD_SIZE);              // the head butterfly's width
+constexpr int GLOB_BF = pow2_at_least(ESPER_GLOBAL_SIZE + 3 * NMOM);  // the global one's: sums, then W, S1, bad
+static_assert(HEAD_BF <= 32 && GLOB_BF <= 32, "a butterfly holds at most 32 values");
+constexpr uint32_t kHeadMinMax = kHeadMin | kHeadMax;
+constexpr uint32_t kGlobalSkip = kGlobalMin | kGlobalMax | kGlobalMoment;
+
+// a warp's accumulators: sums as floats, MIN / MAX statistics as their integer keys (fkey; the warp reduction's
+// order), moments as Mom
+ESPER_HD void wacc_init(float* wacc, Mom* wm, int K) {
+  for (int k = 0; k < K; ++k) {
+    bool mn, mx, mom;
+    kind_of(k, mn, mx, mom);
+    wacc[k] = (mn || mx) ? u2f((uint32_t)fkey(mn ? INFINITY : -INFINITY)) : 0.f;
+  }
+  for (int m = 0; m < NMOM; ++m) wm[m] = Mom{0.f, 0.f, 0.f};
+}
+ESPER_HD void wacc_minmax(float* slot, bool mn, int32_t key) {  // slot holds a key
+  const int32_t cur = (int32_t)f2u(*slot);
+  *slot = u2f((uint32_t)(mn ? (key < cur ? key : cur) : (key > cur ? key : cur)));
+}
+// the block's final statistics accumulators from its warps' (in warp order)
+ESPER_HD void warps_to_block(const float* wacc, const Mom* wmom, int nw, int K, float* acc, Mom* am) {
+  for (int w = 0; w < nw; ++w) {
+    for (int k = 0; k < K; ++k) {
+      bool mn, mx, mom;
+      kind_of(k, mn, mx, mom);
+      const float x = wacc[w * K + k];
+      acc[k] = (mn || mx) ? kminmax(mn, acc[k], fkey_inv((int32_t)f2u(x))) : acc[k] + x;
+    }
+    for (int m = 0; m < NMOM; ++m) am[m] = mom_combine(am[m], wmom[w * NMOM + m]);
+  }
+}
+// a warp's moment from its reduced sums (W, S1 = sum w (x - x0), the IEEE sum of the non-finite kept values, any
+// non-finite kept value) and M2 = sum w (x - mean)^2
+ESPER_HD Mom warp_moment(float W, float S1, float bad, bool any_bad, float x0, float M2) {
+  if (!(W > 0.f)) return Mom{0.f, 0.f, 0.f};
+  if (any_bad) return Mom{W, bad, bad != bad ? bad : INFINITY};
+  return Mom{W, x0 + S1 / W, M2};
+}
+
 // ---- the small path: a block of R rows per tile, one thread per row ------------------------------------------
 struct SmallSmem {
   BlockSmem b;
   float* zt;    // R x pitch: logits, then the gradient
   float* ct;    // R x pitch: the joint surrogate's gradient coefficient (joint_c), else null
   uint8_t* ut;  // R x pitch: masks (has_mask), else null
-  float* red;   // 2 x RV x (R + 8): the tile folds (forward; row stride R + 8: conflict-free group reads)
-  float* redm;  // 2 x 2 NMOM x (R + 8): the moments' tile folds (forward)
+  float* wacc;  // (R / 32) x K: each warp's statistics accumulators (forward)
+  Mom* wmom;    // (R / 32) x NMOM: and its moments
 };
 ESPER_HD size_t small_smem_bytes(int H, int R, int pitch, bool joint_c, bool has_mask, bool fwd) {
   size_t b = block_smem_bytes(H) + align16(sizeof(float) * (size_t)R * pitch);
   if (joint_c) b += align16(sizeof(float) * (size_t)R * pitch);
   if (has_mask) b += align16((size_t)R * pitch);
-  if (fwd) b += align16(sizeof(float) * 2 * RV * (size_t)(R + 8)) + align16(sizeof(float) * 4 * NMOM * (size_t)(R + 8));
+  if (fwd) b += align16(sizeof(float) * (size_t)(R / 32) * stats_k(H)) + align16(sizeof(Mom) * (R / 32) * NMOM);
   return b;
 }
 ESPER_HD SmallSmem small_carve(unsigned char* p, int H, int R, int pitch, bool joint_c, bool has_mask, bool fwd) {
@@ -1334,41 +1439,81 @@ ESPER_HD SmallSmem small_carve(unsigned char* p, int H, int R, int pitch, bool j
     s.ut = p;
     p += align16((size_t)R * pitch);
   }
-  s.red = s.redm = nullptr;
+  s.wacc = nullptr;
+  s.wmom = nullptr;
   if (fwd) {
-    s.red = reinterpret_cast<float*>(p);
-    p += align16(sizeof(float) * 2 * RV * (size_t)(R + 8));
-    s.redm = reinterpret_cast<float*>(p);
-    p += align16(sizeof(float) * 4 * NMOM * (size_t)(R + 8));
+    s.wacc = reinterpret_cast<float*>(p);
+    p += align16(sizeof(float) * (size_t)(R / 32) * stats_k(H));
+    s.wmom = reinterpret_cast<Mom*>(p);
+    p += align16(sizeof(Mom) * (R / 32) * NMOM);
   }
   return s;
 }
 
-// one (row, head) of the small path without a floor, W >= A: the row in registers (one exp per logit), the outputs,
-// the gradient into the tile and (joint surrogate) its coefficient for the joint term into the coefficient tile
+// one (row, head) of the small path without a floor, W >= A: the row in registers, padded with -inf past A (which
+// adds exact zeros), one exp per logit (the softmax in the (z - m) form of docs/semantics.md), the outputs, the
+// gradient into the tile and (joint surrogate) its coefficient for the joint term into the coefficient tile. The
+// same math as row_core / row_grad on one row, written out for the registers.
 template <int W>
 ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h,
-                           int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* c, int cs) {
+                           int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* cb, int cs) {
   const int A = P.sizes[h], off = O.off[h], pitch = O.pitch;
-  RegRow<W> row;
-  row.A = A;
-  row.ub = 0u;
   const float* zr = sm.zt + r * pitch + off;
   const uint8_t* ur = sm.ut ? sm.ut + r * pitch + off : nullptr;
-#pragma unroll
-  for (int j = 0; j < W; ++j) {
-    row.zv[j] = 0.f;
-    row.ev[j] = 0.f;
-    if (j < A) {
-      row.zv[j] = zr[j];
-      const bool u = ur ? ur[j] != 0 : true;
-      row.ub |= (u ? 1u : 0u) << j;
-    }
-  }
   const HeadIn hi = head_in(P, h, i, true);
   const RowIn in = row_in(P, h, hi);
-  const Core co = row_core<false>(row, in);
-  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c, cs);
+  const int a = in.a;
+  float zv[W], ev[W];
+  uint32_t ub = 0u;
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    ev[j] = 0.f;
+    const bool col = j < A;
+    const float z = col ? zr[j] : 0.f;
+    const bool u = col && (ur ? ur[j] != 0 : true);
+    ub |= (u ? 1u : 0u) << j;
+    zv[j] = u ? z : (col ? in.fillv : -INFINITY);  // the masked logit; -inf past the head
+    m = zv[j] > m ? zv[j] : m;
+  }
+  Core co;
+  co.n = (float)popc32(ub);
+  co.taken = a >= 0 && ((ub >> a) & 1u) != 0;
+  co.floor_on = false;
+  co.closed = true;
+  co.m1 = co.s1 = co.f = co.s_f = co.PO = co.nO = 0.f;
+  co.inv_s1 = 1.f;
+  co.m = m;
+  co.s = co.inv_s = 1.f;
+  co.ls = co.H = co.qa = 0.f;
+  co.PV = 1.f;
+  co.ell = f_nan();
+  co.Hout = 0.f;
+  if (co.n > 0.f) {
+    float sum = 0.f, sv = 0.f, t = 0.f, za = 0.f, sna = 0.f;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float d = zv[j] - m;
+      const float e = exp_fast(d);
+      ev[j] = e;
+      const bool u = ((ub >> j) & 1u) != 0;
+      sum = sum + e;
+      sv = sv + (u ? e : 0.f);
+      t = t + (u ? e * d : 0.f);
+      za = j == a ? d : za;
+      sna = sna + (j == a ? 0.f : e);
+    }
+    co.s = sum;
+    co.inv_s = 1.f / sum;
+    co.qa = sna * co.inv_s;
+    co.ls = ek_log(sum);
+    co.PV = sv == sum ? 1.f : sv * co.inv_s;
+    co.H = co.ls * co.PV - t * co.inv_s;
+    co.ell = a >= 0 ? za - co.ls : f_nan();
+    co.Hout = co.H;
+    if (in.norm_ent) co.Hout = co.n > 1.f ? co.H / ek_log(co.n < 2.f ? 2.f : co.n) : 0.f;
+  }
+  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, cb, cs, sm.b.hc);
   L += t.lr;
   if (t.flag) jf |= 1u << h;
   if (!O.fixup) {
@@ -1381,21 +1526,17 @@ ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem
   const float gL = ru.gL, ghr = raw_entropy_grad(co, in.norm_ent, ru.gE);
   float* G = sm.zt + r * pitch + off;
   float* Cf = O.joint_c ? sm.ct + r * pitch + off : nullptr;
-  const bool empty = co.n == 0.f, bad = !is_finite(gL) || !is_finite(ghr);
-  const float k = 1.f + co.H - co.PV;
-  const int a = in.a;
+  const bool live = co.n > 0.f, bad = !is_finite(gL) || !is_finite(ghr);
+  const float k1 = (1.f + co.H - co.PV) - co.ls;  // logp_j + 1 + H - P_V = (z_j - m) + k1
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     if (j < A) {
-      float g = 0.f, coef = 0.f;
-      if (!empty && row.use(j)) {
-        const float p = row.ev[j] * co.inv_s;
-        const float lp = (row.zv[j] - co.m) - co.ls;
-        coef = j == a ? co.qa : -p;
-        g = bad ? f_nan() : gL * coef - ghr * (p * (lp + k));
-      }
-      G[j] = g;
-      if (Cf) Cf[j] = coef;
+      const bool u = live && ((ub >> j) & 1u) != 0;
+      const float p = ev[j] * co.inv_s;
+      const float coef = j == a ? co.qa : -p;
+      const float g = gL * coef - ghr * (p * ((zv[j] - m) + k1));
+      G[j] = u ? (bad ? f_nan() : g) : 0.f;
+      if (Cf) Cf[j] = u ? coef : 0.f;
     }
   }
 }
@@ -1434,7 +1575,7 @@ ESPER_HD void small_head_floor(const PPOParams& P, const OnePass& O, const Small
   const HeadIn hi = head_in(P, h, i, true);
   const RowIn in = row_in(P, h, hi);
   const Core co = row_core<true>(row, in);
-  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c, cs);
+  const HeadTerms t = head_terms(P, sm.b.nm, up, h, i, s, hi, co, c, cs, sm.b.hc);
   L += t.lr;
   if (t.flag) jf |= 1u << h;
   if (!O.fixup) {
@@ -1510,7 +1651,7 @@ ESPER_HD void small_joint_pass(const PPOParams& P, const OnePass& O, const Small
 
 template <int WMAX, class X>
 ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const SmallSmem& sm, int block, int nblocks) {
-  const int H = P.num_heads, R = x.R, RS = R + 8, pitch = O.pitch;
+  const int H = P.num_heads, R = x.R, pitch = O.pitch;
   const bool fwd = !O.fixup;
   prologue(x, P, O, sm.b, block);
   if (O.fixup) {
@@ -1527,13 +1668,20 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
   }
   const Up up = upstream_of(P, sm.b.g4);
   const int64_t ntiles = (P.n + R - 1) / R;
+  const int K = stats_k(H), NW = R / 32;
+  if (fwd) {
+    if (x.leader())
+      for (int w = 0; w < NW; ++w) wacc_init(sm.wacc + w * K, sm.wmom + w * NMOM, K);
+    x.sync();
+  }
   // a packed row (one segment of every column, no padding) has the tile's layout when the pitch is S (odd S)
   auto flat = [&](const Seg* sg, int n) { return n == 1 && sg[0].col == 0 && sg[0].ncols == pitch && sg[0].rs == pitch; };
   const bool flat_z = flat(O.zseg, O.nseg_z), flat_m = flat(O.mseg, O.nseg_m), flat_g = flat(O.gseg, O.nseg_g);
-  int buf = 0;
   typename X::template Local<StepIn> st;
   typename X::template Local<float> Ls, gb;
   typename X::template Local<uint32_t> jf;
+  typename X::template Local<HeadC> hcv;
+  typename X::template Local<GlobC> gcv;
   for (int64_t tile = block; tile < ntiles; tile += nblocks) {
     const int64_t row0 = tile * R;
     const int nrows = (int)(P.n - row0 < R ? P.n - row0 : R);
@@ -1566,42 +1714,31 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
       gb(r) = 0.f;
     });
     for (int h = 0; h < H; ++h) {
-      float* red = fwd ? sm.red + buf * RV * RS : nullptr;
       x.threads([&](int r) {
-        small_head<WMAX>(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), fwd ? red + r : nullptr, RS);
+        small_head<WMAX>(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), hcv(r).v, 1);
       });
-      if (fwd) {
-        x.fold_tile(red, ESPER_HEAD_SIZE, kHeadMin, kHeadMax, sm.b.acc + ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE);
-        buf ^= 1;
-      }
+      if (fwd) x.warp_head_stats(hcv, sm.wacc, K, ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE);
     }
-    {
-      float* red = fwd ? sm.red + buf * RV * RS : nullptr;
-      float* redm = fwd ? sm.redm + buf * 2 * NMOM * RS : nullptr;
-      x.threads([&](int r) {
-        float* c = fwd ? red + r : nullptr;
-        const int64_t i = row0 + r;
-        if (r < nrows) {
-          const GlobalTerms g = global_terms(P, sm.b.nm, up, i, st(r), Ls(r), c, RS);
-          if (fwd) reinterpret_cast<float*>(P.joint_ratio)[i] = g.r;
-          if (O.gv) reinterpret_cast<float*>(O.gv)[i] = g.gv;
-          gb(r) = g.gbase;
-          if (fwd)
-            for (int m = 0; m < NMOM; ++m) {
-              redm[(2 * m) * RS + r] = g.mom[m].w;
-              redm[(2 * m + 1) * RS + r] = g.mom[m].m;
-            }
-        } else if (fwd) {
-          global_ident(c, RS);
-          for (int m = 0; m < NMOM; ++m) redm[(2 * m) * RS + r] = redm[(2 * m + 1) * RS + r] = 0.f;
+    x.threads([&](int r) {  // (the contributions are computed in the fix-up too: no pointer that may be null)
+      float* c = gcv(r).v;
+      const int64_t i = row0 + r;
+      if (r < nrows) {
+        const GlobalTerms g = global_terms(P, sm.b.nm, up, i, st(r), Ls(r), c, 1, sm.b.hc);
+        if (fwd) reinterpret_cast<float*>(P.joint_ratio)[i] = g.r;
+        if (O.gv) reinterpret_cast<float*>(O.gv)[i] = g.gv;
+        gb(r) = g.gbase;
+#pragma unroll
+        for (int m = 0; m < NMOM; ++m) {
+          gcv(r).mw[m] = g.mom[m].w;
+          gcv(r).mx[m] = g.mom[m].m;
         }
-      });
-      if (fwd) {
-        x.fold_tile(red, ESPER_GLOBAL_SIZE, kGlobalMin, kGlobalMax, sm.b.acc);
-        x.fold_tile_mom(redm, sm.b.am);
-        buf ^= 1;
+      } else {
+        global_ident(c);
+#pragma unroll
+        for (int m = 0; m < NMOM; ++m) gcv(r).mw[m] = gcv(r).mx[m] = 0.f;
       }
-    }
+    });
+    if (fwd) x.warp_global_stats(gcv, sm.wacc, sm.wmom, K);
     if (O.write_grad && O.joint_c)
       x.threads([&](int r) {
         if (r < nrows && st(r).present) small_joint_pass(P, O, sm, r, jf(r), gb(r));
@@ -1621,7 +1758,8 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
   }
   if (fwd) {
     x.sync();
-    const int K = stats_k(H);
+    if (x.leader()) warps_to_block(sm.wacc, sm.wmom, NW, K, sm.b.acc, sm.b.am);
+    x.sync();
     float* part = reinterpret_cast<float*>(O.parts) + (int64_t)block * K;
     x.coop([&](int tid, int nth) { acc_store(sm.b.acc, sm.b.am, K, part, tid, nth); });
     uint32_t* ctl = reinterpret_cast<uint32_t*>(O.ctl);
@@ -1808,7 +1946,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       HeadTerms* t = sm.terms;
       for (int h = 0; h < H; ++h) {
         if (s.present) {
-          t[h] = head_terms(P, sm.b.nm, up, h, i, s, sm.his[h], sm.cores[h], st ? c : nullptr);
+          t[h] = head_terms(P, sm.b.nm, up, h, i, s, sm.his[h], sm.cores[h], st ? c : nullptr, 1, sm.b.hc);
           L += t[h].lr;
           if (st) {
             reinterpret_cast<float*>(P.log_probs)[i * H + h] = sm.cores[h].ell;
@@ -1821,7 +1959,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
         }
         if (st) acc_add(sm.b.acc, ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE, c, ESPER_HEAD_SIZE, kHeadMin, kHeadMax);
       }
-      const GlobalTerms g = global_terms(P, sm.b.nm, up, i, s, L, st ? c : nullptr);
+      const GlobalTerms g = global_terms(P, sm.b.nm, up, i, s, L, st ? c : nullptr, 1, sm.b.hc);
       if (st) {
         acc_add(sm.b.acc, 0, c, ESPER_GLOBAL_SIZE, kGlobalMin, kGlobalMax);
         for (int m = 0; m < NMOM; ++m) sm.b.am[m] = mom_combine(sm.b.am[m], g.mom[m]);

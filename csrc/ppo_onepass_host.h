@@ -68,31 +68,129 @@ struct SmallX : Common {
   void threads(F f) {
     for (int r = 0; r < R; ++r) f(r);
   }
-  // the tile fold: statistic k folded by 8 groups (group g: rows g, g + 8, ...), then the xor tree over the groups
-  void fold_tile(const float* red, int V, uint32_t mn, uint32_t mx, float* acc) {
-    const int RS = R + 8;
-    for (int k = 0; k < V; ++k) {
-      const bool a = bit(mn, k), b = bit(mx, k);
-      float v[NGROUPS];
-      for (int g = 0; g < NGROUPS; ++g) {
-        float x = kident(a, b);
-        for (int r = g; r < R; r += NGROUPS) x = kcombine(a, b, x, red[k * RS + r]);
-        v[g] = x;
+  // the warps' statistics (ppo_onepass.h: HeadC, GlobC): the device's shuffles and warp reductions, lane by lane
+  template <int N>
+  static void bfly(float (&v)[32][N], float* out, int* idx) {
+    float cur[32][N];
+    int id[32];
+    for (int l = 0; l < 32; ++l) {
+      id[l] = 0;
+      for (int q = 0; q < N; ++q) cur[l][q] = v[l][q];
+    }
+    int o = 16;
+    for (int n = N; n > 1; n >>= 1, o >>= 1) {
+      float nx[32][N];
+      for (int l = 0; l < 32; ++l) {
+        const bool hi = (l & o) != 0;
+        const int p = l ^ o;
+        for (int q = 0; q < n / 2; ++q) {
+          const float mine = hi ? cur[l][q + n / 2] : cur[l][q];
+          const float recv = hi ? cur[p][q + n / 2] : cur[p][q];  // the partner's send: the half it does not keep
+          nx[l][q] = mine + recv;
+        }
+        id[l] = id[l] * 2 + (hi ? 1 : 0);
       }
-      acc[k] = kcombine(a, b, acc[k], tree8(v, [&](float p, float q) { return kcombine(a, b, p, q); }));
+      for (int l = 0; l < 32; ++l)
+        for (int q = 0; q < n / 2; ++q) cur[l][q] = nx[l][q];
+    }
+    float x[32];
+    for (int l = 0; l < 32; ++l) x[l] = cur[l][0];
+    for (; o >= 1; o >>= 1) {
+      float nx[32];
+      for (int l = 0; l < 32; ++l) nx[l] = x[l] + x[l ^ o];
+      for (int l = 0; l < 32; ++l) x[l] = nx[l];
+    }
+    for (int l = 0; l < 32; ++l) {
+      out[l] = x[l];
+      idx[l] = id[l];
     }
   }
-  void fold_tile_mom(const float* redm, Mom* am) {
-    const int RS = R + 8;
-    for (int m = 0; m < NMOM; ++m) {
-      Mom v[NGROUPS];
-      for (int g = 0; g < NGROUPS; ++g) {
-        Mom x{0.f, 0.f, 0.f};
-        for (int r = g; r < R; r += NGROUPS)
-          x = mom_combine(x, mom_point(redm[(2 * m) * RS + r], redm[(2 * m + 1) * RS + r]));
-        v[g] = x;
+  template <class L>
+  void warp_head_stats(L& cl, float* wacc, int K, int base) {
+    for (int w = 0; w < R / 32; ++w) {
+      float* acc = wacc + w * K + base;
+      float v[32][HEAD_BF];
+      for (int l = 0; l < 32; ++l)
+        for (int k = 0; k < HEAD_BF; ++k) v[l][k] = k < ESPER_HEAD_SIZE ? cl(32 * w + l).v[k] : 0.f;
+      for (int k = 0; k < ESPER_HEAD_SIZE; ++k) {
+        if (!bit(kHeadMinMax, k)) continue;
+        const bool mn = bit(kHeadMin, k);
+        int32_t key = fkey(v[0][k]);
+        for (int l = 1; l < 32; ++l) key = mn ? (fkey(v[l][k]) < key ? fkey(v[l][k]) : key)
+                                              : (fkey(v[l][k]) > key ? fkey(v[l][k]) : key);
+        wacc_minmax(acc + k, mn, key);
+        for (int l = 0; l < 32; ++l) v[l][k] = 0.f;
       }
-      am[m] = mom_combine(am[m], tree8(v, mom_combine));
+      float out[32];
+      int idx[32];
+      bfly<HEAD_BF>(v, out, idx);
+      for (int l = 0; l < 32; l += 32 / HEAD_BF)
+        if (idx[l] < ESPER_HEAD_SIZE && !bit(kHeadMinMax, idx[l])) acc[idx[l]] += out[l];
+    }
+  }
+  template <class L>
+  void warp_global_stats(L& cl, float* wacc, Mom* wmom, int K) {
+    for (int w = 0; w < R / 32; ++w) {
+      float* acc = wacc + w * K;
+      Mom* am = wmom + w * NMOM;
+      float v[32][GLOB_BF];
+      for (int l = 0; l < 32; ++l)
+        for (int k = 0; k < GLOB_BF; ++k)
+          v[l][k] = (k < ESPER_GLOBAL_SIZE && !bit(kGlobalSkip, k)) ? cl(32 * w + l).v[k] : 0.f;
+      for (int k = 0; k < ESPER_GLOBAL_SIZE; ++k) {
+        if (!bit(kGlobalMin | kGlobalMax, k)) continue;
+        const bool mn = bit(kGlobalMin, k);
+        int32_t key = fkey(cl(32 * w).v[k]);
+        for (int l = 1; l < 32; ++l) {
+          const int32_t kl = fkey(cl(32 * w + l).v[k]);
+          key = mn ? (kl < key ? kl : key) : (kl > key ? kl : key);
+        }
+        wacc_minmax(acc + k, mn, key);
+      }
+      float x0[NMOM];
+      bool any_bad[NMOM];
+      for (int m = 0; m < NMOM; ++m) {
+        x0[m] = 0.f;
+        any_bad[m] = false;
+        for (int l = 31; l >= 0; --l) {  // the first kept finite value (lowest lane)
+          const float wl = cl(32 * w + l).mw[m], xl = cl(32 * w + l).mx[m];
+          if (wl > 0.f && is_finite(xl)) x0[m] = xl;
+        }
+        for (int l = 0; l < 32; ++l) {
+          const float wl = cl(32 * w + l).mw[m], xl = cl(32 * w + l).mx[m];
+          const bool kept = wl > 0.f, fin = is_finite(xl);
+          any_bad[m] = any_bad[m] || (kept && !fin);
+          v[l][ESPER_GLOBAL_SIZE + 3 * m] = kept ? wl : 0.f;
+          v[l][ESPER_GLOBAL_SIZE + 3 * m + 1] = (kept && fin) ? wl * (xl - x0[m]) : 0.f;
+          v[l][ESPER_GLOBAL_SIZE + 3 * m + 2] = (kept && !fin) ? xl : 0.f;
+        }
+      }
+      float out[32];
+      int idx[32];
+      bfly<GLOB_BF>(v, out, idx);
+      for (int l = 0; l < 32; l += 32 / GLOB_BF)
+        if (idx[l] < ESPER_GLOBAL_SIZE && !bit(kGlobalSkip, idx[l])) acc[idx[l]] += out[l];
+      float W[NMOM], S1[NMOM], bad[NMOM], mean[NMOM];
+      for (int m = 0; m < NMOM; ++m) {
+        W[m] = out[ESPER_GLOBAL_SIZE + 3 * m];
+        S1[m] = out[ESPER_GLOBAL_SIZE + 3 * m + 1];
+        bad[m] = out[ESPER_GLOBAL_SIZE + 3 * m + 2];
+        mean[m] = W[m] > 0.f ? x0[m] + S1[m] / W[m] : 0.f;
+      }
+      float v2[32][4];
+      for (int l = 0; l < 32; ++l) {
+        for (int q = 0; q < 4; ++q) v2[l][q] = 0.f;
+        for (int m = 0; m < NMOM; ++m) {
+          const float wl = cl(32 * w + l).mw[m], xl = cl(32 * w + l).mx[m];
+          const float d = xl - mean[m];
+          v2[l][m] = (wl > 0.f && is_finite(xl)) ? wl * (d * d) : 0.f;
+        }
+      }
+      float out2[32];
+      int idx2[32];
+      bfly<4>(v2, out2, idx2);
+      for (int m = 0; m < NMOM; ++m)
+        am[m] = mom_combine(am[m], warp_moment(W[m], S1[m], bad[m], any_bad[m], x0[m], out2[8 * m]));
     }
   }
   bool ticket(uint32_t* ctr, int n, bool) {

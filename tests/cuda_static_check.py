@@ -37,8 +37,9 @@ CSRC = ROOT / "csrc"
 NO_SPILL = ("small_kernel<8>", "small_kernel<16>", "small_kernel<32>", "prepass_kernel")
 
 PROBE = r"""
-#include "ppo_onepass.h"
+#include "ppo_cuda_exec.cuh"  // the kernels' own device policy (DevSmallX)
 using namespace esper;
+using DevX = esper::cudaexec::DevSmallX;
 
 namespace {
 constexpr int R = 64, S = 41, PITCH = 41, RS = R + 8;
@@ -95,22 +96,34 @@ __global__ void __launch_bounds__(R, 1) probe_row(const __grid_constant__ PPOPar
   const op::Up up = op::upstream_of(P, sm.b.g4);
   float L = 0.f;
   uint32_t jf = 0u;
-  op::small_head_w<4>(P, O, sm, up, 0, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<16>(P, O, sm, up, 1, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<4>(P, O, sm, up, 2, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<4>(P, O, sm, up, 3, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<4>(P, O, sm, up, 4, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<4>(P, O, sm, up, 5, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<8>(P, O, sm, up, 6, i, r, s, L, jf, sm.red + r, RS);
-  op::small_head_w<8>(P, O, sm, up, 7, i, r, s, L, jf, sm.red + r, RS);
-  const op::GlobalTerms g = op::global_terms(P, sm.b.nm, up, i, s, L, sm.red + r, RS);
+  op::HeadC hc[8];
+  op::small_head_w<4>(P, O, sm, up, 0, i, r, s, L, jf, hc[0].v, 1);
+  op::small_head_w<16>(P, O, sm, up, 1, i, r, s, L, jf, hc[1].v, 1);
+  op::small_head_w<4>(P, O, sm, up, 2, i, r, s, L, jf, hc[2].v, 1);
+  op::small_head_w<4>(P, O, sm, up, 3, i, r, s, L, jf, hc[3].v, 1);
+  op::small_head_w<4>(P, O, sm, up, 4, i, r, s, L, jf, hc[4].v, 1);
+  op::small_head_w<4>(P, O, sm, up, 5, i, r, s, L, jf, hc[5].v, 1);
+  op::small_head_w<8>(P, O, sm, up, 6, i, r, s, L, jf, hc[6].v, 1);
+  op::small_head_w<8>(P, O, sm, up, 7, i, r, s, L, jf, hc[7].v, 1);
+  op::GlobC gc;
+  const op::GlobalTerms g = op::global_terms(P, sm.b.nm, up, i, s, L, gc.v, 1, sm.b.hc);
   reinterpret_cast<float*>(P.joint_ratio)[i] = g.r;
   reinterpret_cast<float*>(O.gv)[i] = g.gv;
 #pragma unroll
   for (int m = 0; m < op::NMOM; ++m) {
-    sm.redm[(2 * m) * RS + r] = g.mom[m].w;
-    sm.redm[(2 * m + 1) * RS + r] = g.mom[m].m;
+    gc.mw[m] = g.mom[m].w;
+    gc.mx[m] = g.mom[m].m;
   }
+  // the warps' statistics of the row (per warp: a warp-instruction each)
+  DevX x;
+  const int K = op::stats_k(8);
+#pragma unroll
+  for (int h = 0; h < 8; ++h) {
+    DevX::Local<op::HeadC> l{hc[h]};
+    x.warp_head_stats(l, sm.wacc, K, ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE);
+  }
+  DevX::Local<op::GlobC> lg{gc};
+  x.warp_global_stats(lg, sm.wacc, sm.wmom, K);
   if (!PER_HEAD && g.gbase != 0.f) {  // small_joint_pass with esper's sizes unrolled (its dynamic work)
     const int SZ[8] = {3, 13, 4, 3, 3, 4, 5, 6};
     const int OFF[8] = {0, 3, 16, 20, 23, 26, 30, 35};  // (the real pass loops over the run-time sizes)
@@ -178,47 +191,6 @@ __global__ void __launch_bounds__(R, 1) probe_store(float* __restrict__ g) {
   }
 }
 
-// one thread's share of a head's tile fold (16 statistics x 8 groups = 128 tasks over 64 threads: 2 each) and of
-// the global fold (22 x 8 = 176: 3 each): DevSmallX::fold_tile's body with esper's trip counts
-__device__ __forceinline__ void fold_task(const float* red, float* acc, int t, int V, uint32_t mn, uint32_t mx) {
-  const int k = t >> 3, g = t & 7;
-  const bool valid = t < V * 8;
-  const bool a = valid && op::bit(mn, k), b = valid && op::bit(mx, k);
-  float v = op::kident(a, b);
-  const float* q = red + k * RS;
-  if (!valid) {
-  } else if (a) {
-#pragma unroll
-    for (int r = g; r < R; r += 8) v = q[r] < v ? q[r] : v;
-  } else if (b) {
-#pragma unroll
-    for (int r = g; r < R; r += 8) v = q[r] > v ? q[r] : v;
-  } else {
-#pragma unroll
-    for (int r = g; r < R; r += 8) v = v + q[r];
-  }
-#pragma unroll
-  for (int o = 4; o >= 1; o >>= 1) v = op::kcombine(a, b, v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (valid && g == 0) acc[k] = op::kcombine(a, b, acc[k], v);
-}
-__global__ void __launch_bounds__(R, 1) probe_fold(float* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const float* red = reinterpret_cast<const float*>(smem);
-  float* acc = reinterpret_cast<float*>(smem) + RV_ * RS;
-  fold_task(red, acc, threadIdx.x, ESPER_HEAD_SIZE, op::kHeadMin, op::kHeadMax);
-  fold_task(red, acc, R + threadIdx.x, ESPER_HEAD_SIZE, op::kHeadMin, op::kHeadMax);
-  out[threadIdx.x] = acc[threadIdx.x];
-}
-__global__ void __launch_bounds__(R, 1) probe_fold_global(float* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const float* red = reinterpret_cast<const float*>(smem);
-  float* acc = reinterpret_cast<float*>(smem) + RV_ * RS;
-#pragma unroll
-  for (int it = 0; it < 3; ++it)
-    fold_task(red, acc, it * R + threadIdx.x, ESPER_GLOBAL_SIZE, op::kGlobalMin, op::kGlobalMax);
-  out[threadIdx.x] = acc[threadIdx.x];
-}
-
 template __global__ void probe_row<0>(const __grid_constant__ PPOParams, const __grid_constant__ op::OnePass);
 template __global__ void probe_row<1>(const __grid_constant__ PPOParams, const __grid_constant__ op::OnePass);
 """.replace("RV_", "op::RV")
@@ -229,7 +201,6 @@ KERNEL_NAMES = [
     (r"wide_kernelILb0E", "wide_kernel<streamed>"), (r"prepass_kernel", "prepass_kernel"),
     (r"metrics_kernel", "metrics_kernel"), (r"probe_rowILi0E", "probe_row<joint>"),
     (r"probe_rowILi1E", "probe_row<per_head>"), (r"probe_stage", "probe_stage"), (r"probe_store", "probe_store"),
-    (r"probe_fold_global", "probe_fold_global"), (r"probe_fold", "probe_fold"),
 ]
 
 
@@ -329,9 +300,7 @@ def per_row(probes: dict, surrogate: str = "joint") -> dict[str, float]:
     row = probes[f"probe_row<{surrogate}>"]["sass"]["TOTAL"] / 32.0  # one thread's row: a warp does 32 of them
     # the tile phases: per thread per 64-row tile; 2 warps per tile, so per row = per-thread count * 2 / 64
     tile = {k: probes[k]["sass"]["TOTAL"] * 2 / 64.0 for k in ("probe_stage", "probe_store")}
-    tile["probe_fold"] = probes["probe_fold"]["sass"]["TOTAL"] * 2 / 64.0 * 8  # one per head
-    tile["probe_fold_global"] = probes["probe_fold_global"]["sass"]["TOTAL"] * 2 / 64.0
-    out = {"row compute": row, **{k.replace("probe_", "tile ") : v for k, v in tile.items()}}
+    out = {"row (compute + warp statistics)": row, **{k.replace("probe_", "tile ") : v for k, v in tile.items()}}
     out["total"] = sum(out.values())
     return out
 
