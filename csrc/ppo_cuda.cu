@@ -39,9 +39,11 @@ __global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_cons
   prepass_block(x, P, O, blockIdx.x);
 }
 
-// WMAX: the widest head's padded width (a kernel per class: registers follow the widest path compiled in)
+// WMAX: the widest head's padded width (a kernel per class: registers follow the widest path compiled in). The
+// register cap: ptxas fills whatever it is given; 208 is the lowest tried (176, 192, 208) at which no class spills
+// (sm_90, nvcc 13.0): 4 blocks of 64 rows per multiprocessor, about what the shared memory allows anyway
 template <int WMAX>
-__global__ void __launch_bounds__(MAX_TILE_ROWS, WMAX < 32 ? 3 : 2) small_kernel(const __grid_constant__ PPOParams P,
+__global__ void __maxnreg__(WMAX < 32 ? 208 : 255) small_kernel(const __grid_constant__ PPOParams P,
                                                               const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevSmallX x;

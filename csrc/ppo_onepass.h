@@ -158,7 +158,9 @@ ESPER_HD T tree32(T* v, C c) {
 // accurate one
 ESPER_HD float exp_fast(float x) {
 #ifdef __CUDA_ARCH__
-  return __expf(x);
+  float y;  // (ftz: a result below 2^-126 is 0; __expf would add a subnormal fix-up, 3 instructions)
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
 #else
   return ek_exp(x);
 #endif
@@ -1525,18 +1527,23 @@ ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem
   const RowUp ru = row_upstream(P, hi, t, 0.f, h, i, O.fixup != 0);
   const float gL = ru.gL, ghr = raw_entropy_grad(co, in.norm_ent, ru.gE);
   float* G = sm.zt + r * pitch + off;
-  float* Cf = O.joint_c ? sm.ct + r * pitch + off : nullptr;
+  // the coefficient goes to the coefficient tile (joint surrogate), else to G first, which the gradient overwrites:
+  // no per-element test
+  float* Cf = O.joint_c ? sm.ct + r * pitch + off : G;
   const bool live = co.n > 0.f, bad = !is_finite(gL) || !is_finite(ghr);
+  // a non-finite upstream: NaN at every valid action, carried by the scalars (no per-element select)
+  const float gLx = bad ? f_nan() : gL, ghx = bad ? f_nan() : ghr;
   const float k1 = (1.f + co.H - co.PV) - co.ls;  // logp_j + 1 + H - P_V = (z_j - m) + k1
+  const uint32_t ul = live ? ub : 0u;
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     if (j < A) {
-      const bool u = live && ((ub >> j) & 1u) != 0;
+      const bool u = ((ul >> j) & 1u) != 0;
       const float p = ev[j] * co.inv_s;
       const float coef = j == a ? co.qa : -p;
-      const float g = gL * coef - ghr * (p * ((zv[j] - m) + k1));
-      G[j] = u ? (bad ? f_nan() : g) : 0.f;
-      if (Cf) Cf[j] = u ? coef : 0.f;
+      const float g = gLx * coef - ghx * (p * ((zv[j] - m) + k1));
+      Cf[j] = u ? coef : 0.f;
+      G[j] = u ? g : 0.f;
     }
   }
 }
