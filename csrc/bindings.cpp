@@ -436,6 +436,8 @@ PYBIND11_MODULE(_C, m) {
         O.write_grad = write_grad;
         const char* err = op::plan(P, dev_machine(device, max_blocks), O);
         if (*err) throw std::invalid_argument(std::string("esper_kernels._C: one-pass plan: ") + err);
+        if (std::string e = cuda_onepass_occupancy(P, O, device); !e.empty())
+          throw std::runtime_error("esper_kernels cuda plan: " + e);
         return plan_dict(P, O);
       },
       py::arg("params"), py::arg("device"), py::kw_only(), py::arg("fixup"), py::arg("write_grad"),
@@ -454,9 +456,9 @@ PYBIND11_MODULE(_C, m) {
         a.ctl = ctl;
         a.table = table;
         a.gv = gv;
-        const op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, &mc);
-        std::string err;
-        {
+        op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, &mc);
+        std::string err = cuda_onepass_occupancy(P, O, device);  // (the same grid as cuda_onepass_plan's)
+        if (err.empty()) {
           py::gil_scoped_release nogil;
           err = cuda_onepass_forward(P, O, stream, device);
         }
@@ -478,9 +480,9 @@ PYBIND11_MODULE(_C, m) {
         a.ctl = ctl;
         a.gv = gv;
         a.gl = grad_losses;
-        const op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, nullptr);
-        std::string err;
-        {
+        op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, nullptr);
+        std::string err = cuda_onepass_occupancy(P, O, device);
+        if (err.empty()) {
           py::gil_scoped_release nogil;
           err = cuda_onepass_backward(P, O, stream, device);
         }

@@ -134,20 +134,28 @@ std::string allow_smem(K kernel, int which, int device, int bytes) {
   return "";
 }
 
+using Kern = void (*)(const PPOParams, const OnePass);
+// the main kernel of a plan, and its slot in g_smem_set
+Kern main_kernel(const OnePass& O, int& which) {
+  if (O.path == PATH_SMALL) {
+    which = O.wmax <= 8 ? 3 : (O.wmax <= 16 ? 4 : 0);
+    return O.wmax <= 8 ? small_kernel<8> : (O.wmax <= 16 ? small_kernel<16> : small_kernel<32>);
+  }
+  const bool staged = O.path == PATH_WIDE;
+  which = staged ? 1 : 2;
+  return staged ? wide_kernel<true> : wide_kernel<false>;
+}
+
 std::string launch_main(const PPOParams& P, const OnePass& O, cudaStream_t stream, int device) {
   const int bytes = O.smem + EXEC_SCRATCH;
+  int which = 0;
+  const Kern kern = main_kernel(O, which);
+  if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
   if (O.path == PATH_SMALL) {
-    void (*kern)(const PPOParams, const OnePass) =
-        O.wmax <= 8 ? small_kernel<8> : (O.wmax <= 16 ? small_kernel<16> : small_kernel<32>);
-    const int which = O.wmax <= 8 ? 3 : (O.wmax <= 16 ? 4 : 0);
-    if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
     kern<<<O.grid_main, O.rows, bytes, stream>>>(P, O);
     if (cudaError_t e = cudaGetLastError()) return err_str("small_kernel launch", e);
     return "";
   }
-  const bool staged = O.path == PATH_WIDE;
-  void (*kern)(const PPOParams, const OnePass) = staged ? wide_kernel<true> : wide_kernel<false>;
-  if (std::string err = allow_smem(kern, staged ? 1 : 2, device, bytes); !err.empty()) return err;
   if (O.cluster == 1) {
     kern<<<O.grid_main, WIDE_THREADS, bytes, stream>>>(P, O);
     if (cudaError_t e = cudaGetLastError()) return err_str("wide_kernel launch", e);
@@ -183,6 +191,34 @@ std::string cuda_machine(int device, op::Machine& M) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
   return machine_of(device, M);
+}
+
+std::string cuda_onepass_occupancy(const PPOParams& P, op::OnePass& O, int device) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
+  Machine M;
+  if (std::string err = machine_of(device, M); !err.empty()) return err;
+  int which = 0;
+  const Kern kern = main_kernel(O, which);
+  const int bytes = O.smem + EXEC_SCRATCH;
+  if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
+  const int threads = O.path == PATH_SMALL ? O.rows : WIDE_THREADS;
+  int per_sm = 0;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, (size_t)bytes))
+    return err_str("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  if (per_sm < 1) return "the main kernel does not fit on a multiprocessor (registers or shared memory)";
+  const int64_t resident = (int64_t)M.sm_count * per_sm;  // blocks the device holds at once
+  if (O.path == PATH_SMALL) {
+    if (O.grid_main > resident) O.grid_main = O.nparts = (int32_t)resident;
+  } else {
+    const int64_t ncl = resident / O.cluster < 1 ? 1 : resident / O.cluster;
+    if (O.nparts > ncl) {
+      O.nparts = (int32_t)ncl;
+      O.grid_main = (int32_t)(ncl * O.cluster);
+    }
+  }
+  (void)P;
+  return "";
 }
 
 std::string cuda_onepass_forward(const PPOParams& P, const op::OnePass& O, uintptr_t stream_handle, int device) {
