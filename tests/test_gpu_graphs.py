@@ -1,6 +1,9 @@
 """A whole training step (policy forward, ppo_loss, backward, per-head gradient norms, optimizer step) captured in
 a torch.cuda.CUDAGraph and replayed on new data equals the same steps run eagerly, for the reference and every
-fused backend that runs on CUDA here. Skipped without a CUDA device (conftest)."""
+fused backend that runs on CUDA here. For the triton backend (one pass: the forward writes the gradient, the
+backward is a device-side fix-up) each fix-up path is captured: a plain ``loss.backward()``, a scaled loss (the
+in-place rescale) and a gradient on the per-step entropy (the recompute); the tickets of its last-program merges
+reset themselves, so every replay merges afresh. Skipped without a CUDA device (conftest)."""
 
 import copy
 
@@ -40,19 +43,26 @@ def _data(i: int) -> dict:
     return b
 
 
-def _train_step(policy, opt, d: dict, backend: str):
+def _train_step(policy, opt, d: dict, backend: str, upstream: str = "plain"):
     logits, values = policy(d["obs"])
     out = ek.ppo_loss(logits, d["action_masks"], d["actions"], d["old_log_probs"], d["advantages"], layout=LAYOUT,
                       head_relevance=d["head_relevance"], weights=d["weights"], values=values,
                       returns=d["returns"], config=CONFIG, backend=backend, validate=False)
-    out.loss.backward()
+    if upstream == "plain":
+        out.loss.backward()  # the one-pass backends' fix-up leaves the forward's gradient as it is
+    elif upstream == "scaled":
+        (out.loss * 1024.0).backward()  # a loss scaler: the fix-up rescales in place
+    else:
+        # a penalty on the per-step entropy (esper's entropy floor): the fix-up recomputes
+        (out.loss + 0.01 * torch.relu(0.5 - out.entropy).mean()).backward()
     norms = head_grad_norms(policy.heads).tensor
     opt.step()
     return out.loss.detach(), out.metrics.stats, norms
 
 
-@pytest.mark.parametrize("name", ["reference", "triton", "cuda"])
-def test_cuda_graph_training_step_equals_eager(name):
+@pytest.mark.parametrize("name,upstream", [("reference", "plain"), ("triton", "plain"), ("triton", "scaled"),
+                                           ("triton", "outputs"), ("cuda", "plain")])
+def test_cuda_graph_training_step_equals_eager(name, upstream):
     info = ek.available_backends()[name]
     if not info.available or "cuda" not in info.devices:
         pytest.skip(f"backend {name!r} does not run on CUDA here: {'; '.join(info.reasons) or info.devices}")
@@ -72,16 +82,16 @@ def test_cuda_graph_training_step_equals_eager(name):
     with torch.cuda.stream(s):
         for _ in range(WARMUP):
             opt.zero_grad(set_to_none=True)
-            _train_step(policy, opt, static, name)
+            _train_step(policy, opt, static, name, upstream)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        static_out = _train_step(policy, opt, static, name)
+        static_out = _train_step(policy, opt, static, name, upstream)
 
     for _ in range(WARMUP):
         opt_eager.zero_grad(set_to_none=True)
-        _train_step(policy_eager, opt_eager, data[0], name)
+        _train_step(policy_eager, opt_eager, data[0], name, upstream)
     for i, d in enumerate(data):
         for k, v in d.items():
             if isinstance(v, dict):
@@ -91,7 +101,7 @@ def test_cuda_graph_training_step_equals_eager(name):
                 static[k].copy_(v)
         graph.replay()
         opt_eager.zero_grad(set_to_none=True)
-        want = _train_step(policy_eager, opt_eager, d, name)
+        want = _train_step(policy_eager, opt_eager, d, name, upstream)
         torch.cuda.synchronize()
         for what, got, ref in zip(("loss", "stats", "head grad norms"), static_out, want):
             assert_close(f"replay {i}: {what}", got, ref, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,13 @@
 """The triton backend on a CUDA device: equal to the reference (SPEC section 6) at the SPEC's sizes.
 
-Cases: esper (N = 1,800, 8 heads) in fp32, bf16 and fp16; rl_64k (N = 65,536) in bf16 (many programs, two
-reduction stages) and bitwise determinism there; esper's per_head surrogate with floors, normalised entropy and
-value clipping; per-head separate tensors; wide (N = 16,384, two heads of 1,024) in fp32; vocab (N = 8,192, one
-head of 32,768, the streaming path) in bf16; a batch of more than 2^31 logits (N = 16,500, one head of 131,072,
-bf16: int64 offsets); actions out of range. Skipped without CUDA (conftest). Run alone:
+Cases: esper (N = 1,800, 8 heads) in fp32, bf16 and fp16; rl_64k (N = 65,536) in bf16 (many programs, two levels
+of merge tickets) and bitwise determinism there; rl_1m in bf16; esper's per_head surrogate with floors, normalised
+entropy, value clipping and advantage normalisation; per-head separate tensors; wide (N = 16,384, two heads of
+1,024) in fp32; vocab (N = 8,192, one head of 32,768, the row read twice) in bf16; a batch of more than 2^31 logits
+(N = 16,500, one head of 131,072, bf16: int64 offsets); actions out of range. The one-pass paths: the fix-up's
+fast path, in-place rescale and recompute, two backward calls through one graph, accumulation into .grad, no
+gradient written under no_grad, three launches per step, and the tickets on two streams. Skipped without CUDA
+(conftest). Run alone:
 
     python -m pytest -q -m gpu tests/test_gpu_triton.py
 
@@ -19,9 +22,10 @@ import math
 import pytest
 import torch
 from float64_arbiter import check_triton
-from harness import assert_close, assert_grad_close, per_head, run
+from harness import ATOL, RTOL, assert_close, assert_grad_close, per_head, run
 from hypothesis import HealthCheck, given, settings
 from ref_cases import check_metric_table, stats_cases
+from triton_launches import Launches
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch
@@ -167,3 +171,93 @@ def test_metric_table_kernel_equals_the_torch_derivation(case):
     from esper_kernels.backends.triton_backend import BACKENDS
 
     check_metric_table(lambda s, cfg, hv: BACKENDS["triton"].metric_table(s.cuda(), cfg, hv), case)
+
+
+def test_rl_1m_bf16():
+    """8,192 programs: 128 merge groups (two ticket levels) at the benchmark's largest small-head case."""
+    check_triton(make_batch((1 << 20,), ESPER, dtype=torch.bfloat16, device="cuda", seed=10), ESPER, JOINT,
+                 check_grads=False)
+
+
+def _leaf(batch):
+    b = dict(batch)
+    b["logits"] = batch["logits"].detach().clone().requires_grad_(True)
+    b["values"] = batch["values"].detach().clone().requires_grad_(True)
+    return b
+
+
+def _grads(backend, batch, config, backward):
+    b = _leaf(batch)
+    out = ek.ppo_loss(**b, layout=ESPER, config=config, backend=backend, validate=False)
+    backward(out)
+    return b["logits"].grad, b["values"].grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["fast", "rescale", "recompute", "inf"])
+def test_fix_up_paths(dtype, path):
+    """The fix-up's three paths at esper's size: loss.backward() (the forward's gradient as it is), a scaled loss
+    (rescaled in place), a gradient on the entropy output (recomputed), an infinite upstream (recomputed: NaN at
+    every valid action, exactly 0 at masked actions and absent steps, as the reference's pattern)."""
+    batch = make_batch((12, 150), ESPER, dtype=dtype, device="cuda", seed=11)
+    backward = {
+        "fast": lambda out: out.loss.backward(),
+        "rescale": lambda out: out.loss.backward(torch.tensor(1024.0, device="cuda")),
+        "recompute": lambda out: (out.loss + 0.01 * torch.relu(0.5 - out.entropy).mean()).backward(),
+        "inf": lambda out: out.loss.backward(torch.tensor(math.inf, device="cuda")),
+    }[path]
+    # (an infinite upstream: without floors, whose exact zeros under the floor differ from the reference's float32
+    # noise there)
+    config = JOINT if path == "inf" else PER_HEAD
+    got, gv = _grads("triton", batch, config, backward)
+    want, wv = _grads("reference", dict(batch, logits=batch["logits"].float()), config, backward)
+    if path == "inf":
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want.to(dtype)))
+        assert torch.equal(got == 0, want == 0)
+        return
+    assert_grad_close("grad logits", got, want, dtype)
+    assert_close("grad values", gv, wv)
+
+
+def test_retain_graph_and_accumulation():
+    """Two backward calls through one forward (the second recomputes) and a third into an existing .grad."""
+    batch = make_batch((12, 150), ESPER, device="cuda", seed=12)
+    res = {}
+    for backend in ("triton", "reference"):
+        b = _leaf(batch)
+        out = ek.ppo_loss(**b, layout=ESPER, config=JOINT, backend=backend, validate=False)
+        g1, = torch.autograd.grad(out.loss, b["logits"], retain_graph=True)
+        g2, = torch.autograd.grad(out.loss * -3.0, b["logits"], retain_graph=True)
+        b["logits"].grad = torch.full_like(b["logits"], 0.5)
+        out.loss.backward()
+        res[backend] = (g1, g2, b["logits"].grad)
+    for got, want in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+def test_launches_and_no_gradient_without_grad():
+    """A step (forward, loss.backward(), metrics read) is three launches of the backend's kernels; under no_grad
+    the forward writes no gradient."""
+    b = _leaf(make_batch((12, 150), ESPER, device="cuda", seed=13))
+    with Launches().recording() as rec:
+        out = ek.ppo_loss(**b, layout=ESPER, config=JOINT, backend="triton", validate=False)
+        out.loss.backward()
+        out.metrics.to_dict()
+    assert rec.names == ["_ppo_pre_kernel", "_ppo_main_kernel", "_ppo_main_kernel"]
+    with Launches().recording() as rec, torch.no_grad():
+        ek.ppo_loss(**b, layout=ESPER, config=JOINT, backend="triton", validate=False)
+    fwd, = rec.main(fixup=False)
+    assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"]
+
+
+def test_tickets_on_two_streams():
+    """Each stream has its own ticket buffer; calls on two streams (and back) give the same statistics."""
+    batch = make_batch((4096,), ESPER, device="cuda", seed=14)
+    want = ek.ppo_loss(**batch, layout=ESPER, config=JOINT, backend="triton", validate=False).metrics.stats
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ek.ppo_loss(**batch, layout=ESPER, config=JOINT, backend="triton", validate=False).metrics.stats
+    torch.cuda.current_stream().wait_stream(side)
+    again = ek.ppo_loss(**batch, layout=ESPER, config=JOINT, backend="triton", validate=False).metrics.stats
+    assert torch.equal(got, want) and torch.equal(again, want)

@@ -1,22 +1,27 @@
 """The triton backend in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): equal to the reference.
 
-Every comparison goes through ``harness.check_backend`` (SPEC section 6 tolerances, random incoming gradients on
-loss, log_probs and entropy). The interpreter is slow (each kernel op is a numpy call), so shapes are small and
-the tiling knobs of ``triton_backend`` are lowered to reach, on tiny batches, the paths that large batches take
-on a GPU: the streaming (online log-sum-exp) path of wide heads, many programs per call and several reduction
-stages. Skipped where the interpreter is not in use (a GPU machine runs tests/test_gpu_triton.py instead).
+Every comparison goes through ``harness.check_backend`` / ``float64_arbiter`` (SPEC section 6 tolerances). The
+one-pass design has three paths through the backward, and each is checked against the reference: the fast path
+(``loss.backward()``: the forward's gradient is returned as it is), the rescale path (an upstream scalar other
+than 1 on ``loss`` only) and the recompute path (a gradient on ``log_probs``, ``entropy`` or another loss term,
+a non-finite upstream, or a second backward through the same graph). The interpreter is slow (each kernel op is
+a numpy call), so shapes are small and the tiling knobs of ``triton_backend`` are lowered to reach, on tiny
+batches, the paths large batches take on a GPU: wide heads streamed in several chunks, many programs merged in
+two levels of tickets, the pre-pass over several programs and chunks. Skipped where the interpreter is not in
+use (a GPU machine runs tests/test_gpu_triton.py instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from unittest import mock
 
 import pytest
 import torch
 from float64_arbiter import check_triton
-from harness import check_output_grads_only, per_head, run
+from harness import ATOL, RTOL, assert_grad_close, check_output_grads_only, per_head, run
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ref_cases import (
@@ -28,6 +33,7 @@ from ref_cases import (
     stats_cases,
     strided_rows_case,
 )
+from triton_launches import Launches
 
 import esper_kernels as ek
 from esper_kernels.synthetic import make_batch
@@ -41,11 +47,14 @@ pytestmark = [
 tb = pytest.importorskip("esper_kernels.backends.triton_backend")
 if not ek.available_backends()["triton"].available:
     pytest.skip(f"triton backend unavailable: {ek.available_backends()['triton'].reasons}", allow_module_level=True)
+tk = pytest.importorskip("esper_kernels.backends.triton_kernels")
 
 LAYOUT = ek.HeadLayout(ek.ESPER_HEADS)
-#: tiny tiles: heads of more than 16 actions stream in blocks of 16 columns, 4 rows per program, and the
-#: partial statistics fold in several reduction stages of 2-row chunks
-TINY = dict(MAX_TILE=32, MAX_ROWS=4, REDUCE_TILE=128, REDUCE_FINAL_ROWS=2, REDUCE_ROWS_PER_PROGRAM=2)
+#: tiny tiles: heads of more than 8 actions are wide and stream in chunks of 16 columns, 4 rows per program for
+#: small heads, merge groups of 2 programs (two ticket levels from 3 programs on), a pre-pass of 4-row chunks
+#: over several programs, one tile per head
+TINY = dict(SMALL_MAX=8, ROWS_PER_PROGRAM=4, MAX_BLOCK_C=16, MERGE_GROUP=2, MERGE_CHUNK=2, PRE_CHUNK=4,
+            PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2, GROUP_MAX=0)
 
 
 @contextlib.contextmanager
@@ -58,13 +67,41 @@ def check(batch, layout, config=None, **kw):
     return check_triton(batch, layout, config, **kw)
 
 
+def _leaf_batch(batch):
+    b = dict(batch)
+    b["logits"] = batch["logits"].detach().clone().requires_grad_(True)
+    if b.get("values") is not None:
+        b["values"] = batch["values"].detach().clone().requires_grad_(True)
+    return b
+
+
+def _grads_after(backend, batch, layout, config, backward):
+    """``backward(out)`` after one call of ``backend``; returns (out, logits.grad, values.grad)."""
+    b = _leaf_batch(batch)
+    out = ek.ppo_loss(**b, layout=layout, config=config, backend=backend, validate=False)
+    backward(out)
+    return out, b["logits"].grad, None if b.get("values") is None else b["values"].grad
+
+
+def _same_grads(batch, layout, config, backward):
+    """The triton backend's gradients after ``backward`` equal the reference's (float32 on upcast inputs)."""
+    ref_batch = dict(batch, logits=batch["logits"].float())
+    _, g, gv = _grads_after("triton", batch, layout, config, backward)
+    _, rg, rgv = _grads_after("reference", ref_batch, layout, config, backward)
+    assert_grad_close("grad logits", g, rg, batch["logits"].dtype)
+    if gv is not None:
+        torch.testing.assert_close(gv, rgv, rtol=RTOL, atol=ATOL, equal_nan=True)
+    return g
+
+
 # -- every config field, both surrogates, floors, values, messy data: hypothesis ---------------------------
-@settings(max_examples=int(os.environ.get("TRITON_INTERPRET_EXAMPLES", "16")), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("TRITON_INTERPRET_EXAMPLES", "12")), deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.generate],  # no shrinking: each example costs seconds in the interpreter
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.float16]),
        tiny=st.booleans(), form=st.sampled_from(["packed", "sequence", "mapping"]))
 def test_equals_reference_hypothesis(case, dtype, tiny, form):
+    """Random incoming gradients on loss, log_probs and entropy: the recompute path of the fix-up."""
     sizes, kw, config = case
     layout = layout_of(sizes)
     batch = random_batch(sizes, dtype=dtype, **kw)
@@ -76,43 +113,226 @@ def test_equals_reference_hypothesis(case, dtype, tiny, form):
         check(batch, layout, config)
 
 
-# -- fixed cases -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.01),
+# -- the three backward paths ---------------------------------------------------------------------------------
+PATH_CONFIGS = [
+    ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
     ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
-                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, value_clip=0.2,
+                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, normalize_advantages=True,
                      entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
-], ids=["joint", "per_head_floor"])
-def test_esper_batch(dtype, config):
-    """make_batch: esper's causal relevance, NaN garbage in absent steps, values (clipped for per_head)."""
-    batch = make_batch((3, 5), LAYOUT, dtype=dtype, seed=3)
-    if config.value_clip is not None:
-        batch["old_values"] = batch["values"] + 0.3 * torch.randn(batch["values"].shape)
-    check(batch, LAYOUT, config)
+]
 
 
+def _esper_batch(dtype=torch.float32, seed=3, shape=(3, 5)):
+    b = make_batch(shape, LAYOUT, dtype=dtype, seed=seed)
+    b["old_values"] = b["values"] + 0.3 * torch.randn(b["values"].shape, generator=torch.Generator().manual_seed(1))
+    return b
+
+
+@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["joint", "per_head_floor_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_path_returns_the_forwards_gradient(config, dtype):
+    """``loss.backward()``: the fix-up launches and leaves the forward's gradient as it is; equal to the
+    reference; the forward wrote the gradient (GRAD_ON, VGRAD_ON) and the fix-up held it (HOLDS)."""
+    b = _esper_batch(dtype)
+    with Launches().recording() as rec:
+        _same_grads(b, LAYOUT, config, lambda out: out.loss.backward())
+    fwd, = rec.main(fixup=False)
+    fix, = rec.main(fixup=True)
+    assert fwd["GRAD_ON"] and fwd["VGRAD_ON"]
+    assert fix["HOLDS"] and not fix["HAS_GLP"] and not fix["HAS_GENT"]
+
+
+@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["joint", "per_head_floor_norm"])
+@pytest.mark.parametrize("scale", [2.5, -0.3, 0.0])
+def test_rescale_path(config, scale):
+    """An upstream scalar other than 1 on ``loss`` only: the forward's gradient rescaled in place."""
+    b = _esper_batch()
+    _same_grads(b, LAYOUT, config, lambda out: out.loss.backward(torch.tensor(scale)))
+
+
+@pytest.mark.parametrize("term", ["policy_loss", "entropy_loss", "value_loss", "inf_loss"])
+def test_recompute_path_for_other_loss_terms(term):
+    """A gradient on another loss term (or a non-finite upstream on ``loss``): the fix-up recomputes."""
+    b = _esper_batch()
+    config = PATH_CONFIGS[0]
+
+    def backward(out):
+        if term == "inf_loss":
+            out.loss.backward(torch.tensor(math.inf))
+        else:
+            (out.loss + 0.7 * getattr(out, term)).backward()
+
+    _same_grads(b, LAYOUT, config, backward)
+
+
+def test_recompute_path_for_per_step_outputs():
+    """Gradients on log_probs and entropy only, and with loss: recompute (HOLDS with HAS_GLP / HAS_GENT)."""
+    b = _esper_batch()
+    config = PATH_CONFIGS[1]
+    g = torch.Generator().manual_seed(4)
+    glp = torch.randn(15, 8, generator=g)
+    gent = torch.randn(15, 8, generator=g)
+    with Launches().recording() as rec:
+        _same_grads(b, LAYOUT, config, lambda out: torch.autograd.backward(
+            [out.loss, out.log_probs.reshape(15, 8), out.entropy.reshape(15, 8)], [torch.tensor(1.0), glp, gent]))
+    fix, = rec.main(fixup=True)
+    assert fix["HOLDS"] and fix["HAS_GLP"] and fix["HAS_GENT"]
+    check_output_grads_only("triton", make_batch((6,), LAYOUT, seed=6), LAYOUT)
+
+
+def test_two_backward_calls_with_retain_graph():
+    """Two backward calls through one forward with different upstream scales: the first fixes up the
+    forward's gradient (and hands it over), the second recomputes into a fresh buffer; both equal the
+    reference's."""
+    b = _esper_batch()
+    for config in PATH_CONFIGS:
+        outs = {}
+        for backend in ("triton", "reference"):
+            lb = _leaf_batch(dict(b, logits=b["logits"].float()) if backend == "reference" else b)
+            out = ek.ppo_loss(**lb, layout=LAYOUT, config=config, backend=backend, validate=False)
+            g1, = torch.autograd.grad(out.loss, lb["logits"], torch.tensor(1.0), retain_graph=True)
+            g2, = torch.autograd.grad(out.loss, lb["logits"], torch.tensor(-3.0), retain_graph=True)
+            g3, = torch.autograd.grad(out.loss * 2.0 + out.entropy_loss, lb["logits"])
+            outs[backend] = (g1, g2, g3)
+        for got, want in zip(outs["triton"], outs["reference"]):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
+        assert not torch.equal(outs["triton"][0], outs["triton"][1])
+
+
+def test_gradient_accumulates_into_an_existing_grad():
+    """logits.grad and values.grad already hold a gradient: backward adds to it (twice over two steps)."""
+    b = _esper_batch()
+    config = PATH_CONFIGS[0]
+    results = {}
+    for backend in ("triton", "reference"):
+        lb = _leaf_batch(dict(b, logits=b["logits"].float()) if backend == "reference" else b)
+        lb["logits"].grad = torch.full_like(lb["logits"], 0.25)
+        lb["values"].grad = torch.full_like(lb["values"], -0.5)
+        for scale in (1.0, 2.0):
+            out = ek.ppo_loss(**lb, layout=LAYOUT, config=config, backend=backend, validate=False)
+            out.loss.backward(torch.tensor(scale))
+        results[backend] = (lb["logits"].grad, lb["values"].grad)
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+def test_no_gradient_written_without_grad():
+    """no_grad, inference_mode, and logits/values that do not require grad: the forward writes no gradient
+    (GRAD_ON / VGRAD_ON off); only the values' gradient when only the values require grad."""
+    b = make_batch((7,), LAYOUT, seed=2)
+    b["logits"].requires_grad_(True)
+    b["values"].requires_grad_(True)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with Launches().recording() as rec, ctx():
+            out = ek.ppo_loss(**b, layout=LAYOUT, backend="triton", validate=False)
+        fwd, = rec.main(fixup=False)
+        assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"] and not out.loss.requires_grad
+    plain = dict(b, logits=b["logits"].detach(), values=b["values"].detach())
+    with Launches().recording() as rec:
+        ek.ppo_loss(**plain, layout=LAYOUT, backend="triton", validate=False)
+    fwd, = rec.main(fixup=False)
+    assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"]
+    only_values = dict(b, logits=b["logits"].detach())
+    with Launches().recording() as rec:
+        out = ek.ppo_loss(**only_values, layout=LAYOUT, backend="triton", validate=False)
+        out.loss.backward()
+    fwd, = rec.main(fixup=False)
+    assert not fwd["GRAD_ON"] and fwd["VGRAD_ON"]
+    assert b["values"].grad is not None and b["logits"].grad is None
+
+
+def test_launch_count_of_a_training_step():
+    """One forward + ``loss.backward()`` + reading the metrics: three kernel launches (pre-pass, forward, fix-up);
+    the metric table comes from the forward (no launch of its own)."""
+    b = _leaf_batch(make_batch((9,), LAYOUT, seed=5))
+    with Launches().recording() as rec:
+        out = ek.ppo_loss(**b, layout=LAYOUT, backend="triton", validate=False)
+        out.loss.backward()
+        out.metrics.to_dict()
+    names = [name for name, _, _ in rec.calls]
+    assert names == ["_ppo_pre_kernel", "_ppo_main_kernel", "_ppo_main_kernel"], names
+    # merged statistics (no forward wrote their table) take the metrics kernel
+    with Launches().recording() as rec:
+        merged = ek.PPOMetrics.merge([out.metrics, out.metrics])
+        merged.to_dict()
+    assert [name for name, _, _ in rec.calls] == ["_ppo_metrics_kernel"]
+
+
+# -- shapes: wide and vocab rows, many programs, odd N ------------------------------------------------------
 @pytest.mark.parametrize("floor", [None, 0.02])
 def test_wide_head_streams(floor):
-    """A head wider than one tile (100 actions, blocks of 16 columns) next to small ones; with and without a
-    floor on the wide head (its forward then takes 3 passes over the row, its backward 5)."""
+    """A head wider than a chunk (100 actions in chunks of 16: the vocab path, read again for the gradient) next
+    to small ones; with and without a floor on the wide head (three passes for the statistics, three more for
+    the gradient); the fast path and the recompute path."""
     layout = ek.HeadLayout({"a": 3, "wide": 100, "b": 5})
     batch = random_batch(list(layout.sizes), (7,), seed=11, mask_density=0.5, values=True, old_values=True,
                          logit_scale=3.0)
     config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
                               prob_floor=None if floor is None else {"wide": floor, "a": 0.1})
     with tuning(**TINY):
-        plan = tb._Plan(layout.sizes, 7, torch.device("cpu"))
-        assert plan.wide == (False, True, False) and plan.block_c == 16
+        enc_plan = tb._Plan(layout.sizes, 7, torch.device("cpu"), True)
+        assert enc_plan.wide == (False, True, False) and enc_plan.block_c == 16
         check(batch, layout, config)
-    with tuning(MAX_TILE=64):  # 2 rows of 32 columns; and the joint surrogate
-        check(batch, layout, ek.PPOLossConfig(entropy_coef=0.1, prob_floor=[0.1, floor, None]))
+        _same_grads(batch, layout, config, lambda out: out.loss.backward())
+    with tuning(MAX_BLOCK_C=128):  # the wide head in one chunk kept in registers; the joint surrogate
+        config = ek.PPOLossConfig(entropy_coef=0.1, prob_floor=[0.1, floor, None])
+        check(batch, layout, config)
+        _same_grads(batch, layout, config, lambda out: out.loss.backward())
 
 
+def test_vocab_row_split_in_chunks():
+    """One head of 200 actions without masks, fp16, chunks of 16 (13 chunks, two passes)."""
+    layout = ek.HeadLayout({"token": 200})
+    batch = random_batch([200], (5,), seed=12, mask_density=None, dtype=torch.float16, relevance=False)
+    config = ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True)
+    with tuning(**TINY):
+        check(batch, layout, config)
+        _same_grads(batch, layout, config, lambda out: out.loss.backward(torch.tensor(0.5)))
+
+
+def test_many_programs_two_level_merge():
+    """37 rows at 2 rows per program: 19 programs, merge groups of 4 (5 groups: two ticket levels), and a
+    pre-pass of 3 programs; statistics and metrics equal the reference's."""
+    b = make_batch((37,), LAYOUT, seed=9)
+    with tuning(ROWS_PER_PROGRAM=2, MERGE_GROUP=4, MERGE_CHUNK=2, PRE_CHUNK=4, PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2):
+        plan = tb._Plan(LAYOUT.sizes, 37, torch.device("cpu"), True)
+        assert plan.programs == 19 and plan.n_groups == 5
+        check(b, LAYOUT, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_advantages=True,
+                                          advantage_std="unbiased", ratio_std="unbiased"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 5])
+def test_odd_and_tiny_batches(n):
+    """N = 0 (one program, empty statistics), N = 1, and odd N smaller than a block."""
+    b = make_batch((n,), LAYOUT, seed=n + 20)
+    out, _ = check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1), check_grads=n > 0)
+    if n == 0:
+        m = out.metrics.to_dict()
+        assert m["steps"] == 0 and math.isnan(m["ratio_mean"]) and out.loss.item() == 0.0
+
+
+def test_head_groups_and_column_stores():
+    """Packed heads sharing tiles (GROUP_MAX 16 and 32) and column-at-a-time gradient stores give the same
+    results as one tile per head."""
+    b = make_batch((6,), LAYOUT, seed=13)
+    config = PATH_CONFIGS[1]
+    ref, ref_grads = run("triton", b, LAYOUT, config, grad_seed=2)
+    for knobs in (dict(GROUP_MAX=32), dict(GROUP_MAX=0, TILE_STORE=False), dict(GROUP_MAX=16)):
+        with tuning(**knobs):
+            out, grads = run("triton", b, LAYOUT, config, grad_seed=2)
+        assert torch.equal(out.loss, ref.loss), knobs
+        for k in grads:
+            assert torch.equal(grads[k], ref_grads[k]), (knobs, k)
+
+
+# -- input forms, data errors ---------------------------------------------------------------------------------
 def test_per_head_tensors_mapping_sequence_and_strides():
-    """Per-head logits/masks as separate tensors (a mapping), actions as a sequence of int32 and int64 tensors,
-    old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
-    check(*per_head_forms_case())
+    """Per-head logits/masks as separate tensors (a mapping: the pointer table), actions as a sequence of int32
+    and int64 tensors, old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
+    batch, layout, config = per_head_forms_case()
+    check(batch, layout, config)
+    _same_grads(dict(batch, logits=torch.cat(list(batch["logits"].values()), -1)), layout, config,
+                lambda out: out.loss.backward())
 
 
 def test_non_contiguous_rows():
@@ -120,13 +340,6 @@ def test_non_contiguous_rows():
     a 2-D batch shape."""
     batch, layout = strided_rows_case()
     check(batch, layout, ek.PPOLossConfig(entropy_coef=0.01))
-
-
-def test_many_programs_and_reduction_stages():
-    """20 rows at 2 rows per program: 10 partial rows folded 2 at a time (several reduction launches)."""
-    b = make_batch((20,), LAYOUT, seed=9)
-    with tuning(MAX_ROWS=2, REDUCE_TILE=64, REDUCE_FINAL_ROWS=2, REDUCE_ROWS_PER_PROGRAM=2):
-        check(b, LAYOUT, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01))
 
 
 def test_out_of_range_actions_and_garbage():
@@ -143,24 +356,17 @@ def test_out_of_range_actions_and_garbage():
     assert torch.isnan(out.log_probs[1, 2])
 
 
-def test_empty_batch_and_all_absent():
-    b = make_batch((0,), LAYOUT, seed=1)
-    out, _ = check(b, LAYOUT, check_grads=False)
-    assert out.metrics.to_dict()["steps"] == 0
+def test_all_absent():
     b = make_batch((5,), LAYOUT, seed=2)
     b["weights"].zero_()
     check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1))
 
 
-def test_grad_of_log_probs_only():
-    """Only log_probs and entropy reach the loss (the losses' incoming gradient is None)."""
-    check_output_grads_only("triton", make_batch((6,), LAYOUT, seed=6), LAYOUT)
-
-
 def test_deterministic():
-    """Repeated calls give bitwise the same outputs, statistics and gradients."""
-    b = make_batch((10,), ek.HeadLayout({"a": 3, "w": 40}), seed=7)
+    """Repeated calls give bitwise the same outputs, statistics, metric table and gradients (several programs
+    and merge groups finishing in any order)."""
     layout = ek.HeadLayout({"a": 3, "w": 40})
+    b = make_batch((10,), layout, seed=7)
     config = ek.PPOLossConfig(surrogate="per_head", prob_floor=[None, 0.01], entropy_coef=0.1)
     with tuning(**TINY):
         results = [run("triton", b, layout, config, grad_seed=1) for _ in range(2)]
@@ -168,8 +374,25 @@ def test_deterministic():
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
         assert torch.equal(getattr(o1, k).nan_to_num(7.0), getattr(o2, k).nan_to_num(7.0)), k
     assert torch.equal(o1.metrics.stats, o2.metrics.stats)
+    t1, t2 = (torch.tensor(list(o.metrics.to_dict().values())) for o in (o1, o2))
+    assert torch.equal(t1.nan_to_num(7.0), t2.nan_to_num(7.0))
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+def test_forward_table_equals_the_metrics_kernel():
+    """The table the forward's last program writes equals the standalone metrics kernel's on the same statistics
+    (and the torch derivation's, through check_backend above)."""
+    b = make_batch((8,), LAYOUT, seed=14)
+    config = ek.PPOLossConfig(surrogate="per_head", value_clip=0.2, ratio_std="unbiased", entropy_coef=0.1)
+    b["old_values"] = b["values"] + 0.1
+    out = ek.ppo_loss(**b, layout=LAYOUT, config=config, backend="triton", validate=False)
+    backend = tb.BACKENDS["triton"]
+    cfg = config.resolve(LAYOUT)
+    table = backend.metric_table(out.metrics.stats, cfg, True)
+    fresh = backend.metric_table(out.metrics.stats.clone(), cfg, True)  # another tensor: the metrics kernel
+    assert table.data_ptr() != fresh.data_ptr()
+    assert torch.equal(table.nan_to_num(7.0), fresh.nan_to_num(7.0))
 
 
 def test_backend_reasons():
@@ -178,13 +401,12 @@ def test_backend_reasons():
     b = make_batch((3,), LAYOUT, dtype=torch.float64, seed=0)
     with pytest.raises(ek.BackendUnavailableError, match="float64"):
         ek.ppo_loss(**b, layout=LAYOUT, backend="triton")
-    assert tb.TritonBackend().saved_shape(5, 8) == [5, 9]
+    assert tb.TritonBackend().saved_shape(5, 8) == [tk.norm_size(8)]
+    assert tb.TritonBackend.one_pass
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=stats_cases(max_heads=9))
 def test_metric_table_kernel_equals_the_torch_derivation(case):
     """The one-program metric-table kernel: the table of ``esper_kernels.metrics`` on adversarial statistics."""
-    from esper_kernels.backends.triton_backend import BACKENDS
-
-    check_metric_table(BACKENDS["triton"].metric_table, case)
+    check_metric_table(tb.BACKENDS["triton"].metric_table, case)

@@ -1,15 +1,22 @@
 """The ``triton`` backend: the fused PPO loss as Triton kernels (``triton_kernels.py``), host side.
 
-Per call: forward = ``_ppo_fwd_kernel`` (one pass over logits and masks, one program per BLOCK_N rows, one
-row of partial statistics per program) + ``_ppo_reduce_kernel`` (one launch when the forward ran at most 256
-programs, as esper's batches do; two up to 32,768 programs, e.g. rl_1m's 8,192; three beyond); backward = one
-``_ppo_bwd_kernel`` launch. No host synchronisation, no torch op besides allocations and dtype views (bool as
-uint8), so the ops can be captured in CUDA graphs.
+One-pass protocol (``fused.py``): a training step is three launches, none of which syncs with the host.
 
-Saved between forward and backward (``saved_shape``): float32 [N, H + 1]; column h holds the unnormalised
-d policy-loss / d ell_ih (the global normaliser, W or den_h, is read back from the statistics vector by the
-backward), column H the unnormalised d value-loss / d v_i. Everything else the backward needs (the softmax,
-the entropy, the floor) it recomputes from the logits.
+* forward = ``_ppo_pre_kernel`` (the per-step normalisers, ``NORM``) + ``_ppo_main_kernel`` (one pass over the
+  logits: statistics, per-step outputs, and, when a gradient is needed, d loss / d logits and d loss / d values
+  for an upstream gradient of 1 on ``loss``, written into the buffers the caller passes; the last program
+  merges the partial statistics and writes the statistics vector, the losses and the metric table);
+* backward = ``_ppo_main_kernel`` as the fix-up, which reads the incoming gradients on the device: nothing to do
+  for a plain ``loss.backward()``, an in-place rescale when only the loss's upstream scalar differs from 1, a
+  recompute from the logits otherwise (or when the buffers do not hold the forward's gradient).
+
+Saved between forward and backward (``saved_shape``): ``NORM``, float32 [6 + 3 H] (pre-pass sums, each head's
+relevant weight, the advantage mean and divisor per column). Nothing per step: the recompute re-derives
+everything from the inputs.
+
+Tickets: the kernels' last-program merges count finished programs in an int32 buffer per (device, stream) that
+the last program resets, so consecutive launches on one stream (and CUDA-graph replays) reuse it; two streams
+must not run this loss concurrently with one buffer, hence one per stream.
 
 Triton is imported lazily (``_kernels``), so this module imports without Triton and ``unavailable_reasons``
 says why the backend cannot run. Without a CUDA device the backend runs on CPU tensors in Triton's
@@ -24,44 +31,52 @@ import importlib.util
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
 from ..config import ResolvedConfig
 from ..inputs import PPOInputs
-from ..metrics import GLOBAL_METRICS, HEAD_METRICS
-from ..stats import GLOBAL_SIZE, HD, HEAD_SIZE, G, stats_size
+from ..schema import GLOBAL_METRICS, HEAD_METRICS, stats_size
 from .fused import FusedBackend, FusedCall, register_fused
 
 __all__ = ["TritonBackend", "BACKENDS"]
 
-# ---- tuning (module globals, read at every call; the interpreter tests lower them to reach every path) ----
-#: elements of one [rows, columns] register tile; a head whose padded width is more than MAX_TILE / MIN_ROWS
-#: is "wide" and streamed in column blocks of MAX_TILE / MIN_ROWS
-MAX_TILE = 8192
-#: rows per program for small heads (fewer when the batch is too small to fill the device)
-MAX_ROWS = 128
-#: small heads are padded to the widest small head's width when that is at most this (0: each its own width)
-UNIFORM_WIDTH = 0
-#: fewest rows per program (tl.arange(0, 1) is avoided: 2 is the narrowest tile dimension)
-MIN_ROWS = 2
-#: below this many rows per program, small batches do not split further to fill the device
-FILL_MIN_ROWS = 16
-#: elements of one reduction chunk
-REDUCE_TILE = 4096
-#: the last reduction stage (one program) takes at most this many partial rows; earlier stages fold
-#: REDUCE_ROWS_PER_PROGRAM rows each
-REDUCE_FINAL_ROWS = 256
-REDUCE_ROWS_PER_PROGRAM = 128
-#: more heads than this are refused (kernel-parameter space, per-head flags in an int32)
+# ---- tuning (module globals, read at every call; the interpreter tests lower them to reach every path) -------
+#: heads of more than this many actions are "wide" (streamed per row in chunks); the others run one row per lane
+SMALL_MAX = 32
+#: warps of a small-head program (rows per program = 32 x warps on a GPU); fewer when the batch is small
+SMALL_WARPS = 4
+#: rows per program for small heads; 0 = 32 x warps (the interpreter tests set a few rows to get many programs)
+ROWS_PER_PROGRAM = 0
+#: packed small heads side by side share one loaded tile while their total width is at most this (0: a tile per
+#: head); the tile is split into per-action register columns with one layout conversion
+GROUP_MAX = 16
+#: store the gradient of small heads as joined [rows, width] tiles (coalesced) instead of one column at a time
+TILE_STORE = True
+#: rows per program when a head is wide, and the widest chunk (columns) of a wide head
+WIDE_ROWS = 2
+MAX_BLOCK_C = 4096
+#: programs per merge group (the last of each group merges the group's partial rows; the last group merger
+#: merges the groups), and rows per merge chunk
+MERGE_GROUP = 64
+MERGE_CHUNK = 16
+#: pre-pass: rows per chunk, most programs, rows per merge chunk
+PRE_CHUNK = 1024
+PRE_PROGRAMS = 256
+PRE_MERGE_CHUNK = 64
+#: more heads than this are refused (kernel-parameter space, compile time)
 MAX_HEADS = 24
 #: oldest supported CUDA compute capability (Triton's requirement), and the oldest with native bf16
 MIN_CAPABILITY = (7, 5)
 BF16_CAPABILITY = (8, 0)
+#: ticket buffer size: 2 + the most merge groups one launch may have
+COUNTERS = 2 + 4096
 
 _KERNELS = None
 _SM_COUNT: dict[int, int] = {}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _kernels():
@@ -70,20 +85,8 @@ def _kernels():
     if _KERNELS is None:
         from . import triton_kernels as k
 
-        _check_layout(k)
         _KERNELS = k
     return _KERNELS
-
-
-def _check_layout(k) -> None:
-    """The kernels hard-code the statistics layout; make sure it is esper_kernels.stats'."""
-    assert int(k.GS) == GLOBAL_SIZE and int(k.HS) == HEAD_SIZE
-    for name in dir(G):
-        if name.isupper():
-            assert int(getattr(k, f"G_{name}")) == getattr(G, name), name
-    for name in dir(HD):
-        if name.isupper():
-            assert int(getattr(k, f"HD_{name}")) == getattr(HD, name), name
 
 
 def _interpreting() -> bool:
@@ -134,47 +137,67 @@ def _pow2_ceil(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _counters(device: torch.device, groups: int) -> torch.Tensor:
+    """The int32 ticket buffer of the current stream (zero between launches: the last program resets it)."""
+    if device.type == "cuda":
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index, 0)
+    buf = _COUNTERS.get(key)
+    need = max(COUNTERS, 2 + groups)
+    if buf is None or buf.numel() < need:
+        buf = _COUNTERS[key] = torch.zeros(need, dtype=torch.int32, device=device)
+    return buf
+
+
 class _Plan:
-    """Tile sizes of one call: per-head padded widths, which heads stream, rows per program."""
+    """Tile sizes of one call: which heads are wide, the head groups sharing a tile, rows per program."""
 
-    __slots__ = ("blks", "block_c", "block_n", "num_warps", "programs", "wide")
+    __slots__ = ("blks", "block_c", "bn", "gh0", "gnh", "gw", "gwid", "gwide", "hoff", "n_groups", "num_warps",
+                 "programs", "wide")
 
-    def __init__(self, sizes: tuple[int, ...], n: int, device: torch.device, floors: tuple[bool, ...] = ()):
-        max_tile = _pow2_floor(MAX_TILE)
-        min_rows = max(2, _pow2_floor(MIN_ROWS))
-        blks = tuple(max(2, _pow2_ceil(a)) for a in sizes)
-        self.wide = tuple(b * min_rows > max_tile for b in blks)
-        # small heads padded to one common width (up to UNIFORM_WIDTH): every [rows, width] tile then has the same
-        # register layout, so per-row values pass from head to head without layout conversions
-        common = max((b for b, w in zip(blks, self.wide) if not w), default=2)
-        if common <= UNIFORM_WIDTH:
-            blks = tuple(b if w else common for b, w in zip(blks, self.wide))
-        self.blks = blks
+    def __init__(self, sizes: tuple[int, ...], n: int, device: torch.device, groupable: bool):
+        H = len(sizes)
+        self.wide = tuple(a > SMALL_MAX for a in sizes)
+        self.blks = tuple(max(2, _pow2_ceil(a)) for a in sizes)
+        # groups: consecutive small heads side by side in one tile (packed logits and masks), wide heads alone
+        gh0, gnh, gw, gwid, gwide, hoff = [], [], [], [], [], [0] * H
+        h = 0
+        while h < H:
+            if self.wide[h]:
+                gh0.append(h), gnh.append(1), gw.append(2), gwid.append(sizes[h]), gwide.append(True)
+                h += 1
+                continue
+            width, k = sizes[h], 1
+            while groupable and h + k < H and not self.wide[h + k] and width + sizes[h + k] <= GROUP_MAX:
+                hoff[h + k] = width
+                width += sizes[h + k]
+                k += 1
+            gh0.append(h), gnh.append(k), gw.append(max(2, _pow2_ceil(width))), gwid.append(width)
+            gwide.append(False)
+            h += k
+        self.gh0, self.gnh, self.gw, self.gwid = tuple(gh0), tuple(gnh), tuple(gw), tuple(gwid)
+        self.gwide, self.hoff = tuple(gwide), tuple(hoff)
         if any(self.wide):
-            self.block_n = min_rows
-            self.block_c = max(2, max_tile // min_rows)
-            if any(w and f for w, f in zip(self.wide, floors)):
-                self.block_c = max(2, self.block_c // 2)  # the floor's passes hold more [rows, block] tiles
-            widest = self.block_c
+            widest = max(a for a, w in zip(sizes, self.wide) if w)
+            self.block_c = min(_pow2_ceil(MAX_BLOCK_C), _pow2_ceil(widest))
+            self.bn = max(2, _pow2_ceil(WIDE_ROWS))
+            self.num_warps = 4 if self.bn * self.block_c <= 2048 else 8
         else:
-            widest = max(self.blks)
-            block_n = max(min_rows, min(_pow2_floor(MAX_ROWS), max_tile // widest))
-            target = 2 * _sm_count(device) if device.type == "cuda" else 1  # programs to fill the device
-            while block_n > max(min_rows, FILL_MIN_ROWS) and _cdiv(n, block_n) < target:
-                block_n //= 2
-            self.block_n = block_n
-            self.block_c = 2  # unused
-        tile = self.block_n * widest
-        self.num_warps = 4 if tile <= 2048 else 8
-        self.programs = _cdiv(n, self.block_n)
+            self.block_c = 2
+            warps = max(1, SMALL_WARPS)
+            if device.type == "cuda":  # fewer rows per program when the batch does not fill the device
+                while warps > 1 and _cdiv(n, 32 * warps) < 2 * _sm_count(device):
+                    warps //= 2
+            self.num_warps = warps
+            self.bn = _pow2_ceil(ROWS_PER_PROGRAM) if ROWS_PER_PROGRAM else 32 * warps
+            self.bn = max(2, self.bn)
+        self.programs = max(1, _cdiv(n, self.bn))
+        self.n_groups = _cdiv(self.programs, MERGE_GROUP)
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -212,17 +235,93 @@ def _launch_context(device: torch.device):
         yield
 
 
+class _Encoded:
+    """A call's kernel arguments that do not change between its forward and its backward."""
+
+    __slots__ = ("consts", "inputs", "plan", "pre_args", "pre_consts", "scalars")
+
+
+def _encode(call: FusedCall) -> _Encoded:
+    enc = call.cache.get("triton")
+    if enc is not None:
+        return enc
+    cfg = call.cfg
+    N, H = call.n, call.num_heads
+    dev = call.logits[0].device
+    offsets = call.offsets
+    groupable = call.packed and (not call.masks or len(call.masks) == 1)
+    plan = _Plan(call.head_sizes, N, dev, groupable)
+    lg = _head_table(call.logits, offsets, H)
+    mk = _head_table(call.masks, offsets, H) if call.masks else lg
+    act = _step_table(call.actions)
+    old = _step_table(call.old_log_probs)
+    rel = _step_table(call.relevance) if call.relevance else act
+    adv = call.advantages
+    adv_ph = adv.dim() == 2
+    w = call.weights
+    v, R, vo, vw = call.values, call.returns, call.old_values, call.value_weights
+    has_v = v is not None
+    has_vclip = has_v and vo is not None and math.isfinite(cfg.value_clip)
+    has_vw = has_v and vw is not None
+    jc = cfg.joint_log_ratio_clamp
+    floors = tuple(max(float(f), 0.0) for f in cfg.prob_floor)
+    kcoef = tuple(float(x) for x in cfg.entropy_coef_per_head)
+    K = stats_size(H)
+    enc = _Encoded()
+    enc.plan = plan
+    enc.inputs = (
+        *lg, *mk, *act, *old, *rel, floors, kcoef,
+        adv, adv.stride(0), adv.stride(1) if adv_ph else 0,
+        None if w is None else _u8(w), 0 if w is None else w.stride(0),
+        v, v.stride(0) if has_v else 0, R, R.stride(0) if has_v else 0,
+        vo if has_vclip else None, vo.stride(0) if has_vclip else 0,
+        _u8(vw) if has_vw else None, vw.stride(0) if has_vw else 0,
+    )
+    enc.scalars = (cfg.mask_fill, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, 1.0 - cfg.eps_low,
+                   1.0 + cfg.eps_high, cfg.value_clip if has_vclip else 0.0, cfg.entropy_coef, cfg.value_coef)
+    enc.consts = dict(
+        H=H, SIZES=tuple(call.head_sizes), BLKS=plan.blks, FLOOR_ON=tuple(f > 0 for f in floors), NG=len(plan.gh0),
+        GH0=plan.gh0, GNH=plan.gnh, GW=plan.gw, GWID=plan.gwid, GWIDE=plan.gwide, HOFF=plan.hoff,
+        HAS_MASK=bool(call.masks), HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v,
+        HAS_VCLIP=has_vclip, HAS_VW=has_vw, PER_HEAD=bool(cfg.per_head), ADV_PER_HEAD=adv_ph,
+        NORM_ADV=bool(cfg.normalize_advantages), NORM_ENT=bool(cfg.normalize_entropy),
+        HAS_JCLAMP=math.isfinite(jc), EXCL=bool(cfg.mask_exclude), TILE_STORE=bool(TILE_STORE),
+        M_VCLIP=has_v and math.isfinite(cfg.value_clip), RATIO_UNBIASED=bool(cfg.ratio_std_unbiased), K=K,
+        KPAD=_pow2_ceil(K), HPAD=max(2, _pow2_ceil(H)), GROUP=MERGE_GROUP, MERGE_CH=MERGE_CHUNK, BN=plan.bn,
+        BLOCK_C=plan.block_c, num_warps=plan.num_warps,
+    )
+    # the pre-pass
+    norm_adv = bool(cfg.normalize_advantages)
+    pk = _kernels().NPG + H + 2 * (H if adv_ph else 1)
+    rows_per_prog = max(PRE_CHUNK, _pow2_ceil(_cdiv(max(N, 1), PRE_PROGRAMS)))
+    enc.pre_args = (*rel, adv, adv.stride(0), adv.stride(1) if adv_ph else 0,
+                    None if w is None else _u8(w), 0 if w is None else w.stride(0),
+                    _u8(vw) if has_vw else None, vw.stride(0) if has_vw else 0)
+    enc.pre_consts = dict(rows_per_prog=rows_per_prog, programs=max(1, _cdiv(N, rows_per_prog)), pk=pk, consts=dict(
+        H=H, HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v, HAS_VW=has_vw, NORM_ADV=norm_adv,
+        ADV_COLS=H if adv_ph else 1, STD_UNBIASED=bool(cfg.advantage_std_unbiased),
+        EPS_ADD=bool(cfg.advantage_eps_add), PK=pk, PKP=_pow2_ceil(pk), CH=PRE_CHUNK, MCH=PRE_MERGE_CHUNK,
+        num_warps=4))
+    call.cache["triton"] = enc
+    return enc
+
+
 class TritonBackend(FusedBackend):
     """The fused loss in Triton: CUDA tensors on a GPU, or CPU tensors in Triton's interpreter."""
 
     name = "triton"
+    one_pass = True
+
+    def __init__(self):
+        #: data_ptr of a forward's statistics -> (weak reference to them, version, table, config, has_values)
+        self._tables: dict[int, tuple] = {}
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     def saved_shape(self, n: int, num_heads: int) -> list[int]:
-        return [n, num_heads + 1]
+        return [_kernels().norm_size(num_heads)]
 
     def unavailable_reasons(self) -> list[str]:
         if _TRITON_PROBLEM:
@@ -254,10 +353,40 @@ class TritonBackend(FusedBackend):
             reasons.append(f"at most {MAX_HEADS} heads (got {inputs.layout.num_heads})")
         return reasons
 
+    # ---- the pre-pass ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _pre(k, call: FusedCall, enc: _Encoded, norm: torch.Tensor, cnt: torch.Tensor) -> None:
+        pc = enc.pre_consts
+        prep = torch.empty((pc["programs"], pc["pk"]), dtype=torch.float32, device=norm.device)
+        k._ppo_pre_kernel[(pc["programs"],)](*enc.pre_args, prep, cnt, norm, call.n, pc["programs"],
+                                              pc["rows_per_prog"], call.cfg.advantage_eps, **pc["consts"])
+
+    def _main(self, k, call: FusedCall, enc: _Encoded, norm, *, grads, grad_values, log_probs, entropy, joint_ratio,
+              part, cnt, stats, losses, table, fixup: bool, holds: bool = False, grad_losses=None,
+              grad_log_probs=None, grad_entropy=None) -> None:
+        H = call.num_heads
+        gr = _head_table(grads, call.offsets, H) if grads is not None else enc.inputs[:3]
+        gl, glp, gent = grad_losses, grad_log_probs, grad_entropy
+        dummy = norm
+        k._ppo_main_kernel[(enc.plan.programs,)](
+            *enc.inputs[:6], *gr, *enc.inputs[6:],
+            dummy if log_probs is None else log_probs, dummy if entropy is None else entropy,
+            dummy if joint_ratio is None else joint_ratio, dummy if grad_values is None else grad_values, norm,
+            dummy if part is None else part, cnt, dummy if stats is None else stats,
+            dummy if losses is None else losses, dummy if table is None else table,
+            dummy if gl is None else gl, 0 if gl is None else gl.stride(0),
+            dummy if glp is None else glp, 0 if glp is None else glp.stride(0), 0 if glp is None else glp.stride(1),
+            dummy if gent is None else gent, 0 if gent is None else gent.stride(0),
+            0 if gent is None else gent.stride(1),
+            call.n, enc.plan.programs, *enc.scalars,
+            FIXUP=fixup, HOLDS=holds, HAS_GLOSS=gl is not None, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
+            GRAD_ON=grads is not None, VGRAD_ON=grad_values is not None, **enc.consts,
+        )
+
     # ---- forward ------------------------------------------------------------------------------------------
-    def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
+    def kernel_forward(self, call: FusedCall, grads: list[torch.Tensor] | None = None,
+                       grad_values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         k = _kernels()
-        cfg = call.cfg
         N, H = call.n, call.num_heads
         dev = call.logits[0].device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -266,120 +395,72 @@ class TritonBackend(FusedBackend):
         log_probs = torch.empty((N, H), **f32)
         entropy = torch.empty((N, H), **f32)
         joint_ratio = torch.empty(N, **f32)
-        saved = torch.empty((N, H + 1), **f32)
         stats = torch.empty(K, **f32)
-        plan = _Plan(call.head_sizes, N, dev, tuple(f > 0 for f in cfg.prob_floor))
-        part = torch.empty((max(plan.programs, 1), K), **f32)
-
+        norm = torch.empty(k.norm_size(H), **f32)
+        table = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, **f32)
+        enc = _encode(call)
+        plan = enc.plan
+        part = torch.empty((plan.programs + plan.n_groups) * K, **f32)
         with _launch_context(dev):
-            if N > 0:
-                offsets = call.offsets
-                lg = _head_table(call.logits, offsets, H)
-                mk = _head_table(call.masks, offsets, H) if call.masks else lg
-                act = _step_table(call.actions)
-                old = _step_table(call.old_log_probs)
-                rel = _step_table(call.relevance) if call.relevance else act
-                adv = call.advantages
-                adv_ph = adv.dim() == 2
-                w = call.weights
-                v, R, vo, vw = call.values, call.returns, call.old_values, call.value_weights
-                has_v = v is not None
-                has_vclip = has_v and vo is not None and math.isfinite(cfg.value_clip)
-                has_vw = has_v and vw is not None
-                jc = cfg.joint_log_ratio_clamp
-                k._ppo_fwd_kernel[(plan.programs,)](
-                    *lg, *mk, *act, *old, *rel, tuple(max(f, 0.0) for f in cfg.prob_floor),
-                    adv, adv.stride(0), adv.stride(1) if adv_ph else 0,
-                    None if w is None else _u8(w), 0 if w is None else w.stride(0),
-                    v, v.stride(0) if has_v else 0, R, R.stride(0) if has_v else 0,
-                    vo if has_vclip else None, vo.stride(0) if has_vclip else 0,
-                    _u8(vw) if has_vw else None, vw.stride(0) if has_vw else 0,
-                    log_probs, entropy, joint_ratio, saved, part,
-                    N, cfg.mask_fill, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0,
-                    1.0 - cfg.eps_low, 1.0 + cfg.eps_high, cfg.value_clip if has_vclip else 0.0,
-                    H=H, SIZES=tuple(call.head_sizes), BLKS=plan.blks, WIDE=plan.wide,
-                    FLOOR_ON=tuple(f > 0 for f in cfg.prob_floor), HAS_MASK=bool(call.masks),
-                    HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v, HAS_VCLIP=has_vclip,
-                    HAS_VW=has_vw, PER_HEAD=bool(cfg.per_head), ADV_PER_HEAD=adv_ph,
-                    NORM_ENT=bool(cfg.normalize_entropy), HAS_JCLAMP=math.isfinite(jc), K=K,
-                    BLOCK_N=plan.block_n, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
-                )
-            self._reduce(k, part, plan.programs, stats, losses, H, cfg)
-        return losses, log_probs, entropy, joint_ratio, stats, saved
+            cnt = _counters(dev, plan.n_groups)
+            self._pre(k, call, enc, norm, cnt)
+            self._main(k, call, enc, norm, grads=grads, grad_values=grad_values, log_probs=log_probs,
+                       entropy=entropy, joint_ratio=joint_ratio, part=part, cnt=cnt, stats=stats, losses=losses,
+                       table=table, fixup=False)
+        return losses, log_probs, entropy, joint_ratio, stats, norm, table
 
-    @staticmethod
-    def _reduce(k, part: torch.Tensor, rows: int, stats: torch.Tensor, losses: torch.Tensor, H: int,
-                cfg: ResolvedConfig) -> None:
-        """Fold the partial-statistics rows in a fixed order: stats (and losses) bitwise reproducible."""
-        K = stats.numel()
-        kpad = _pow2_ceil(K)
-        block_p = max(2, min(64, _pow2_floor(max(REDUCE_TILE // kpad, 1))))
-        common = dict(H=H, K=K, KPAD=kpad, BLOCK_P=block_p, PER_HEAD=bool(cfg.per_head), num_warps=8)
-        kcoef = tuple(float(x) for x in cfg.entropy_coef_per_head)
-        per = max(2 * block_p, _pow2_ceil(REDUCE_ROWS_PER_PROGRAM))
-        while rows > max(1, int(REDUCE_FINAL_ROWS)):
-            programs = _cdiv(rows, per)
-            out = torch.empty((programs, K), dtype=torch.float32, device=part.device)
-            k._ppo_reduce_kernel[(programs,)](part, rows, out, losses, cfg.entropy_coef, cfg.value_coef, kcoef,
-                                              ROWS=per, FINAL=False, **common)
-            part, rows = out, programs
-        # the last stage's trip count is a power of two (few compiled variants), rows past n_in are masked
-        k._ppo_reduce_kernel[(1,)](part, rows, stats, losses, cfg.entropy_coef, cfg.value_coef, kcoef,
-                                   ROWS=max(block_p, _pow2_ceil(rows)), FINAL=True, **common)
+    # ---- backward: the fix-up -------------------------------------------------------------------------------
+    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
+                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
+                        grad_entropy: torch.Tensor | None, *, grads: list[torch.Tensor] | None = None,
+                        grad_values: torch.Tensor | None = None, holds: bool = False) -> None:
+        if call.n == 0 or (grads is None and grad_values is None):
+            return
+        k = _kernels()
+        enc = _encode(call)
+        dev = call.logits[0].device
+        with _launch_context(dev):
+            self._main(k, call, enc, saved, grads=grads, grad_values=grad_values, log_probs=None, entropy=None,
+                       joint_ratio=None, part=None, cnt=saved, stats=None, losses=None, table=None, fixup=True,
+                       holds=holds, grad_losses=grad_losses, grad_log_probs=grad_log_probs,
+                       grad_entropy=grad_entropy)
 
     # ---- metric table --------------------------------------------------------------------------------------
     has_metric_table = True
 
+    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig,
+                       has_values: bool) -> None:
+        """The forward wrote the metric table of ``stats``: ``metric_table`` returns it instead of a launch while
+        these statistics are alive and unmodified."""
+        if stats.is_inference():  # no version counter: the table is derived again when asked
+            return
+        key = stats.data_ptr()
+
+        def forget(ref, key=key, tables=self._tables):
+            entry = tables.get(key)
+            if entry is not None and entry[0] is ref:
+                del tables[key]
+
+        self._tables[key] = (weakref.ref(stats, forget), stats._version, table, cfg, has_values)
+
     def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        entry = None if stats.is_inference() else self._tables.get(stats.data_ptr())
+        if entry is not None:
+            ref, version, table, tcfg, thv = entry
+            orig = ref()
+            if (orig is not None and orig._version == version and stats._version == version and tcfg == cfg
+                    and thv == has_values and orig.data_ptr() == stats.data_ptr()):
+                return table
         k = _kernels()
-        H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
+        H = (stats.numel() - int(k.GS)) // int(k.HS)
         out = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, dtype=torch.float32, device=stats.device)
         with _launch_context(stats.device):
             k._ppo_metrics_kernel[(1,)](
                 stats, out, cfg.entropy_coef, cfg.value_coef, tuple(float(x) for x in cfg.entropy_coef_per_head),
                 H=H, HPAD=max(2, _pow2_ceil(H)), PER_HEAD=bool(cfg.per_head), HAS_V=has_values,
-                HAS_VCLIP=has_values and math.isfinite(cfg.value_clip), num_warps=1)
+                M_VCLIP=has_values and math.isfinite(cfg.value_clip), RATIO_UNBIASED=bool(cfg.ratio_std_unbiased),
+                num_warps=1)
         return out
-
-    # ---- backward -----------------------------------------------------------------------------------------
-    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
-                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        cfg = call.cfg
-        N, H = call.n, call.num_heads
-        dev = call.logits[0].device
-        grads = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in call.logits]
-        has_v = call.values is not None
-        grad_values = torch.empty(N, dtype=torch.float32, device=dev) if has_v else None
-        if N == 0:
-            return grads, grad_values
-        k = _kernels()
-        plan = _Plan(call.head_sizes, N, dev, tuple(f > 0 for f in cfg.prob_floor))
-        offsets = call.offsets
-        lg = _head_table(call.logits, offsets, H)
-        mk = _head_table(call.masks, offsets, H) if call.masks else lg
-        gr = _head_table(grads, offsets, H)
-        act = _step_table(call.actions)
-        rel = _step_table(call.relevance) if call.relevance else act
-        w = call.weights
-        gl, glp, gent = grad_losses, grad_log_probs, grad_entropy
-        with _launch_context(dev):
-            k._ppo_bwd_kernel[(plan.programs,)](
-                *lg, *mk, *gr, *act, *rel, tuple(max(f, 0.0) for f in cfg.prob_floor),
-                tuple(float(x) for x in cfg.entropy_coef_per_head),
-                None if w is None else _u8(w), 0 if w is None else w.stride(0), saved, stats,
-                gl, 0 if gl is None else gl.stride(0),
-                glp, 0 if glp is None else glp.stride(0), 0 if glp is None else glp.stride(1),
-                gent, 0 if gent is None else gent.stride(0), 0 if gent is None else gent.stride(1),
-                grad_values, N, cfg.mask_fill, cfg.entropy_coef, cfg.value_coef,
-                H=H, SIZES=tuple(call.head_sizes), BLKS=plan.blks, WIDE=plan.wide,
-                FLOOR_ON=tuple(f > 0 for f in cfg.prob_floor), HAS_MASK=bool(call.masks),
-                HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v, HAS_GLOSS=gl is not None,
-                HAS_GLP=glp is not None, HAS_GENT=gent is not None, PER_HEAD=bool(cfg.per_head),
-                NORM_ENT=bool(cfg.normalize_entropy), BLOCK_N=plan.block_n, BLOCK_C=plan.block_c,
-                num_warps=plan.num_warps,
-            )
-        return grads, grad_values
 
 
 BACKENDS = {"triton": register_fused(TritonBackend())}
