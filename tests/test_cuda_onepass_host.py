@@ -39,26 +39,43 @@ ESPER = ek.HeadLayout(ek.ESPER_HEADS)
 NM_SCALE = 3  # csrc/ppo_onepass.h: the fix-up's scale state in the normalisers
 
 
+class _Forward:
+    """One recorded kernel_forward: the addresses of the gradient buffers the caller passed (None: none; no
+    reference is kept, so that autograd can still take them as .grad without a copy) and the ``saved`` tensor it
+    returned (the normalisers, whose NM_SCALE entry is the fix-up's scale state, then the tickets)."""
+
+    def __init__(self, grads, gv, saved):
+        self.grads = None if grads is None else [g.data_ptr() for g in grads]
+        self.gv = None if gv is None else gv.data_ptr()
+        self.norms = saved
+
+
 class _Emulated:
-    """The emulation in place of the "cuda" backend (registry and fused custom ops), restored afterwards."""
+    """The emulation in place of the "cuda" backend (registry and fused custom ops), restored afterwards; it
+    records every kernel_forward (``states``) and the ``holds`` of every kernel_backward (``holds``)."""
 
     def __init__(self, emulation: native.CudaHostEmulation):
         self.emu = emulation
-        self.states: list = []
+        self.states: list[_Forward] = []
+        self.holds: list[bool] = []
 
     def __enter__(self):
         self.saved = (ek_backends._cache.get("cuda"), "cuda" in ek_backends._RUNNABLE, fused._FUSED.get("cuda"))
         ek_backends._cache["cuda"] = self.emu
         ek_backends._RUNNABLE.add("cuda")
         fused._FUSED["cuda"] = self.emu
-        forward = self.emu._onepass_forward
+        forward, backward = self.emu.kernel_forward, self.emu.kernel_backward
 
-        def spy(call, want_logits, want_values):
-            outs, state = forward(call, want_logits, want_values)
-            self.states.append(state)
-            return outs, state
+        def spy_forward(call, grads=None, grad_values=None):
+            outs = forward(call, grads, grad_values)
+            self.states.append(_Forward(grads, grad_values, outs[5]))
+            return outs
 
-        self.emu._onepass_forward = spy
+        def spy_backward(*args, **kw):
+            self.holds.append(kw.get("holds", False))
+            return backward(*args, **kw)
+
+        self.emu.kernel_forward, self.emu.kernel_backward = spy_forward, spy_backward
         return self
 
     def __exit__(self, *exc):
@@ -67,7 +84,7 @@ class _Emulated:
         if not runnable:
             ek_backends._RUNNABLE.discard("cuda")
         fused._FUSED["cuda"] = fz
-        del self.emu._onepass_forward
+        del self.emu.kernel_forward, self.emu.kernel_backward
 
 
 @pytest.fixture(params=[0, 2], ids=["grid", "two_blocks"])
@@ -307,7 +324,7 @@ def test_fast_path_returns_the_forward_gradient(emu1):
     out = ek.ppo_loss(**b, layout=ESPER, config=CFG, backend="cuda", validate=False)
     state = emu1.states[-1]
     assert state.grads is not None and state.gv is not None
-    ptr = state.grads[0].data_ptr()
+    ptr = state.grads[0]
     out.loss.backward()
     want, want_v = _ref_grads(b, CFG)
     assert_close("grad", b["logits"].grad, want)
@@ -355,6 +372,7 @@ def test_two_backwards_with_different_scales(emu1):
     assert_close("first", g1, 2.0 * want)
     assert_close("second", g2, -5.0 * want)
     assert_close("third", g3, want)
+    assert emu1.holds == [True, False, False]  # the forward's buffers fixed up once, then recomputed
 
 
 def test_accumulation_into_existing_grad(emu1):
@@ -441,11 +459,12 @@ def test_deterministic_and_no_uninitialised_reads(emu1):
 
 
 def test_custom_op_protocol(emu1):
-    """The shared custom ops (fused.py, the torch.compile path): kernel_forward writes no gradient, kernel_backward
-    recomputes into fresh buffers (the fix-up with force_recompute)."""
+    """The shared custom ops (fused.py, the torch.compile path): kernel_forward gets no gradient buffers (writes
+    none), kernel_backward recomputes into fresh buffers (holds=False: the fix-up with force_recompute)."""
     b = make_batch((150,), ESPER, seed=13)
     cfg = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.02, normalize_advantages=True, value_clip=0.3)
     b["old_values"] = b["values"] + 0.2
     with mock.patch.object(torch.compiler, "is_compiling", return_value=True):
         check_backend("cuda", b, ESPER, cfg)
-    assert not emu1.states  # the eager one-pass path did not run
+    assert emu1.states and all(s.grads is None and s.gv is None for s in emu1.states)
+    assert emu1.holds and not any(emu1.holds)
