@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
-# One device call: build, check, sanitize and benchmark on the GPU machine, in under 8 minutes.
+# One device call: build, check, sanitize and benchmark on the GPU machine, in under 9 minutes.
 #
 #   bash benchmarks/gpu_check.sh                      (from the repository root; $OUT defaults to ./gpu_out)
-#   ESPER_BENCH_COMMIT=<sha> GPU_CHECK_SECONDS=440 BENCH_ARGS="--full" PYTEST_SEL="tests/test_gpu_cuda.py" \
-#       bash benchmarks/gpu_check.sh
+#   ESPER_BENCH_COMMIT=<sha> GPU_CHECK_SECONDS=520 BENCH_ARGS="--full" PYTEST_SEL="tests/test_gpu_cuda.py" \
+#       SKIP="san-triton" bash benchmarks/gpu_check.sh
 #
 # ESPER_BENCH_COMMIT: the commit to record in the CSV (the device copy may have no .git); BENCH_ARGS: the
-# benchmark's selection (default --full; e.g. "--full --providers reference,triton,cuda,triton_graph,cuda_graph"
-# to leave torch.compile out).
-# Steps (each under its own `timeout`, capped so the whole script ends within GPU_CHECK_SECONDS, default 440 s,
+# benchmark's selection (default --full, torch.compile rows included; e.g. "--full --providers
+# reference,triton,cuda,triton_graph,cuda_graph" to leave torch.compile out); SKIP: comma-separated steps not to run
+# (e.g. a second call that only benchmarks: SKIP=pytest,san-triton,san-cuda,race-cuda); CUDA_ARCHS: the build's
+# CMAKE_CUDA_ARCHITECTURES (default 90-real: this machine's only, one ptxas pass instead of three).
+# Steps (each under its own `timeout`, capped so the whole script ends within GPU_CHECK_SECONDS, default 520 s,
 # plus at most 5 s of kill grace per step that ignores SIGTERM;
 # a failing step does not stop the others; the exit code is 0 only when every step passed):
 #   env        nvidia-smi, versions                                        max  30 s
-#   build      pip install --no-build-isolation --no-deps -e .   (CUDA)    max 210 s   -> $OUT/build.log
+#   build      pip install --no-build-isolation --no-deps -e .   (CUDA)    max 240 s   -> $OUT/build.log
 #   info       python -m esper_kernels info                                max  30 s
 #   pytest     python -m pytest -m gpu -q tests                            max 150 s   -> $OUT/pytest.log
-#   san-triton compute-sanitizer memcheck, sanitize_case.py --backend triton  max 90 s -> $OUT/sanitize.log
-#   san-cuda   compute-sanitizer memcheck, sanitize_case.py --backend cuda    max 90 s -> $OUT/sanitize.log
+#   san-triton compute-sanitizer memcheck, sanitize_case.py --backend triton  max 60 s -> $OUT/sanitize.log
+#   san-cuda   compute-sanitizer memcheck, sanitize_case.py --backend cuda    max 60 s -> $OUT/sanitize.log
+#   race-cuda  compute-sanitizer racecheck (shared memory: the tiles, the folds, the last block's merge),
+#              sanitize_case.py --backend cuda --cases race (small cases, many blocks, a cluster)
+#                                                                             max 60 s -> $OUT/sanitize.log
 #   bench      bench_ppo_loss.py $BENCH_ARGS --budget (the time left)       rest       -> $OUT/bench.log, csv, png
 #   summary    the benchmark table from the CSV, then this script's step table (printed last)
 # Later steps keep a reserve, so an early step that hangs shrinks the benchmark, never the checks after it.
 # Files back in $OUT (7): gpu_check.log (everything), build.log, pytest.log, sanitize.log, bench.log,
-# bench_<gpu>.csv, bench_<gpu>.png; the CSV and PNG are also copied to benchmarks/results/.
+# bench_<gpu>.csv, bench_<gpu>.png (bench_h200.* on an H200); the CSV and PNG are also copied to benchmarks/results/.
 
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -29,12 +34,14 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-TOTAL="${GPU_CHECK_SECONDS:-440}"
+TOTAL="${GPU_CHECK_SECONDS:-520}"
 read -r -a BENCH_SEL <<< "${BENCH_ARGS:---full}"
 export PYTHONUNBUFFERED=1
 export PATH="$PATH:/usr/local/cuda/bin"
 export PY
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+CUDA_ARCHS="${CUDA_ARCHS:-90-real}"
+SKIP=",${SKIP:-},"
 
 T0=$SECONDS
 FAILED=0
@@ -50,6 +57,10 @@ record() {  # record NAME STATUS SECONDS NOTE
 run_step() {
     local name=$1 max=$2 reserve=$3 log=$4 quiet=$5
     shift 6
+    if [[ $SKIP == *",$name,"* ]]; then
+        record "$name" SKIP 0 "SKIP"
+        return 0
+    fi
     local left=$(( TOTAL - (SECONDS - T0) - reserve ))
     local t=$(( max < left ? max : left ))
     if (( t < 10 )); then
@@ -101,16 +112,20 @@ backend_on_gpu() {  # exit 0 when backend $1 is available for CUDA tensors; prin
     "$PY" -c "import sys, esper_kernels as ek; b = ek.available_backends()['$1']; print(b); sys.exit(0 if b.available and 'cuda' in b.devices else 3)"
 }
 
-sanitize() {  # sanitize BACKEND
-    local name="san-$1"
+sanitize() {  # sanitize BACKEND RESERVE [TOOL NAME CASES]
+    local tool=${3:-memcheck} name=${4:-san-$1} cases=${5:-all}
+    if [[ $SKIP == *",$name,"* ]]; then
+        record "$name" SKIP 0 "SKIP"
+        return 0
+    fi
     if ! backend_on_gpu "$1" > "$TMP/avail.txt" 2>&1; then
         record "$name" SKIP 0 "$(tail -n 1 "$TMP/avail.txt" | cut -c1-150)"
         echo "=== $name: skipped: $(tail -n 1 "$TMP/avail.txt")" | tee -a "$OUT/sanitize.log"
         return 0
     fi
-    run_step "$name" 90 "$2" "$OUT/sanitize.log" 0 -- env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        compute-sanitizer --tool memcheck --error-exitcode 97 --print-limit 25 \
-        "$PY" benchmarks/sanitize_case.py --backend "$1"
+    run_step "$name" 60 "$2" "$OUT/sanitize.log" 0 -- env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 97 --print-limit 25 \
+        "$PY" benchmarks/sanitize_case.py --backend "$1" --cases "$cases"
     local summary
     summary="$(grep -h "ERROR SUMMARY" "$TMP/step.log" | tail -n 1)"
     summary="${summary#========= }"
@@ -120,14 +135,16 @@ sanitize() {  # sanitize BACKEND
 export -f env_info pytest_gpu
 
 main() {
-# reserves: what the later steps need at least (info 10, pytest 40, each sanitizer 40, bench 60, summary 20)
-run_step env 30 $(( 10 + 40 + 80 + 60 + 20 )) "" 0 -- bash -c env_info
-run_step build 210 $(( 10 + 40 + 80 + 60 + 20 )) "$OUT/build.log" 1 -- \
-    "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-run_step info 30 $(( 40 + 80 + 60 + 20 )) "" 0 -- "$PY" -m esper_kernels info
-run_step pytest 150 $(( 80 + 60 + 20 )) "$OUT/pytest.log" 0 -- bash -c pytest_gpu
-sanitize triton $(( 40 + 60 + 20 ))
-sanitize cuda $(( 60 + 20 ))
+# reserves: what the later steps need at least (info 10, pytest 40, three sanitizers 40 each, bench 60, summary 20)
+run_step env 30 $(( 10 + 40 + 120 + 60 + 20 )) "" 0 -- bash -c env_info
+run_step build 240 $(( 10 + 40 + 120 + 60 + 20 )) "$OUT/build.log" 1 -- \
+    "$PY" -m pip install --no-build-isolation --no-deps -v \
+    --config-settings="cmake.define.CMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS" -e .
+run_step info 30 $(( 40 + 120 + 60 + 20 )) "" 0 -- "$PY" -m esper_kernels info
+run_step pytest 150 $(( 120 + 60 + 20 )) "$OUT/pytest.log" 0 -- bash -c pytest_gpu
+sanitize triton $(( 80 + 60 + 20 ))
+sanitize cuda $(( 40 + 60 + 20 ))
+sanitize cuda $(( 60 + 20 )) racecheck race-cuda race
 
 # the benchmark gets what is left, less the summary's reserve; its own --budget stops starting work 45 s before
 left=$(( TOTAL - (SECONDS - T0) - 20 ))
@@ -147,8 +164,8 @@ if [[ -n $csv ]]; then
     cp -f "$csv" benchmarks/results/ 2>/dev/null
     [[ -f $png ]] && cp -f "$png" benchmarks/results/
 else
-    record summary FAIL 0 "no benchmark CSV in $OUT"
-    FAILED=1
+    if [[ $SKIP == *",bench,"* ]]; then record summary SKIP 0 "no benchmark (SKIP)"
+    else record summary FAIL 0 "no benchmark CSV in $OUT"; FAILED=1; fi
 fi
 
 echo

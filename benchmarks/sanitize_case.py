@@ -14,7 +14,16 @@ is past an allocation's end, which memcheck sees.) Cases, each with validate=Fal
   normalize_advantages, normalize_entropy and a probability floor;
 * a wide head (5,000 actions) next to a small one, the per-head logits as views of one wider buffer with a
   common row stride (a padded row), fp16, odd N;
-* N = 1 and an all-absent batch (every weight 0).
+* N = 1 and an all-absent batch (every weight 0);
+* many blocks (N = 1,500 esper steps: tiles over many blocks, the last block's merge of their partials, advantage
+  normalisation from the pre-pass's partials) and a row over a cluster (one head of 9,000 actions: three blocks);
+* the fused backends' backward paths on one batch: ``loss.backward()`` (the cuda backend's fix-up returns at once),
+  an upstream of 0.5 (rescale in place), a gradient on log_probs (recompute), and a second backward on the same
+  graph (``retain_graph=True``).
+
+``--cases race`` runs the small ones only (esper with bad actions, many blocks, the cluster, the backward paths),
+for ``compute-sanitizer --tool racecheck`` (shared-memory hazards: the tiles, the statistics folds, the cluster's
+exchange), which is slow.
 
 Besides memcheck's report, it checks that the gradient of every absent step's logits is exactly 0 (SPEC 2) and
 that the forward ran: exit 0 when every case ran and passed, 1 otherwise.
@@ -128,6 +137,38 @@ def _tiny_and_absent(device: str) -> list[tuple[str, dict, ek.HeadLayout, ek.PPO
     return [("N=1", one, layout, ek.PPOLossConfig()), ("all absent", none, layout, ek.PPOLossConfig())]
 
 
+def _many_blocks_and_cluster(device: str) -> list[tuple[str, dict, ek.HeadLayout, ek.PPOLossConfig]]:
+    layout = ek.HeadLayout(ek.ESPER_HEADS)
+    many = {k: v.to(device) for k, v in make_batch((1500,), layout, seed=6).items()}
+    cfg = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.02, normalize_advantages=True)
+    wide = ek.HeadLayout({"token": 9000})
+    row = {k: v.to(device) for k, v in make_batch((4,), wide, seed=7).items()}
+    return [("many blocks", many, layout, cfg), ("cluster row", row, wide, ek.PPOLossConfig(entropy_coef=0.01))]
+
+
+def run_backward_paths(backend: str, device: str) -> bool:
+    """One forward, then backward calls on its graph: a plain loss.backward(), an upstream of 0.5, a gradient on
+    log_probs; each compared with a fresh reference gradient on the host (finite, same shape)."""
+    layout = ek.HeadLayout(ek.ESPER_HEADS)
+    b = {k: v.to(device) for k, v in make_batch((300,), layout, seed=8).items()}
+    ok = True
+    for what in ("loss", "half", "log_probs"):
+        z = b["logits"].clone().requires_grad_(True)
+        out = ek.ppo_loss(**dict(b, logits=z), layout=layout, backend=backend, validate=False)
+        obj = out.loss if what == "loss" else (0.5 * out.loss if what == "half" else
+                                                out.loss + 0.1 * torch.nan_to_num(out.log_probs).sum())
+        obj.backward(retain_graph=True)
+        out.loss.backward()  # a second backward on the same graph
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        g = z.grad.float().cpu()
+        absent = (b["weights"].reshape(-1) <= 0).cpu()
+        ok = ok and bool(torch.isfinite(g).all()) and bool((g[absent] == 0).all())
+    print(f"  {'backward paths':<22} fast / rescale / recompute + retain_graph: {'ok' if ok else 'NOT OK'}",
+          flush=True)
+    return ok
+
+
 def _logits_and_leaves(lg, layout: ek.HeadLayout):
     """(logits to pass, the leaf tensors whose gradients are checked); a ("buffer", buf, pad) entry means the
     per-head logits are views of buf with a common row stride."""
@@ -178,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto", help="reference, triton, cuda, cpu or auto")
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    p.add_argument("--cases", default="all", choices=("all", "race"),
+                   help="all (default), or race: the small ones (for racecheck)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"sanitize_case: backend={a.backend} device={device}", flush=True)
-    cases = [("esper, bad actions", *_esper_bad(device)), ("per-head separate", *_per_head_separate(device)),
-             ("wide head, strided", *_wide_strided(device)), *_tiny_and_absent(device)]
+    print(f"sanitize_case: backend={a.backend} device={device} cases={a.cases}", flush=True)
+    cases = [("esper, bad actions", *_esper_bad(device))]
+    if a.cases == "all":
+        cases += [("per-head separate", *_per_head_separate(device)), ("wide head, strided", *_wide_strided(device)),
+                  *_tiny_and_absent(device)]
+    cases += _many_blocks_and_cluster(device)
     failed = 0
     for name, batch, layout, cfg in cases:
         try:
@@ -191,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             failed += 1
             print(f"  {name:<22} FAILED: {type(e).__name__}: {e}", flush=True)
-    print(f"sanitize_case: {len(cases) - failed}/{len(cases)} cases ran and passed", flush=True)
+    total = len(cases) + 1
+    try:
+        if not run_backward_paths(a.backend, device):
+            failed += 1
+    except Exception as e:
+        failed += 1
+        print(f"  {'backward paths':<22} FAILED: {type(e).__name__}: {e}", flush=True)
+    print(f"sanitize_case: {total - failed}/{total} cases ran and passed", flush=True)
     return 0 if failed == 0 else 1
 
 

@@ -14,6 +14,7 @@
 
 #include "ppo_cpu.h"
 #include "ppo_metrics.h"
+#include "ppo_onepass_host.h"
 #include "ppo_params.h"
 #ifdef ESPER_WITH_CUDA
 #include "ppo_cuda.h"
@@ -104,6 +105,77 @@ void set_heads(T* dst, const std::vector<T>& src, const char* what) {
   if (src.size() > (size_t)ESPER_MAX_HEADS)
     throw std::invalid_argument(std::string("esper_kernels._C: more than ESPER_MAX_HEADS values for ") + what);
   std::copy(src.begin(), src.end(), dst);
+}
+
+
+// ---- the one-pass CUDA kernels' parameters (shared by the host emulation and the CUDA entry points) ---------
+using G4 = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+struct OnePassArgs {
+  bool fixup = false, write_grad = false, force_recompute = false;
+  uintptr_t norms = 0, pre_parts = 0, parts = 0, ctl = 0, table = 0, gv = 0;
+  G4 gl{0, 0, 0, 0};
+};
+
+op::Machine machine_of(int sm_count, int cc_major, int smem_optin, int smem_per_sm, int max_blocks) {
+  if (sm_count < 1 || smem_optin < 1 || smem_per_sm < 1)
+    throw std::invalid_argument("esper_kernels._C: machine: sm_count and shared-memory sizes must be >= 1");
+  op::Machine M{sm_count, cc_major, smem_optin, smem_per_sm, max_blocks};
+  return M;
+}
+
+// the plan and the scratch of one launch (validated: pointers the kernels write must be there)
+op::OnePass make_onepass(const PPOParams& P, const op::Machine& M, const OnePassArgs& a, const MetricsCfg* mc) {
+  op::OnePass O;
+  std::memset(&O, 0, sizeof(O));
+  O.fixup = a.fixup;
+  O.write_grad = a.write_grad;
+  O.force_recompute = a.force_recompute;
+  if (a.write_grad && P.n > 0)
+    for (int h = 0; h < P.num_heads; ++h)
+      if (!P.grads[h]) throw std::invalid_argument("esper_kernels._C: write_grad without a gradient pointer for head " +
+                                                   std::to_string(h));
+  const char* err = op::plan(P, M, O);
+  if (*err) throw std::invalid_argument(std::string("esper_kernels._C: one-pass plan: ") + err);
+  O.norms = a.norms;
+  O.pre_parts = a.pre_parts;
+  O.parts = a.parts;
+  O.ctl = a.ctl;
+  O.table = a.table;
+  O.gv = a.gv;
+  O.write_gv = a.gv != 0;
+  O.gl[0] = std::get<0>(a.gl);
+  O.gl[1] = std::get<1>(a.gl);
+  O.gl[2] = std::get<2>(a.gl);
+  O.gl[3] = std::get<3>(a.gl);
+  if (!O.norms || !O.ctl) throw std::invalid_argument("esper_kernels._C: one-pass: norms and ctl are required");
+  if (!a.fixup) {
+    if (!O.pre_parts || !O.parts || !P.losses || !P.stats || (P.n > 0 && (!P.log_probs || !P.entropy || !P.joint_ratio)))
+      throw std::invalid_argument("esper_kernels._C: one-pass forward: an output or scratch pointer is missing");
+    if (O.table) {
+      if (!mc || mc->num_heads != P.num_heads)
+        throw std::invalid_argument("esper_kernels._C: one-pass forward: the metric table needs a MetricsCfg of H heads");
+      O.mc = *mc;
+    }
+  }
+  return O;
+}
+
+py::dict plan_dict(const PPOParams& P, const op::OnePass& O) {
+  py::dict d;
+  d["path"] = O.path == op::PATH_SMALL ? "small" : (O.path == op::PATH_WIDE ? "wide" : "stream");
+  d["grid_pre"] = O.grid_pre;
+  d["grid_main"] = O.grid_main;
+  d["nparts"] = O.nparts;
+  d["rows"] = O.rows;
+  d["cluster"] = O.cluster;
+  d["chunk"] = O.chunk;
+  d["smem"] = O.smem;
+  d["segments"] = py::make_tuple(O.nseg_z, O.nseg_m, O.nseg_g);
+  d["norms_size"] = op::norms_size(P.num_heads);
+  d["pre_size"] = op::pre_size(P.num_heads);
+  d["stats_size"] = op::stats_k(P.num_heads);
+  d["metrics_size"] = metrics_size(P.num_heads);
+  return d;
 }
 
 }  // namespace
@@ -267,6 +339,74 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("cfg"), py::arg("stats"), py::arg("out"));
 
+  // ---- the one-pass CUDA kernels run on the CPU (csrc/ppo_onepass_host.h): the kernels' per-row, per-block
+  // and last-block code, block by block in order, single-threaded (tests/test_cuda_onepass_host.py)
+  auto host_machine = [](int sm_count, int cc_major, int smem_optin, int smem_per_sm, int max_blocks) {
+    return machine_of(sm_count, cc_major, smem_optin, smem_per_sm, max_blocks);
+  };
+  m.def(
+      "onepass_plan",
+      [host_machine](PPOParams P, bool fixup, bool write_grad, int sm_count, int cc_major, int smem_optin,
+                     int smem_per_sm, int max_blocks) {
+        check_params(P);
+        op::OnePass O;
+        std::memset(&O, 0, sizeof(O));
+        O.fixup = fixup;
+        O.write_grad = write_grad;
+        const char* err = op::plan(P, host_machine(sm_count, cc_major, smem_optin, smem_per_sm, max_blocks), O);
+        if (*err) throw std::invalid_argument(std::string("esper_kernels._C: one-pass plan: ") + err);
+        return plan_dict(P, O);
+      },
+      py::arg("params"), py::kw_only(), py::arg("fixup"), py::arg("write_grad"), py::arg("sm_count") = 132,
+      py::arg("cc_major") = 9, py::arg("smem_optin") = 227 * 1024, py::arg("smem_per_sm") = 228 * 1024,
+      py::arg("max_blocks") = 0,
+      "The shapes of a one-pass launch (path, grids, partial counts, shared memory) on a given machine");
+  m.def(
+      "onepass_host_forward",
+      [host_machine](PPOParams P, const MetricsCfg& mc, bool write_grad, uintptr_t norms, uintptr_t pre_parts,
+                     uintptr_t parts, uintptr_t ctl, uintptr_t table, uintptr_t gv, int sm_count, int cc_major,
+                     int smem_optin, int smem_per_sm, int max_blocks) {
+        check_params(P);
+        OnePassArgs a;
+        a.write_grad = write_grad;
+        a.norms = norms;
+        a.pre_parts = pre_parts;
+        a.parts = parts;
+        a.ctl = ctl;
+        a.table = table;
+        a.gv = gv;
+        const op::OnePass O =
+            make_onepass(P, host_machine(sm_count, cc_major, smem_optin, smem_per_sm, max_blocks), a, &mc);
+        py::gil_scoped_release nogil;
+        op::host::run(P, O);
+      },
+      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"),
+      py::arg("pre_parts"), py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"),
+      py::arg("sm_count") = 132, py::arg("cc_major") = 9, py::arg("smem_optin") = 227 * 1024,
+      py::arg("smem_per_sm") = 228 * 1024, py::arg("max_blocks") = 0);
+  m.def(
+      "onepass_host_backward",
+      [host_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl,
+                     uintptr_t gv, const G4& grad_losses, int sm_count, int cc_major, int smem_optin,
+                     int smem_per_sm, int max_blocks) {
+        check_params(P);
+        OnePassArgs a;
+        a.fixup = true;
+        a.write_grad = write_grad;
+        a.force_recompute = force_recompute;
+        a.norms = norms;
+        a.ctl = ctl;
+        a.gv = gv;
+        a.gl = grad_losses;
+        const op::OnePass O =
+            make_onepass(P, host_machine(sm_count, cc_major, smem_optin, smem_per_sm, max_blocks), a, nullptr);
+        py::gil_scoped_release nogil;
+        op::host::run(P, O);
+      },
+      py::arg("params"), py::kw_only(), py::arg("write_grad"), py::arg("force_recompute"), py::arg("norms"),
+      py::arg("ctl"), py::arg("gv"), py::arg("grad_losses"), py::arg("sm_count") = 132, py::arg("cc_major") = 9,
+      py::arg("smem_optin") = 227 * 1024, py::arg("smem_per_sm") = 228 * 1024, py::arg("max_blocks") = 0);
+
 #ifdef ESPER_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def(
@@ -278,35 +418,80 @@ PYBIND11_MODULE(_C, m) {
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda metrics: " + err);
       },
       py::arg("cfg"), py::arg("stats"), py::arg("out"), py::arg("stream"), py::arg("device"));
-  m.attr("CUDA_STEP_ROWS") = CUDA_STEP_ROWS;
   m.def("cuda_status", []() { return cuda_status(); });
+  auto dev_machine = [](int device, int max_blocks) {
+    op::Machine M;
+    const std::string err = cuda_machine(device, M);
+    if (!err.empty()) throw std::runtime_error("esper_kernels cuda: " + err);
+    M.max_blocks = max_blocks;
+    return M;
+  };
   m.def(
-      "cuda_forward",
-      [](PPOParams P, uintptr_t aux, uintptr_t parts, uintptr_t stream, int device) {
+      "cuda_onepass_plan",
+      [dev_machine](PPOParams P, int device, bool fixup, bool write_grad, int max_blocks) {
         check_params(P);
-        CudaScratch S{aux, parts};
-        std::string err;
-        {
+        op::OnePass O;
+        std::memset(&O, 0, sizeof(O));
+        O.fixup = fixup;
+        O.write_grad = write_grad;
+        const char* err = op::plan(P, dev_machine(device, max_blocks), O);
+        if (*err) throw std::invalid_argument(std::string("esper_kernels._C: one-pass plan: ") + err);
+        if (std::string e = cuda_onepass_occupancy(P, O, device); !e.empty())
+          throw std::runtime_error("esper_kernels cuda plan: " + e);
+        return plan_dict(P, O);
+      },
+      py::arg("params"), py::arg("device"), py::kw_only(), py::arg("fixup"), py::arg("write_grad"),
+      py::arg("max_blocks") = 0);
+  m.def(
+      "cuda_onepass_forward",
+      [dev_machine](PPOParams P, const MetricsCfg& mc, bool write_grad, uintptr_t norms, uintptr_t pre_parts,
+                    uintptr_t parts, uintptr_t ctl, uintptr_t table, uintptr_t gv, uintptr_t stream, int device,
+                    int max_blocks) {
+        check_params(P);
+        OnePassArgs a;
+        a.write_grad = write_grad;
+        a.norms = norms;
+        a.pre_parts = pre_parts;
+        a.parts = parts;
+        a.ctl = ctl;
+        a.table = table;
+        a.gv = gv;
+        op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, &mc);
+        std::string err = cuda_onepass_occupancy(P, O, device);  // (the same grid as cuda_onepass_plan's)
+        if (err.empty()) {
           py::gil_scoped_release nogil;
-          err = cuda_forward(P, S, stream, device);
+          err = cuda_onepass_forward(P, O, stream, device);
         }
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda forward: " + err);
       },
-      py::arg("params"), py::arg("aux"), py::arg("parts"), py::arg("stream"), py::arg("device"));
+      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"),
+      py::arg("pre_parts"), py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"), py::arg("stream"),
+      py::arg("device"), py::arg("max_blocks") = 0);
   m.def(
-      "cuda_backward",
-      [](PPOParams P, uintptr_t stream, int device) {
+      "cuda_onepass_backward",
+      [dev_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl, uintptr_t gv,
+                    const G4& grad_losses, uintptr_t stream, int device, int max_blocks) {
         check_params(P);
-        std::string err;
-        {
+        OnePassArgs a;
+        a.fixup = true;
+        a.write_grad = write_grad;
+        a.force_recompute = force_recompute;
+        a.norms = norms;
+        a.ctl = ctl;
+        a.gv = gv;
+        a.gl = grad_losses;
+        op::OnePass O = make_onepass(P, dev_machine(device, max_blocks), a, nullptr);
+        std::string err = cuda_onepass_occupancy(P, O, device);
+        if (err.empty()) {
           py::gil_scoped_release nogil;
-          err = cuda_backward(P, stream, device);
+          err = cuda_onepass_backward(P, O, stream, device);
         }
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda backward: " + err);
       },
-      py::arg("params"), py::arg("stream"), py::arg("device"));
+      py::arg("params"), py::kw_only(), py::arg("write_grad"), py::arg("force_recompute"), py::arg("norms"),
+      py::arg("ctl"), py::arg("gv"), py::arg("grad_losses"), py::arg("stream"), py::arg("device"),
+      py::arg("max_blocks") = 0);
 #else
   m.attr("has_cuda") = false;
-  m.attr("CUDA_STEP_ROWS") = 128;
 #endif
 }

@@ -1,396 +1,85 @@
-// esper_kernels: the fused PPO loss as CUDA kernels. The math is ppo_core.h's (shared with the CPU backend);
-// this file only maps rows to threads and reduces deterministically.
+// esper_kernels: the one-pass fused PPO loss as CUDA kernels (issue 12). The math and the block bodies are
+// csrc/ppo_onepass.h, shared with the host emulation (csrc/ppo_onepass_host.h); this file is the device execution
+// policies (threads, barriers, shuffles, the atomic ticket, the cluster's distributed shared memory) and the
+// launches. Every launch is on the caller's stream; nothing synchronises with the host.
 //
-// Forward (5 launches, all on the caller's stream):
-//   fwd_small  heads with A <= SMALL_MAX: a block of TILE_ROWS rows, one thread per row; each head's
-//              [TILE_ROWS, A] tile of masked logits is staged through shared memory with coalesced loads
-//              (consecutive threads read consecutive elements), then each thread runs the row algorithm
-//              over its shared-memory row (odd row pitch: no bank conflicts).
-//   fwd_wide   heads with A > SMALL_MAX: one block per (row, wide head), threads stride over the columns,
-//              block-wide tree reductions (shuffles, then one warp) in a fixed order.
-//   Both write log_probs, entropy and aux = (n << 2 | taken << 1) per (step, head).
-//   step       one thread per row, STEP_ROWS rows per block: the per-(step, head) loss terms, joint ratio,
-//              value loss, saved coefficients and the block's partial statistics (float64: sums, minima,
-//              maxima, and weighted moments by two passes over the block), one row per block in `parts`.
-//   reduce     one block per statistics entry merges the partial rows in a fixed tree order (Chan's formula
-//              for the moments): no atomics, so the result is bitwise reproducible.
-//   losses     one thread: the four losses from the statistics vector.
-// Backward (2 launches): bwd_small (same tiling as fwd_small; the gradient tile is staged in shared memory
-// and stored coalesced in the logits' dtype; also the values' gradient) and bwd_wide (block per row).
+// A training step:
+//   prepass_kernel   grid_pre blocks x 256 threads: per-block partials of the normalisers (W, present count, VW,
+//                    den_h, the advantage moments); zeroes the tickets of this call.
+//   small_kernel     every head <= 32 actions: grid_main blocks (persistent) x R threads (one per row), a tile of R
+//                    rows staged in shared memory; the forward (fixup = 0: outputs, gradient for an upstream of 1,
+//                    statistics partials, the last block's merge) or the fix-up (fixup = 1).
+//   wide_kernel<S>   any head > 32 actions: clusters of CL blocks x 256 threads, one row per cluster at a time
+//                    (S: the row's chunk staged in shared memory, else re-read); forward or fix-up as above.
+// So a step is three launches: prepass, main (forward), main (fix-up; it returns at once for loss.backward()).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <string>
 
-#include "ppo_core.h"
 #include "ppo_cuda.h"
+#include "ppo_cuda_exec.cuh"
+#include "ppo_onepass.h"
 
 namespace esper {
 namespace {
 
-constexpr int SMALL_MAX = 32;     // widest head read through a shared-memory tile, one thread per row
-constexpr int TILE_ROWS = 128;    // rows per block of the small-head kernels
-constexpr int TILE_PITCH = SMALL_MAX + 1;
-constexpr int WIDE_THREADS = 256;  // threads per row of a wide head
-constexpr int STEP_ROWS = CUDA_STEP_ROWS;
-constexpr int RED_THREADS = 256;
-constexpr unsigned FULL = 0xffffffffu;
-constexpr int RED_SMEM = 33 * 16;  // block_reduce scratch (bytes)
+namespace cg = cooperative_groups;
+using namespace op;
+using namespace cudaexec;
 
-static_assert(sizeof(PPOParams) <= 32000, "PPOParams must fit the kernel-parameter limit");
-static_assert(STEP_ROWS == 128, "block_reduce_vec assumes 128 threads");
-
-struct HeadList {
-  int count;
-  int head[ESPER_MAX_HEADS];
-};
-
-// ---- generic block reduction of a small trivially-copyable T (float, double, D2, MaxCnt): fixed order ----------
-template <class T>
-__device__ __forceinline__ T shfl_down_t(T v, int d) {
-  constexpr int W = sizeof(T) / 4;
-  static_assert(sizeof(T) % 4 == 0, "32-bit words");
-  uint32_t w[W];
-  memcpy(w, &v, sizeof(T));
-#pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = __shfl_down_sync(FULL, w[k], d);
-  memcpy(&v, w, sizeof(T));
-  return v;
+// ---- the kernels: thin wrappers around the shared bodies ----------------------------------------------------
+__global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_constant__ PPOParams P,
+                                                               const __grid_constant__ OnePass O) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DevSmallX x;
+  x.scratch = smem;
+  x.R = blockDim.x;
+  prepass_block(x, P, O, blockIdx.x);
 }
 
-// every thread of the block must call; `ident` is the identity of `c`; smem: RED_SMEM bytes, 16-aligned
-template <class T, class C>
-__device__ __forceinline__ T block_reduce(T v, T ident, C c, unsigned char* smem) {
-  static_assert(sizeof(T) <= 16, "block_reduce: T too large");
-  T* sm = reinterpret_cast<T*>(smem);
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v = c(v, shfl_down_t(v, d));
-  __syncthreads();  // the previous call's result has been read by everyone
-  if (lane == 0) sm[wid] = v;
-  __syncthreads();
-  if (wid == 0) {
-    v = lane < nw ? sm[lane] : ident;
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) v = c(v, shfl_down_t(v, d));
-    if (lane == 0) sm[32] = v;
-  }
-  __syncthreads();
-  return sm[32];
+// WMAX: the widest head's padded width (a kernel per class: registers follow the widest path compiled in). The
+// register cap: ptxas fills whatever it is given; 208 is the lowest tried (176, 192, 208) at which no class spills
+// (sm_90, nvcc 13.0): 4 blocks of 64 rows per multiprocessor, about what the shared memory allows anyway
+template <int WMAX>
+__global__ void __maxnreg__(WMAX < 32 ? 208 : 255) small_kernel(const __grid_constant__ PPOParams P,
+                                                              const __grid_constant__ OnePass O) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DevSmallX x;
+  x.scratch = smem;
+  x.R = blockDim.x;
+  const SmallSmem sm = small_carve(smem + EXEC_SCRATCH, P.num_heads, O.rows, O.pitch, O.joint_c != 0,
+                                   P.has_mask != 0, O.fixup == 0);
+  small_block<WMAX>(x, P, O, sm, blockIdx.x, gridDim.x);
 }
 
-// one row of one wide head, the whole block striding over its columns
-struct BlockRow {
-  const PPOParams* P;
-  int h;
-  int64_t i;
-  int A;
-  bool present;
-  unsigned char* red;  // RED_SMEM bytes of shared memory
-  ESPER_HD bool use(int j) const { return present && load_valid(*P, h, i, j); }
-  ESPER_HD float zhat(int j) const { return use(j) ? load_logit(*P, h, i, j) : P->mask_fill; }
-  template <class T, class F, class C>
-  ESPER_HD T reduce(T acc, F f, C c) const {
-#ifdef __CUDA_ARCH__
-    T loc = acc;
-    for (int j = threadIdx.x; j < A; j += blockDim.x) loc = c(loc, f(j));
-    return block_reduce(loc, acc, c, red);
-#else
-    return acc;
+template <bool STAGED>
+__global__ void __launch_bounds__(WIDE_THREADS, 1) wide_kernel(const __grid_constant__ PPOParams P,
+                                                            const __grid_constant__ OnePass O) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  DevWideX x;
+  x.scratch = smem;
+  x.cl = O.cluster;
+  x.rank = 0;
+#if __CUDA_ARCH__ >= 900
+  if (O.cluster > 1) x.rank = (int)cg::this_cluster().block_rank();
 #endif
-  }
-  template <class F>
-  ESPER_HD void for_each(F f) const {
-#ifdef __CUDA_ARCH__
-    for (int j = threadIdx.x; j < A; j += blockDim.x) f(j);
+  x.chunk = O.chunk;
+  x.buf = 0;
+  const WideSmem sm = wide_carve(smem + EXEC_SCRATCH, P.num_heads, O.chunk, STAGED, P.has_mask != 0);
+  x.z = sm.z;
+  x.e = sm.e;
+  x.u = sm.u;
+  wide_cluster<DevWideX, STAGED>(x, P, O, sm, (int)(blockIdx.x / (unsigned)O.cluster), O.nparts);
+#if __CUDA_ARCH__ >= 900
+  if (O.cluster > 1) cg::this_cluster().sync();  // no block leaves while another may read its shared memory
 #endif
-  }
-  ESPER_HD void store(int j, float v) const { store_elem(P->grads[h], i * P->grads_rs[h] + j, P->logits_dtype, v); }
-};
-
-__device__ __forceinline__ int32_t pack_aux(const RowFwd& rf) { return ((int32_t)rf.n << 2) | (rf.taken ? 2 : 0); }
-
-// stage the [TILE_ROWS, A] tile of head h (masked logits, valid flags) into shared memory
-__device__ __forceinline__ void stage_tile(const PPOParams& P, int h, int64_t row0, const uint8_t* pres, float* zt,
-                                           uint8_t* ut) {
-  const int A = P.sizes[h];
-  const float fill = P.mask_fill;
-  for (int e = threadIdx.x; e < TILE_ROWS * A; e += blockDim.x) {
-    const int r = e / A, j = e - r * A;
-    const int64_t i = row0 + r;
-    bool u = false;
-    float z = fill;
-    if (pres[r]) {
-      u = load_valid(P, h, i, j);
-      if (u) z = load_logit(P, h, i, j);
-    }
-    zt[r * TILE_PITCH + j] = z;
-    ut[r * TILE_PITCH + j] = u;
-  }
-}
-
-// ---- forward ------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(TILE_ROWS) fwd_small_kernel(const __grid_constant__ PPOParams P, int32_t* aux,
-                                                              const HeadList heads) {
-  __shared__ float zt[TILE_ROWS * TILE_PITCH];
-  __shared__ uint8_t ut[TILE_ROWS * TILE_PITCH];
-  __shared__ uint8_t pres[TILE_ROWS];
-  const int H = P.num_heads;
-  const int r = threadIdx.x;
-  const int64_t row0 = (int64_t)blockIdx.x * TILE_ROWS, i = row0 + r;
-  const bool row_ok = i < P.n;
-  StepIn s{false, 0.f, 0.f, 0.f};
-  if (row_ok) s = load_step(P, i);
-  pres[r] = s.present;
-  float* logp = reinterpret_cast<float*>(P.log_probs);
-  float* ent = reinterpret_cast<float*>(P.entropy);
-  for (int k = 0; k < heads.count; ++k) {
-    const int h = heads.head[k];
-    __syncthreads();
-    stage_tile(P, h, row0, pres, zt, ut);
-    __syncthreads();
-    if (!row_ok) continue;
-    RowFwd rf{0.f, 0.f, 0.f, false};
-    if (s.present) {
-      const HeadIn hi = load_head(P, h, i, true);
-      BufRow row{zt + r * TILE_PITCH, ut + r * TILE_PITCH, nullptr, P.sizes[h]};
-      rf = row_forward(row, row_in(P, h, hi));
-    }
-    logp[i * H + h] = rf.ell;
-    ent[i * H + h] = rf.ent;
-    aux[i * H + h] = pack_aux(rf);
-  }
-}
-
-__global__ void __launch_bounds__(WIDE_THREADS) fwd_wide_kernel(const __grid_constant__ PPOParams P, int32_t* aux,
-                                                                const HeadList heads) {
-  __shared__ __align__(16) unsigned char red[RED_SMEM];
-  const int H = P.num_heads;
-  const int h = heads.head[blockIdx.y];
-  const int64_t i = blockIdx.x;
-  const StepIn s = load_step(P, i);
-  RowFwd rf{0.f, 0.f, 0.f, false};
-  if (s.present) {  // uniform over the block
-    const HeadIn hi = load_head(P, h, i, true);
-    BlockRow row{&P, h, i, P.sizes[h], true, red};
-    rf = row_forward(row, row_in(P, h, hi));
-  }
-  if (threadIdx.x == 0) {
-    reinterpret_cast<float*>(P.log_probs)[i * H + h] = rf.ell;
-    reinterpret_cast<float*>(P.entropy)[i * H + h] = rf.ent;
-    aux[i * H + h] = pack_aux(rf);
-  }
-}
-
-// reduce NV per-thread values (STEP_ROWS threads) by their kinds into out[0..NV); every thread must call
-// red: 32 * STEP_ROWS doubles of shared memory
-template <int NV, class KF>
-__device__ __forceinline__ void block_reduce_vec(const double* c, KF kind_of, double* out, double* red) {
-  constexpr int NP = NV <= 16 ? 16 : 32;  // padded count of values
-  constexpr int G = STEP_ROWS / NP;       // threads per value (8 or 4), an aligned group of lanes
-  constexpr int L = STEP_ROWS / G;        // values each of them folds serially
-  __syncthreads();  // a previous call is done reading
-#pragma unroll
-  for (int k = 0; k < NV; ++k) red[k * STEP_ROWS + threadIdx.x] = c[k];
-  __syncthreads();
-  const int k = threadIdx.x / G, part = threadIdx.x % G;
-  const int kind = k < NV ? kind_of(k) : KIND_SUM;
-  double v = kind_init(kind);
-  if (k < NV)
-    for (int q = part * L; q < (part + 1) * L; ++q) v = kind_combine(kind, v, red[k * STEP_ROWS + q]);
-#pragma unroll
-  for (int off = G / 2; off > 0; off >>= 1) v = kind_combine(kind, v, __shfl_xor_sync(FULL, v, off));
-  if (k < NV && part == 0) out[k] = v;
-}
-
-struct HeadKindF {
-  __device__ int operator()(int k) const { return head_kind(k); }
-};
-struct GlobalKindF {
-  __device__ int operator()(int k) const { return global_kind(k); }
-};
-struct SumKindF {
-  __device__ int operator()(int) const { return KIND_SUM; }
-};
-
-__global__ void __launch_bounds__(STEP_ROWS) step_kernel(const __grid_constant__ PPOParams P, const int32_t* aux,
-                                                         double* parts) {
-  const int H = P.num_heads;
-  const int K = ESPER_GLOBAL_SIZE + H * ESPER_HEAD_SIZE;
-  const int64_t i = (int64_t)blockIdx.x * STEP_ROWS + threadIdx.x;
-  const bool row_ok = i < P.n;
-  __shared__ double red[32 * STEP_ROWS];
-  double* part = parts + (int64_t)blockIdx.x * K;
-  const float* logp = reinterpret_cast<const float*>(P.log_probs);
-  const float* ent = reinterpret_cast<const float*>(P.entropy);
-  float* saved = reinterpret_cast<float*>(P.saved);
-  StepIn s{false, 0.f, 0.f, 0.f};
-  if (row_ok) s = load_step(P, i);
-  float Lsum = 0.f;
-  uint32_t flags = 0;
-  double c[GX_SIZE];
-  for (int h = 0; h < H; ++h) {
-    if (row_ok) {
-      const HeadIn hi = load_head(P, h, i, s.present);
-      const int32_t ax = aux[i * H + h];
-      const RowFwd rf{logp[i * H + h], ent[i * H + h], (float)(ax >> 2), (ax & 2) != 0};
-      const HeadStep hs = head_step(P, h, i, s, hi, rf, c);
-      Lsum += hs.lr;
-      if (P.per_head) saved[i * (H + 1) + h] = hs.u;
-      else if (hs.flag) flags |= 1u << h;
-    } else {
-      for (int k = 0; k < ESPER_HEAD_SIZE; ++k) c[k] = kind_init(head_kind(k));
-    }
-    block_reduce_vec<ESPER_HEAD_SIZE>(c, HeadKindF(), part + ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE, red);
-  }
-  GlobalStep g;
-  if (row_ok) {
-    g = global_step(P, i, s, Lsum, c);
-    reinterpret_cast<float*>(P.joint_ratio)[i] = g.r;
-    if (!P.per_head)
-      for (int h = 0; h < H; ++h) saved[i * (H + 1) + h] = ((flags >> h) & 1u) ? g.base : 0.f;
-    saved[i * (H + 1) + H] = g.vsaved;
-  } else {
-    for (int k = 0; k < GX_SIZE; ++k) c[k] = kind_init(global_kind(k));
-    for (int m = 0; m < 3; ++m) g.x[m] = g.xw[m] = 0.f;
-  }
-  __shared__ double gsum[GX_SIZE];
-  block_reduce_vec<GX_SIZE>(c, GlobalKindF(), gsum, red);
-  __syncthreads();
-  // second pass of the moments: M2 about the block's mean
-  double mean[3], d2[3];
-  for (int m = 0; m < 3; ++m) {
-    int wi, mi, qi, lo, hi;
-    moment_slots(m, wi, mi, qi, lo, hi);
-    mean[m] = moment_mean(gsum[wi], gsum[mi], gsum[lo], gsum[hi]);
-    const double d = (double)g.x[m] - mean[m];
-    d2[m] = g.xw[m] > 0.f ? (double)g.xw[m] * d * d : 0.0;
-  }
-  __shared__ double m2[3];
-  block_reduce_vec<3>(d2, SumKindF(), m2, red);
-  __syncthreads();
-  if (threadIdx.x < ESPER_GLOBAL_SIZE) {
-    const int k = threadIdx.x;
-    double v = gsum[k];
-    for (int m = 0; m < 3; ++m) {
-      int wi, mi, qi, lo, hi;
-      moment_slots(m, wi, mi, qi, lo, hi);
-      if (k == mi) v = mean[m];
-      if (k == qi) v = m2[m];
-    }
-    part[k] = v;
-  }
-}
-
-__global__ void __launch_bounds__(RED_THREADS) reduce_kernel(const __grid_constant__ PPOParams P, const double* parts,
-                                                             int64_t nparts) {
-  const int H = P.num_heads;
-  const int K = ESPER_GLOBAL_SIZE + H * ESPER_HEAD_SIZE;
-  const int k = blockIdx.x;
-  const int t = threadIdx.x;
-  __shared__ double sw[RED_THREADS], sm[RED_THREADS], sq[RED_THREADS];
-  int moment = -1, wi = 0, mi = 0, qi = 0, lo, hi;
-  for (int m = 0; m < 3; ++m) {
-    int a, b, c2;
-    moment_slots(m, a, b, c2, lo, hi);
-    if (k == b || k == c2) {
-      moment = m;
-      wi = a;
-      mi = b;
-      qi = c2;
-    }
-  }
-  float* stats = reinterpret_cast<float*>(P.stats);
-  if (moment >= 0) {
-    double w = 0.0, mean = 0.0, q = 0.0;
-    for (int64_t p = t; p < nparts; p += RED_THREADS)
-      chan_merge(w, mean, q, parts[p * K + wi], parts[p * K + mi], parts[p * K + qi]);
-    sw[t] = w;
-    sm[t] = mean;
-    sq[t] = q;
-    __syncthreads();
-    for (int s = RED_THREADS / 2; s > 0; s >>= 1) {
-      if (t < s) chan_merge(sw[t], sm[t], sq[t], sw[t + s], sm[t + s], sq[t + s]);
-      __syncthreads();
-    }
-    if (t == 0) stats[k] = (float)(k == mi ? sm[0] : sq[0]);
-  } else {
-    const int kind = stat_kind(k);
-    double v = kind_init(kind);
-    for (int64_t p = t; p < nparts; p += RED_THREADS) v = kind_combine(kind, v, parts[p * K + k]);
-    sw[t] = v;
-    __syncthreads();
-    for (int s = RED_THREADS / 2; s > 0; s >>= 1) {
-      if (t < s) sw[t] = kind_combine(kind, sw[t], sw[t + s]);
-      __syncthreads();
-    }
-    if (t == 0) stats[k] = (float)sw[0];
-  }
 }
 
 __global__ void metrics_kernel(const MetricsCfg c, const float* stats, float* out) { derive_metrics(c, stats, out); }
 
-__global__ void losses_kernel(const __grid_constant__ PPOParams P) {
-  losses_from_stats(P, reinterpret_cast<const float*>(P.stats), reinterpret_cast<float*>(P.losses));
-}
-
-// ---- backward -----------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(TILE_ROWS) bwd_small_kernel(const __grid_constant__ PPOParams P,
-                                                              const HeadList heads) {
-  __shared__ float zt[TILE_ROWS * TILE_PITCH];
-  __shared__ float gt[TILE_ROWS * TILE_PITCH];
-  __shared__ uint8_t ut[TILE_ROWS * TILE_PITCH];
-  __shared__ uint8_t pres[TILE_ROWS];
-  const int r = threadIdx.x;
-  const int64_t row0 = (int64_t)blockIdx.x * TILE_ROWS, i = row0 + r;
-  const bool row_ok = i < P.n;
-  const float* st = reinterpret_cast<const float*>(P.stats);
-  const GradScal gs = grad_scalars(P);
-  StepIn s{false, 0.f, 0.f, 0.f};
-  if (row_ok) s = load_step(P, i);
-  pres[r] = s.present;
-  if (row_ok && P.has_values && P.grad_values) reinterpret_cast<float*>(P.grad_values)[i] = value_grad(P, st, gs, i);
-  for (int k = 0; k < heads.count; ++k) {
-    const int h = heads.head[k];
-    const int A = P.sizes[h];
-    __syncthreads();
-    stage_tile(P, h, row0, pres, zt, ut);
-    __syncthreads();
-    if (row_ok && s.present) {
-      const HeadIn hi = load_head(P, h, i, true);
-      float gL, gE;
-      head_grads(P, st, gs, h, i, s, hi, gL, gE);
-      BufRow row{zt + r * TILE_PITCH, ut + r * TILE_PITCH, gt + r * TILE_PITCH, A};
-      row_backward(row, row_in(P, h, hi), gL, gE);
-    } else {
-      for (int j = 0; j < A; ++j) gt[r * TILE_PITCH + j] = 0.f;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < TILE_ROWS * A; e += blockDim.x) {
-      const int rr = e / A, j = e - rr * A;
-      const int64_t ii = row0 + rr;
-      if (ii < P.n) store_elem(P.grads[h], ii * P.grads_rs[h] + j, P.logits_dtype, gt[rr * TILE_PITCH + j]);
-    }
-  }
-}
-
-__global__ void __launch_bounds__(WIDE_THREADS) bwd_wide_kernel(const __grid_constant__ PPOParams P,
-                                                                const HeadList heads) {
-  __shared__ __align__(16) unsigned char red[RED_SMEM];
-  const int h = heads.head[blockIdx.y];
-  const int64_t i = blockIdx.x;
-  const StepIn s = load_step(P, i);
-  BlockRow row{&P, h, i, P.sizes[h], s.present, red};
-  if (!s.present) {  // uniform over the block
-    row.for_each([&](int j) { row.store(j, 0.f); });
-    return;
-  }
-  const HeadIn hi = load_head(P, h, i, true);
-  float gL, gE;
-  head_grads(P, reinterpret_cast<const float*>(P.stats), grad_scalars(P), h, i, s, hi, gL, gE);
-  row_backward(row, row_in(P, h, hi), gL, gE);
-}
-
-// ---- host side ----------------------------------------------------------------------------------------
+// ---- host side ----------------------------------------------------------------------------------------------
 struct DeviceGuard {
   int prev = -1;
   cudaError_t err = cudaSuccess;
@@ -408,12 +97,84 @@ std::string err_str(const char* what, cudaError_t e) {
   return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
 }
 
-void split_heads(const PPOParams& P, HeadList& small, HeadList& wide) {
-  small.count = wide.count = 0;
-  for (int h = 0; h < P.num_heads; ++h) {
-    if (P.sizes[h] <= SMALL_MAX) small.head[small.count++] = h;
-    else wide.head[wide.count++] = h;
+constexpr int MAX_DEVICES = 64;
+std::mutex g_mu;
+Machine g_machine[MAX_DEVICES];
+bool g_machine_ok[MAX_DEVICES];
+int g_smem_set[MAX_DEVICES][5];  // dynamic shared memory already allowed per kernel (small<32>, wide<1>, wide<0>,
+                                 // small<8>, small<16>)
+
+std::string machine_of(int device, Machine& M) {
+  if (device < 0 || device >= MAX_DEVICES) return "device index out of range";
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_machine_ok[device]) {
+    Machine m{};
+    cudaError_t e;
+    if ((e = cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, device)) ||
+        (e = cudaDeviceGetAttribute(&m.cc_major, cudaDevAttrComputeCapabilityMajor, device)) ||
+        (e = cudaDeviceGetAttribute(&m.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) ||
+        (e = cudaDeviceGetAttribute(&m.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)))
+      return err_str("cudaDeviceGetAttribute", e);
+    m.smem_optin -= EXEC_SCRATCH;
+    m.max_blocks = 0;
+    g_machine[device] = m;
+    g_machine_ok[device] = true;
   }
+  M = g_machine[device];
+  return "";
+}
+
+template <class K>
+std::string allow_smem(K kernel, int which, int device, int bytes) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (g_smem_set[device][which] >= bytes) return "";
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return err_str("cudaFuncSetAttribute", e);
+  g_smem_set[device][which] = bytes;
+  return "";
+}
+
+using Kern = void (*)(const PPOParams, const OnePass);
+// the main kernel of a plan, and its slot in g_smem_set
+Kern main_kernel(const OnePass& O, int& which) {
+  if (O.path == PATH_SMALL) {
+    which = O.wmax <= 8 ? 3 : (O.wmax <= 16 ? 4 : 0);
+    return O.wmax <= 8 ? small_kernel<8> : (O.wmax <= 16 ? small_kernel<16> : small_kernel<32>);
+  }
+  const bool staged = O.path == PATH_WIDE;
+  which = staged ? 1 : 2;
+  return staged ? wide_kernel<true> : wide_kernel<false>;
+}
+
+std::string launch_main(const PPOParams& P, const OnePass& O, cudaStream_t stream, int device) {
+  const int bytes = O.smem + EXEC_SCRATCH;
+  int which = 0;
+  const Kern kern = main_kernel(O, which);
+  if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
+  if (O.path == PATH_SMALL) {
+    kern<<<O.grid_main, O.rows, bytes, stream>>>(P, O);
+    if (cudaError_t e = cudaGetLastError()) return err_str("small_kernel launch", e);
+    return "";
+  }
+  if (O.cluster == 1) {
+    kern<<<O.grid_main, WIDE_THREADS, bytes, stream>>>(P, O);
+    if (cudaError_t e = cudaGetLastError()) return err_str("wide_kernel launch", e);
+    return "";
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)O.grid_main);
+  cfg.blockDim = dim3(WIDE_THREADS);
+  cfg.dynamicSmemBytes = (size_t)bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)O.cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, kern, P, O)) return err_str("wide_kernel cluster launch", e);
+  return "";
 }
 
 }  // namespace
@@ -426,53 +187,54 @@ std::string cuda_status() {
   return "";
 }
 
-std::string cuda_forward(const PPOParams& P, const CudaScratch& S, uintptr_t stream_handle, int device) {
+std::string cuda_machine(int device, op::Machine& M) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
-  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int64_t N = P.n;
-  const int K = stats_size(P.num_heads);
-  const int64_t nparts = (N + STEP_ROWS - 1) / STEP_ROWS;
-  int32_t* aux = reinterpret_cast<int32_t*>(S.aux);
-  double* parts = reinterpret_cast<double*>(S.parts);
-  HeadList small, wide;
-  split_heads(P, small, wide);
-  if (N > 0) {
-    if (small.count > 0) {
-      fwd_small_kernel<<<(unsigned)((N + TILE_ROWS - 1) / TILE_ROWS), TILE_ROWS, 0, stream>>>(P, aux, small);
-      if (cudaError_t e = cudaGetLastError()) return err_str("fwd_small launch", e);
+  return machine_of(device, M);
+}
+
+std::string cuda_onepass_occupancy(const PPOParams& P, op::OnePass& O, int device) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
+  Machine M;
+  if (std::string err = machine_of(device, M); !err.empty()) return err;
+  int which = 0;
+  const Kern kern = main_kernel(O, which);
+  const int bytes = O.smem + EXEC_SCRATCH;
+  if (std::string err = allow_smem(kern, which, device, bytes); !err.empty()) return err;
+  const int threads = O.path == PATH_SMALL ? O.rows : WIDE_THREADS;
+  int per_sm = 0;
+  if (cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, threads, (size_t)bytes))
+    return err_str("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+  if (per_sm < 1) return "the main kernel does not fit on a multiprocessor (registers or shared memory)";
+  const int64_t resident = (int64_t)M.sm_count * per_sm;  // blocks the device holds at once
+  if (O.path == PATH_SMALL) {
+    if (O.grid_main > resident) O.grid_main = O.nparts = (int32_t)resident;
+  } else {
+    const int64_t ncl = resident / O.cluster < 1 ? 1 : resident / O.cluster;
+    if (O.nparts > ncl) {
+      O.nparts = (int32_t)ncl;
+      O.grid_main = (int32_t)(ncl * O.cluster);
     }
-    if (wide.count > 0) {
-      if (N > 0x7fffffffLL) return "too many rows for the wide-head kernel";
-      fwd_wide_kernel<<<dim3((unsigned)N, (unsigned)wide.count), WIDE_THREADS, 0, stream>>>(P, aux, wide);
-      if (cudaError_t e = cudaGetLastError()) return err_str("fwd_wide launch", e);
-    }
-    step_kernel<<<(unsigned)nparts, STEP_ROWS, 0, stream>>>(P, aux, parts);
-    if (cudaError_t e = cudaGetLastError()) return err_str("step launch", e);
   }
-  reduce_kernel<<<K, RED_THREADS, 0, stream>>>(P, parts, nparts);
-  if (cudaError_t e = cudaGetLastError()) return err_str("reduce launch", e);
-  losses_kernel<<<1, 1, 0, stream>>>(P);
-  if (cudaError_t e = cudaGetLastError()) return err_str("losses launch", e);
+  (void)P;
   return "";
 }
 
-std::string cuda_backward(const PPOParams& P, uintptr_t stream_handle, int device) {
+std::string cuda_onepass_forward(const PPOParams& P, const op::OnePass& O, uintptr_t stream_handle, int device) {
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int64_t N = P.n;
-  if (N == 0) return "";
-  HeadList small, wide;
-  split_heads(P, small, wide);
-  bwd_small_kernel<<<(unsigned)((N + TILE_ROWS - 1) / TILE_ROWS), TILE_ROWS, 0, stream>>>(P, small);
-  if (cudaError_t e = cudaGetLastError()) return err_str("bwd_small launch", e);
-  if (wide.count > 0) {
-    if (N > 0x7fffffffLL) return "too many rows for the wide-head kernel";
-    bwd_wide_kernel<<<dim3((unsigned)N, (unsigned)wide.count), WIDE_THREADS, 0, stream>>>(P, wide);
-    if (cudaError_t e = cudaGetLastError()) return err_str("bwd_wide launch", e);
-  }
-  return "";
+  prepass_kernel<<<O.grid_pre, WIDE_THREADS, EXEC_SCRATCH, stream>>>(P, O);
+  if (cudaError_t e = cudaGetLastError()) return err_str("prepass_kernel launch", e);
+  return launch_main(P, O, stream, device);
+}
+
+std::string cuda_onepass_backward(const PPOParams& P, const op::OnePass& O, uintptr_t stream_handle, int device) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return err_str("cudaSetDevice", guard.err);
+  if (P.n == 0) return "";
+  return launch_main(P, O, reinterpret_cast<cudaStream_t>(stream_handle), device);
 }
 
 std::string cuda_derive_metrics(const MetricsCfg& c, uintptr_t stats, uintptr_t out, uintptr_t stream_handle,

@@ -4,24 +4,22 @@
 #include <string>
 
 #include "ppo_metrics.h"
+#include "ppo_onepass.h"
 #include "ppo_params.h"
 
 namespace esper {
 
-// rows per block of the per-step kernel: the caller allocates ceil(n / CUDA_STEP_ROWS) x K float64 partials
-constexpr int CUDA_STEP_ROWS = 128;
-
-// scratch the caller (Python, through torch's allocator) provides
-struct CudaScratch {
-  uintptr_t aux;    // int32 [N, H]
-  uintptr_t parts;  // float64 [ceil(N / CUDA_STEP_ROWS), K]
-};
-
 // "" when a CUDA device can run the kernels, else why not
 std::string cuda_status();
-// both launch on `stream` (a cudaStream_t as an integer) under `device`; they return an error message or ""
-std::string cuda_forward(const PPOParams& P, const CudaScratch& S, uintptr_t stream, int device);
-std::string cuda_backward(const PPOParams& P, uintptr_t stream, int device);
+// the device's multiprocessors, compute capability and shared-memory limits (cached per device)
+std::string cuda_machine(int device, op::Machine& M);
+// the plan's main grid capped at the blocks the device holds at once (the kernel's registers and shared memory,
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor): the persistent blocks all run together
+std::string cuda_onepass_occupancy(const PPOParams& P, op::OnePass& O, int device);
+// every launch is on `stream` (a cudaStream_t as an integer) under `device`; each returns an error message or "".
+// forward: the pre-pass and the main kernel (O planned with fixup = 0); backward: the fix-up (fixup = 1)
+std::string cuda_onepass_forward(const PPOParams& P, const op::OnePass& O, uintptr_t stream, int device);
+std::string cuda_onepass_backward(const PPOParams& P, const op::OnePass& O, uintptr_t stream, int device);
 // the metric table (float32 [metrics_size(H)]) of a float32 statistics vector, one thread of one block
 std::string cuda_derive_metrics(const MetricsCfg& c, uintptr_t stats, uintptr_t out, uintptr_t stream, int device);
 

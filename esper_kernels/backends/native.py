@@ -7,22 +7,27 @@ allocates every output with torch, fills one named ``_C.Params`` per call (the P
 
 * ``cpu``: ``_C.cpu_forward`` / ``_C.cpu_backward`` with ``torch.get_num_threads()`` threads; results are
   bitwise independent of the thread count (fixed row chunks, partials merged in a fixed order).
-* ``cuda``: ``_C.cuda_forward`` / ``_C.cuda_backward`` on ``torch.cuda.current_stream(device)`` under the
-  tensors' device; scratch (per-(step, head) flags, per-block float64 partial statistics) comes from torch's
-  allocator, so calls are capturable in CUDA graphs.
+* ``cuda``: ``_C.cuda_onepass_forward`` / ``_C.cuda_onepass_backward`` on ``torch.cuda.current_stream(device)``
+  under the tensors' device, through fused.py's one-pass protocol: three launches a step (pre-pass, forward that
+  also writes the gradient, fix-up); its scratch (normalisers, per-block partials, tickets) comes from torch's
+  allocator, so calls are capturable in CUDA graphs. ``CudaHostEmulation`` runs the same kernels' code on the
+  CPU (tests).
 
 Per-head inputs are read in place: packed ``[N, S]`` logits and masks become H pointers into one buffer
 (column offset, common row stride), separate ``[N, A_h]`` tensors H pointers with their own row strides; bool
-tensors are read as bytes (no copy). Saved between forward and backward (``saved_shape``): float32
-``[N, H + 1]``, column h the unnormalised d policy-loss / d ell_ih (the backward divides by W or den_h read
-from the statistics vector), column H the unnormalised d value-loss / d v_i; the ``cpu`` backend appends each
-(step, head)'s row maximum m and log sum exp(z - m), ``[N, H]`` each, so that its backward needs one exp per
-logit and no max/sum pass (never their sum, the log-sum-exp, which rounds at the magnitude of the logits).
+tensors are read as bytes (no copy). The ``cpu`` backend saves between forward and backward (``saved_shape``)
+float32 ``[N, H + 1]``, column h the unnormalised d policy-loss / d ell_ih (the backward divides by W or den_h
+read from the statistics vector), column H the unnormalised d value-loss / d v_i, then each (step, head)'s row
+maximum m and log sum exp(z - m), ``[N, H]`` each, so that its backward needs one exp per logit and no max/sum
+pass (never their sum, the log-sum-exp, which rounds at the magnitude of the logits). The ``cuda`` backend saves
+only its normalisers and two ticket counters (``[4 + 3H + 2]``): its fix-up recomputes from the logits when it
+has to.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -32,7 +37,7 @@ from ..schema import GLOBAL_SIZE, HEAD_SIZE, fingerprint, stats_size
 from .base import Supports
 from .fused import FusedBackend, FusedCall, register_fused
 
-__all__ = ["CpuBackend", "CudaBackend", "BACKENDS", "forward_params", "backward_params"]
+__all__ = ["CpuBackend", "CudaBackend", "CudaHostEmulation", "BACKENDS", "forward_params", "backward_params"]
 
 try:
     from .. import _C
@@ -181,6 +186,10 @@ def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor
     return grads, gv
 
 
+def _metrics_size(num_heads: int) -> int:
+    return len(GLOBAL_METRICS) + len(HEAD_METRICS) * num_heads
+
+
 def _metrics_call(stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool):
     """The ``_C.MetricsCfg`` of ``_C.derive_metrics`` / ``_C.cuda_derive_metrics`` and the table they fill."""
     H = (stats.numel() - GLOBAL_SIZE) // HEAD_SIZE
@@ -245,18 +254,66 @@ class CpuBackend(_NativeBackend):
         return grads, gv
 
 
+#: shared-memory limits assumed by the host emulation (an H100/H200: 132 multiprocessors, 227 KB per block)
+_HOST_MACHINE = dict(sm_count=132, cc_major=9, smem_optin=227 * 1024, smem_per_sm=228 * 1024)
+#: the fix-up's and the forward's ticket counters (uint32, csrc/ppo_onepass.h CTL_SIZE), after the normalisers
+_CTL_SIZE = 2
+
+
+def _norms_size(num_heads: int) -> int:
+    return 4 + 3 * num_heads  # csrc/ppo_onepass.h norms_size
+
+
 class CudaBackend(_NativeBackend):
-    """The fused loss as CUDA kernels (csrc/ppo_cuda.cu) on CUDA tensors."""
+    """The fused loss as CUDA kernels (csrc/ppo_cuda.cu, csrc/ppo_onepass.h) on CUDA tensors.
+
+    The one-pass protocol of ``fused.py`` (``one_pass = True``). A step is three launches on the current stream,
+    none of which synchronises with the host: the pre-pass (the normalisers of the per-step inputs), the forward
+    (outputs, statistics, the metric table, and, when the caller passes gradient buffers, d loss / d logits for an
+    upstream of 1 on ``loss`` while the rows are on chip) and the fix-up (the backward: nothing for
+    ``loss.backward()``, an in-place rescale when only the loss's scalar differs, else a recompute from the
+    logits; it reads the incoming gradients on the device). Scratch comes from torch's allocator, so the step can
+    be captured in a CUDA graph. ``saved`` is the normalisers then two ticket counters (float32
+    ``[4 + 3H + 2]``).
+    """
 
     name = "cuda"
     supports = Supports(devices=("cuda",), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY)
+    one_pass = True
     has_metric_table = _C is not None and hasattr(_C, "cuda_derive_metrics")
 
-    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
-        c, out = _metrics_call(stats, cfg, has_values)
-        _C.cuda_derive_metrics(c, stats.data_ptr(), out.data_ptr(), *self._stream(stats.device))
-        return out
+    #: > 0: at most this many main blocks (clusters on the wide path); tests use it to force many tiles per block
+    max_blocks = 0
 
+    def __init__(self):
+        self._plans: dict[tuple, dict] = {}
+        self._mcfgs: dict[tuple, object] = {}
+        #: data_ptr of a forward's statistics -> (weak reference to them, version, table, config, has_values)
+        self._tables: dict[int, tuple] = {}
+
+    # -- the launches (the host emulation overrides these four) ----------------------------------------------------
+    def _device_index(self, dev: torch.device) -> int:
+        return dev.index if dev.index is not None else torch.cuda.current_device()
+
+    def _plan(self, p, dev: torch.device, fixup: bool, write_grad: bool) -> dict:
+        return _C.cuda_onepass_plan(p, self._device_index(dev), fixup=fixup, write_grad=write_grad,
+                                    max_blocks=self.max_blocks)
+
+    def _launch_forward(self, p, mcfg, dev: torch.device, **kw) -> None:
+        idx = self._device_index(dev)
+        _C.cuda_onepass_forward(p, mcfg, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
+                                max_blocks=self.max_blocks, **kw)
+
+    def _launch_backward(self, p, dev: torch.device, **kw) -> None:
+        idx = self._device_index(dev)
+        _C.cuda_onepass_backward(p, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
+                                 max_blocks=self.max_blocks, **kw)
+
+    def _table_kernel(self, c, stats: torch.Tensor, out: torch.Tensor) -> None:
+        idx = self._device_index(stats.device)
+        _C.cuda_derive_metrics(c, stats.data_ptr(), out.data_ptr(), torch.cuda.current_stream(idx).cuda_stream, idx)
+
+    # -- availability ------------------------------------------------------------------------------------------
     def unavailable_reasons(self) -> list[str]:
         if _C is None:
             return [_IMPORT_ERROR]
@@ -268,30 +325,157 @@ class CudaBackend(_NativeBackend):
         status = _C.cuda_status()
         return [status] if status else []
 
-    @staticmethod
-    def _stream(device: torch.device) -> tuple[int, int]:
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.current_stream(idx).cuda_stream, idx
+    # -- shared pieces -----------------------------------------------------------------------------------------
+    def saved_shape(self, n: int, num_heads: int) -> list[int]:
+        return [_norms_size(num_heads) + _CTL_SIZE]  # the normalisers, then the tickets (uint32 bit patterns)
 
-    def kernel_forward(self, call: FusedCall) -> tuple[torch.Tensor, ...]:
-        outs = _forward_outputs(call, self.saved_shape(call.n, call.num_heads))
+    def _mcfg(self, cfg: ResolvedConfig, has_values: bool, num_heads: int):
+        key = (cfg, has_values)
+        c = self._mcfgs.get(key)
+        if c is None:
+            c = _C.MetricsCfg()
+            c.num_heads = num_heads
+            c.per_head = int(cfg.per_head)
+            c.has_values = int(has_values)
+            c.has_vclip = int(has_values and math.isfinite(cfg.value_clip))
+            c.ratio_std_unbiased = int(cfg.ratio_std_unbiased)
+            c.entropy_coef = cfg.entropy_coef
+            c.value_coef = cfg.value_coef
+            c.kcoef = list(cfg.entropy_coef_per_head)
+            if len(self._mcfgs) > 64:
+                self._mcfgs.clear()
+            self._mcfgs[key] = c
+        return c
+
+    def _plan_cached(self, call: FusedCall, p, fixup: bool, write_grad: bool) -> dict:
         dev = call.logits[0].device
+        key = (dev, call.n, call.head_sizes, p.logits_dtype, p.has_mask, p.per_head, fixup, write_grad,
+               self.max_blocks)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(p, dev, fixup, write_grad)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    # -- the one-pass protocol (fused.py) ----------------------------------------------------------------------
+    def kernel_forward(self, call: FusedCall, grads: list[torch.Tensor] | None = None,
+                       grad_values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Pre-pass + forward: (losses, log_probs, entropy, joint_ratio, stats, saved, table); with ``grads`` /
+        ``grad_values`` the forward also fills them for an upstream (1, 0, 0, 0) on the losses."""
         N, H = call.n, call.num_heads
-        rows = int(_C.CUDA_STEP_ROWS)
-        aux = torch.empty((N, H), dtype=torch.int32, device=dev)
-        parts = torch.empty((max(1, -(-N // rows)), stats_size(H)), dtype=torch.float64, device=dev)
-        stream, idx = self._stream(dev)
-        _C.cuda_forward(forward_params(call, outs), aux.data_ptr(), parts.data_ptr(), stream, idx)
-        return outs
+        dev = call.logits[0].device
+        p = call.cache.get("native")
+        if p is None:
+            p = call.cache["native"] = _input_params(call)
+        p = p.copy()
+        write_grad = grads is not None
+        plan = self._plan_cached(call, p, False, write_grad)
+        K, M = plan["stats_size"], plan["metrics_size"]
+        f32 = dict(dtype=torch.float32, device=dev)
+        losses = torch.empty(4, **f32)
+        log_probs = torch.empty((N, H), **f32)
+        entropy = torch.empty((N, H), **f32)
+        joint_ratio = torch.empty(N, **f32)
+        stats = torch.empty(K, **f32)
+        table = torch.empty(M, **f32)
+        saved = torch.empty(plan["norms_size"] + _CTL_SIZE, **f32)
+        npre = plan["grid_pre"] * plan["pre_size"]
+        scratch = torch.empty(npre + plan["nparts"] * K, **f32)  # pre-pass partials, then the forward's partials
+        p.losses, p.log_probs, p.entropy, p.joint_ratio, p.stats = (
+            losses.data_ptr(), log_probs.data_ptr(), entropy.data_ptr(), joint_ratio.data_ptr(), stats.data_ptr())
+        if write_grad:
+            for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, H)):
+                p.set_grad(h, ptr, rs)
+        base = scratch.data_ptr()
+        self._launch_forward(
+            p, self._mcfg(call.cfg, call.values is not None, H), dev, write_grad=write_grad,
+            norms=saved.data_ptr(), pre_parts=base, parts=base + 4 * npre,
+            ctl=saved.data_ptr() + 4 * plan["norms_size"], table=table.data_ptr(),
+            gv=0 if grad_values is None else grad_values.data_ptr())
+        return losses, log_probs, entropy, joint_ratio, stats, saved, table
 
     def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
                         grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        grads, gv = _backward_outputs(call)
-        p = backward_params(call, stats, saved, grads, grad_losses, grad_log_probs, grad_entropy, gv)
-        stream, idx = self._stream(call.logits[0].device)
-        _C.cuda_backward(p, stream, idx)
-        return grads, gv
+                        grad_entropy: torch.Tensor | None, *, grads: list[torch.Tensor] | None = None,
+                        grad_values: torch.Tensor | None = None, holds: bool = False) -> None:
+        """The fix-up, in place on ``grads`` / ``grad_values``: holds=True, they hold what ``kernel_forward``
+        wrote (left as they are, rescaled or recomputed after the incoming gradients, read on the device);
+        holds=False, recomputed."""
+        if call.n == 0 or (grads is None and grad_values is None):
+            return
+        dev = call.logits[0].device
+        gl = None if grad_losses is None else grad_losses.detach().to(torch.float32).contiguous().reshape(4)
+        g4 = (0, 0, 0, 0) if gl is None else tuple(gl.data_ptr() + 4 * k for k in range(4))
+        p = backward_params(call, stats, saved, grads if grads is not None else [], None, grad_log_probs,
+                            grad_entropy, None)
+        norms_size = _norms_size(call.num_heads)
+        self._launch_backward(p, dev, write_grad=grads is not None, force_recompute=not holds,
+                              norms=saved.data_ptr(), ctl=saved.data_ptr() + 4 * norms_size,
+                              gv=0 if grad_values is None else grad_values.data_ptr(), grad_losses=g4)
+
+    # -- the metric table --------------------------------------------------------------------------------------
+    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig,
+                       has_values: bool) -> None:
+        """The forward wrote the metric table of ``stats``: ``metric_table`` returns it instead of a launch while
+        these statistics are alive and unmodified."""
+        if stats.is_inference():  # no version counter: the table is derived again when asked
+            return
+        key = stats.data_ptr()
+
+        def forget(ref, key=key, tables=self._tables):
+            entry = tables.get(key)
+            if entry is not None and entry[0] is ref:
+                del tables[key]
+
+        self._tables[key] = (weakref.ref(stats, forget), stats._version, table, cfg, has_values)
+
+    def metric_table(self, stats: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> torch.Tensor:
+        entry = None if stats.is_inference() else self._tables.get(stats.data_ptr())
+        if entry is not None:
+            ref, version, table, tcfg, thv = entry
+            orig = ref()
+            if (orig is not None and orig._version == version and stats._version == version and tcfg == cfg
+                    and thv == has_values and orig.data_ptr() == stats.data_ptr() and stats.device == table.device
+                    and stats.numel() == orig.numel()):
+                return table
+        c, out = _metrics_call(stats, cfg, has_values)
+        self._table_kernel(c, stats, out)
+        return out
+
+
+class CudaHostEmulation(CudaBackend):
+    """The cuda backend's kernels run on the CPU (``_C.onepass_host_*``: the same block bodies, block by block):
+    the tests' way to check the one-pass kernels' math, tiling and merges without a GPU. Not registered; a test
+    puts it in place of "cuda" (CPU tensors). ``max_blocks`` > 0 caps the main grid (many tiles per block)."""
+
+    supports = Supports(devices=("cpu",), max_heads=MAX_HEADS)
+    has_metric_table = _C is not None
+
+    def __init__(self, max_blocks: int = 0, sm_count: int | None = None):
+        super().__init__()
+        self.machine = dict(_HOST_MACHINE, max_blocks=max_blocks)
+        if sm_count is not None:
+            self.machine["sm_count"] = sm_count
+
+    def unavailable_reasons(self) -> list[str]:
+        return [_IMPORT_ERROR] if _C is None else []
+
+    def _plan(self, p, dev, fixup, write_grad):
+        return _C.onepass_plan(p, fixup=fixup, write_grad=write_grad, **self.machine)
+
+    def _plan_cached(self, call, p, fixup, write_grad):
+        return self._plan(p, call.logits[0].device, fixup, write_grad)
+
+    def _launch_forward(self, p, mcfg, dev, **kw):
+        _C.onepass_host_forward(p, mcfg, **kw, **self.machine)
+
+    def _launch_backward(self, p, dev, **kw):
+        _C.onepass_host_backward(p, **kw, **self.machine)
+
+    def _table_kernel(self, c, stats, out):
+        _C.derive_metrics(c, stats.data_ptr(), out.data_ptr())
 
 
 BACKENDS = {"cpu": register_fused(CpuBackend()), "cuda": register_fused(CudaBackend())}
