@@ -311,12 +311,13 @@ def test_odd_and_tiny_batches(n):
 
 
 def test_head_groups_and_column_stores():
-    """Packed heads sharing tiles (GROUP_MAX 16 and 32) and column-at-a-time gradient stores give the same
-    results as one tile per head."""
+    """Packed heads sharing tiles (GROUP_MAX 16 and 32) and column-at-a-time gradient stores (the forward's, and
+    the backward's recompute's joined tiles) give the same results as one tile per head."""
     b = make_batch((6,), LAYOUT, seed=13)
     config = PATH_CONFIGS[1]
     ref, ref_grads = run("triton", b, LAYOUT, config, grad_seed=2)
-    for knobs in (dict(GROUP_MAX=32), dict(GROUP_MAX=0, TILE_STORE=False), dict(GROUP_MAX=16)):
+    for knobs in (dict(GROUP_MAX=32), dict(GROUP_MAX=0, TILE_STORE=False), dict(GROUP_MAX=16),
+                  dict(FIXUP_TILE_STORE=True)):
         with tuning(**knobs):
             out, grads = run("triton", b, LAYOUT, config, grad_seed=2)
         assert torch.equal(out.loss, ref.loss), knobs

@@ -54,6 +54,9 @@ ROWS_PER_PROGRAM = 0
 GROUP_MAX = 16
 #: store the gradient of small heads as joined [rows, width] tiles (coalesced) instead of one column at a time
 TILE_STORE = True
+#: the same for the backward's fix-up; off: its recompute (rare: only when outputs other than the loss carry a
+#: gradient) holds the row's gradient columns in fewer registers (ptxas spilled the joined tiles at rl_1m)
+FIXUP_TILE_STORE = False
 #: rows per program when a head is wide, and the widest chunk (columns) of a wide head
 WIDE_ROWS = 2
 MAX_BLOCK_C = 2048
@@ -241,7 +244,7 @@ _SUPPORTS_INTERPRETED = Supports(devices=("cuda", "cpu"), max_heads=MAX_HEADS, m
 class _Encoded:
     """A call's kernel arguments that do not change between its forward and its backward."""
 
-    __slots__ = ("consts", "inputs", "plan", "pre_args", "pre_consts", "scalars")
+    __slots__ = ("consts", "fixup_consts", "inputs", "plan", "pre_args", "pre_consts", "scalars")
 
 
 def _encode(call: FusedCall) -> _Encoded:
@@ -293,6 +296,7 @@ def _encode(call: FusedCall) -> _Encoded:
         KPAD=_pow2_ceil(K), HPAD=max(2, _pow2_ceil(H)), GROUP=MERGE_GROUP, MERGE_CH=MERGE_CHUNK, BN=plan.bn,
         BLOCK_C=plan.block_c, num_warps=plan.num_warps, maxnreg=MAXNREG,
     )
+    enc.fixup_consts = {**enc.consts, "TILE_STORE": bool(FIXUP_TILE_STORE)}
     # the pre-pass
     norm_adv = bool(cfg.normalize_advantages)
     pk = _kernels().NPG + H + 2 * (H if adv_ph else 1)
@@ -369,7 +373,8 @@ class TritonBackend(FusedBackend):
             0 if gent is None else gent.stride(1),
             call.n, enc.plan.programs, *enc.scalars,
             FIXUP=fixup, HOLDS=holds, HAS_GLOSS=gl is not None, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
-            GRAD_ON=grads is not None, VGRAD_ON=grad_values is not None, **enc.consts,
+            GRAD_ON=grads is not None, VGRAD_ON=grad_values is not None,
+            **(enc.fixup_consts if fixup else enc.consts),
         )
 
     # ---- forward ------------------------------------------------------------------------------------------
