@@ -75,8 +75,9 @@ def test_build_gives_sdist_and_wheel(dist):
     assert len(sdists) == 1 and len(wheels) == 1, sorted(p.name for p in dist.iterdir())
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("pyproject.toml", "CMakeLists.txt", "csrc/CMakeLists.txt", "csrc/bindings.cpp", "csrc/cpu/driver.cpp", "csrc/cpu/avx512_small.cpp",
-                   "esper_kernels/schema.py", "esper_kernels/__init__.py", "README.md"):
+    for needed in ("pyproject.toml", "CMakeLists.txt", "csrc/CMakeLists.txt", "csrc/bindings.cpp",
+                   "csrc/cpu/driver.cpp", "csrc/cpu/avx512_small.cpp", "esper_kernels/schema.py",
+                   "esper_kernels/__init__.py", "README.md"):
         assert needed in names, f"sdist lacks {needed}"
     with zipfile.ZipFile(wheels[0]) as whl:
         names = whl.namelist()
