@@ -37,6 +37,8 @@
 #define ESPER_HDM inline
 #endif
 
+#include "ppo_head_terms.h"
+
 namespace esper {
 
 // --------------------------------------------------------------------------------------------------------
@@ -458,10 +460,9 @@ struct BufRow {
 enum { GX_RMIN = ESPER_GLOBAL_SIZE, GX_RMAX, GX_TMIN, GX_TMAX, GX_EMIN, GX_EMAX, GX_SIZE };
 enum { KIND_SUM = 0, KIND_MIN = 1, KIND_MAX = 2 };
 
-ESPER_HD int head_kind(int k) {
-  return (k == HD_LOGP_MIN || k == HD_VALID_MIN) ? KIND_MIN
-         : (k == HD_RATIO_MAX || k == HD_LOGP_MAX || k == HD_VALID_MAX) ? KIND_MAX
-                                                                         : KIND_SUM;
+ESPER_HD int head_kind(int k) {  // counts are sums here
+  const int kind = head_stat_kind(k);
+  return kind == ESPER_KIND_MIN ? KIND_MIN : kind == ESPER_KIND_MAX ? KIND_MAX : KIND_SUM;
 }
 ESPER_HD int global_kind(int k) {
   return (k == G_RATIO_MIN || k == GX_RMIN || k == GX_TMIN || k == GX_EMIN) ? KIND_MIN
@@ -597,23 +598,9 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   }
   const bool pres = s.present;
   const float n = rf.n, ell = rf.ell;
-  bool ok_ell = rel && ell == ell;
-  c[HD_REL_WEIGHT] = wr;
-  c[HD_POLICY_NUM] = pol;
-  c[HD_ENTROPY_NUM] = rel ? wr * rf.ent : 0.f;
-  c[HD_KL_NUM] = rel ? wr * ((ratio - 1.f) - lr) : 0.f;
-  c[HD_CLIP_NUM] = (rel && (ratio > hi_c || ratio < lo)) ? wr : 0.f;
-  c[HD_RATIO_MAX] = (rel && ratio == ratio) ? ratio : -f_inf();
-  c[HD_LOGP_MIN] = ok_ell ? ell : f_inf();
-  c[HD_LOGP_MAX] = ok_ell ? ell : -f_inf();
-  c[HD_NONFINITE] = (pres && !is_finite(ell)) ? 1.0 : 0.0;
-  c[HD_EMPTY_MASK] = (pres && n == 0.f) ? 1.0 : 0.0;
-  c[HD_INVALID_ACTION] = (pres && !rf.taken) ? 1.0 : 0.0;
-  c[HD_VALID_MIN] = pres ? n : f_inf();
-  c[HD_VALID_MAX] = pres ? n : -f_inf();
-  c[HD_VALID_SUM] = pres ? s.w * n : 0.f;
-  c[HD_SINGLE] = (pres && n == 1.f) ? s.w : 0.f;
-  c[HD_LEARNABLE] = (rel && n > 1.f) ? s.w : 0.f;
+  RowTermSink<double> sink{c, 1};
+  head_stat_terms<ScalarTerms>(HeadRow<ScalarTerms>{pres, rel, rf.taken, s.w, pol, rf.ent, ratio, lr, ell, n, lo, hi_c},
+                          sink);
   HeadStep out;
   out.lr = lr;
   out.u = u;

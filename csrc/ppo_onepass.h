@@ -820,23 +820,9 @@ ESPER_HD HeadTerms head_terms(const PPOParams& P, const float* nm, const Up& up,
   }
   t.gent = rel ? hc[2 * h + 1] * s.w : 0.f;
   if (c) {
-    const bool ok_ell = rel && ell == ell;
-    c[HD_REL_WEIGHT * cs] = wr;
-    c[HD_POLICY_NUM * cs] = pol;
-    c[HD_ENTROPY_NUM * cs] = rel ? wr * co.Hout : 0.f;
-    c[HD_KL_NUM * cs] = rel ? wr * ((ratio - 1.f) - lr) : 0.f;
-    c[HD_CLIP_NUM * cs] = (rel && (ratio > hi_c || ratio < lo)) ? wr : 0.f;
-    c[HD_RATIO_MAX * cs] = (rel && ratio == ratio) ? ratio : -INFINITY;
-    c[HD_LOGP_MIN * cs] = ok_ell ? ell : INFINITY;
-    c[HD_LOGP_MAX * cs] = ok_ell ? ell : -INFINITY;
-    c[HD_NONFINITE * cs] = (pres && !is_finite(ell)) ? 1.f : 0.f;
-    c[HD_EMPTY_MASK * cs] = (pres && n == 0.f) ? 1.f : 0.f;
-    c[HD_INVALID_ACTION * cs] = (pres && !co.taken) ? 1.f : 0.f;
-    c[HD_VALID_MIN * cs] = pres ? n : INFINITY;
-    c[HD_VALID_MAX * cs] = pres ? n : -INFINITY;
-    c[HD_VALID_SUM * cs] = pres ? s.w * n : 0.f;
-    c[HD_SINGLE * cs] = (pres && n == 1.f) ? s.w : 0.f;
-    c[HD_LEARNABLE * cs] = (rel && n > 1.f) ? s.w : 0.f;
+    RowTermSink<float> sink{c, cs};
+    head_stat_terms<ScalarTerms>(
+        HeadRow<ScalarTerms>{pres, rel, co.taken, s.w, pol, co.Hout, ratio, lr, ell, n, lo, hi_c}, sink);
   }
   return t;
 }

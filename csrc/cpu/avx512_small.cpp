@@ -290,6 +290,51 @@ inline __m512 floor_q(const FloorLanes& fl, __m512 p1, __mmask16 under) {
   return _mm512_mask_blend_ps(under, _mm512_mul_ps(p1, fl.s_f), fl.f);
 }
 
+// head_stat_terms (ppo_head_terms.h) over 16 lanes: values in a zmm register, conditions as a lane mask
+struct LaneTerms {
+  using V = __m512;
+  using B = __mmask16;
+  static V k(float x) { return _mm512_set1_ps(x); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static B gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static B lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static B eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static B ord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q); }
+  static B nonfinite(V a) {
+    return (B)~_mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+  }
+  static B all(B a, B b) { return a & b; }
+  static B any(B a, B b) { return a | b; }
+  static B no(B a) { return (B)~a; }
+};
+
+// the lane accumulator of one head, by each statistic's kind: sums in double per lane, minima and maxima in
+// float per lane, counts as popcounts of the condition
+struct LaneSink {
+  LaneAcc& acc;
+  template <int K>
+  void term(__mmask16 on, __m512 v) {
+    constexpr int kind = kHeadKind[K], q = head_slot(K);
+    if constexpr (kind == ESPER_KIND_SUM) {
+      const __m512 x = _mm512_maskz_mov_ps(on, v);
+      const __m512d lo8 = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+      const __m512d hi8 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+      _mm512_store_pd(acc.sum[q], _mm512_add_pd(_mm512_load_pd(acc.sum[q]), lo8));
+      _mm512_store_pd(acc.sum[q] + 8, _mm512_add_pd(_mm512_load_pd(acc.sum[q] + 8), hi8));
+    } else if constexpr (kind == ESPER_KIND_MIN) {
+      const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(INFINITY), on, v);
+      _mm512_store_ps(acc.mn[q], _mm512_min_ps(_mm512_load_ps(acc.mn[q]), x));
+    } else if constexpr (kind == ESPER_KIND_MAX) {
+      const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), on, v);
+      _mm512_store_ps(acc.mx[q], _mm512_max_ps(_mm512_load_ps(acc.mx[q]), x));
+    } else {
+      static_assert(kind == ESPER_KIND_COUNT, "a per-head statistic's kind without a lane rule");
+      acc.cnt[q] += __builtin_popcount((unsigned)on);
+    }
+  }
+};
+
 // the forward of head h over one block: outputs, saved m, ls and coefficients, lane statistics, Lsum and flags
 template <int DT>
 void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
@@ -405,33 +450,8 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
     _mm512_store_si512(flags, _mm512_or_si512(_mm512_load_si512(flags), f));
   }
   _mm512_store_ps(Lsum, _mm512_add_ps(_mm512_load_ps(Lsum), lr));
-  const __mmask16 okell = rel & _mm512_cmp_ps_mask(ell, ell, _CMP_ORD_Q);
-  const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(ell), pinf, _CMP_LT_OQ);
-  const __mmask16 clip = rel & (_mm512_cmp_ps_mask(ratio, hic, _CMP_GT_OQ) | _mm512_cmp_ps_mask(ratio, lo, _CMP_LT_OQ));
-  const __m512 sums[NSUMS] = {
-      wr,
-      pol,
-      _mm512_maskz_mul_ps(rel, wr, ent),
-      _mm512_maskz_mul_ps(rel, wr, _mm512_sub_ps(_mm512_sub_ps(ratio, one), lr)),
-      _mm512_maskz_mov_ps(clip, wr),
-      _mm512_maskz_mul_ps(pres, w, n),
-      _mm512_maskz_mov_ps(pres & _mm512_cmp_ps_mask(n, one, _CMP_EQ_OQ), w),
-      _mm512_maskz_mov_ps(rel & _mm512_cmp_ps_mask(n, one, _CMP_GT_OQ), w),
-  };
-  for (int q = 0; q < NSUMS; ++q) {
-    const __m512d lo8 = _mm512_cvtps_pd(_mm512_castps512_ps256(sums[q]));
-    const __m512d hi8 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sums[q]), 1)));
-    _mm512_store_pd(acc.sum[q], _mm512_add_pd(_mm512_load_pd(acc.sum[q]), lo8));
-    _mm512_store_pd(acc.sum[q] + 8, _mm512_add_pd(_mm512_load_pd(acc.sum[q] + 8), hi8));
-  }
-  const __m512 mins[2] = {_mm512_mask_mov_ps(pinf, okell, ell), _mm512_mask_mov_ps(pinf, pres, n)};
-  const __m512 maxs[3] = {_mm512_mask_mov_ps(ninf, rel & _mm512_cmp_ps_mask(ratio, ratio, _CMP_ORD_Q), ratio),
-                          _mm512_mask_mov_ps(ninf, okell, ell), _mm512_mask_mov_ps(ninf, pres, n)};
-  for (int q = 0; q < 2; ++q) _mm512_store_ps(acc.mn[q], _mm512_min_ps(_mm512_load_ps(acc.mn[q]), mins[q]));
-  for (int q = 0; q < 3; ++q) _mm512_store_ps(acc.mx[q], _mm512_max_ps(_mm512_load_ps(acc.mx[q]), maxs[q]));
-  acc.cnt[0] += __builtin_popcount((unsigned)(pres & ~fin));
-  acc.cnt[1] += __builtin_popcount((unsigned)(pres & _mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_EQ_OQ)));
-  acc.cnt[2] += __builtin_popcount((unsigned)(pres & ~taken));
+  LaneSink sink{acc};
+  head_stat_terms<LaneTerms>(HeadRow<LaneTerms>{pres, rel, taken, w, pol, ent, ratio, lr, ell, n, lo, hic}, sink);
 }
 
 // row_backward's floored branch, lane-wise: the gradient d/d z of each column into C.g (0 on masked columns),

@@ -81,19 +81,16 @@ void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn*
                     const float* gL, const float* gE, SmallBuf& B);
 
 // ---- the AVX-512 paths' state (filled and merged by the driver) ---------------------------------------------
-// head statistics the lanes sum (double), take the min / max of (float) or count
-constexpr int NSUMS = 8;
-constexpr int SUM_K[NSUMS] = {HD_REL_WEIGHT, HD_POLICY_NUM, HD_ENTROPY_NUM, HD_KL_NUM,
-                              HD_CLIP_NUM,   HD_VALID_SUM,  HD_SINGLE,      HD_LEARNABLE};
-constexpr int MIN_K[2] = {HD_LOGP_MIN, HD_VALID_MIN};
-constexpr int MAX_K[3] = {HD_RATIO_MAX, HD_LOGP_MAX, HD_VALID_MAX};
-constexpr int CNT_K[3] = {HD_NONFINITE, HD_EMPTY_MASK, HD_INVALID_ACTION};
+// head statistics, by kind (ppo_head_terms.h's head_slot): the lanes sum (double), take the min / max of
+// (float) or count
+constexpr int NH_SUM = head_kind_count(ESPER_KIND_SUM), NH_MIN = head_kind_count(ESPER_KIND_MIN);
+constexpr int NH_MAX = head_kind_count(ESPER_KIND_MAX), NH_CNT = head_kind_count(ESPER_KIND_COUNT);
 
 struct LaneAcc {  // one head's statistics over one chunk, per lane
-  alignas(64) double sum[NSUMS][RB];
-  alignas(64) float mn[2][RB];
-  alignas(64) float mx[3][RB];
-  int64_t cnt[3];
+  alignas(64) double sum[NH_SUM][RB];
+  alignas(64) float mn[NH_MIN][RB];
+  alignas(64) float mx[NH_MAX][RB];
+  int64_t cnt[NH_CNT];
   void init();                     // sums 0, minima +inf, maxima -inf, counts 0
   void fold(double* hacc) const;   // into hacc (initialised by kind): lanes in order
 };

@@ -609,27 +609,36 @@ int64_t useful_threads(const PPOParams& P, int nthreads, int64_t nchunks) {
 }  // namespace
 
 void LaneAcc::init() {
-  for (int q = 0; q < NSUMS; ++q)
+  for (int q = 0; q < NH_SUM; ++q)
     for (int r = 0; r < RB; ++r) sum[q][r] = 0.0;
   for (int r = 0; r < RB; ++r) {
-    mn[0][r] = mn[1][r] = INFINITY;
-    mx[0][r] = mx[1][r] = mx[2][r] = -INFINITY;
+    for (int q = 0; q < NH_MIN; ++q) mn[q][r] = INFINITY;
+    for (int q = 0; q < NH_MAX; ++q) mx[q][r] = -INFINITY;
   }
-  cnt[0] = cnt[1] = cnt[2] = 0;
+  for (int q = 0; q < NH_CNT; ++q) cnt[q] = 0;
 }
 
 // into hacc (initialised by kind): lanes in order
 void LaneAcc::fold(double* hacc) const {
-  for (int q = 0; q < NSUMS; ++q) {
-    double s = 0.0;
-    for (int r = 0; r < RB; ++r) s += sum[q][r];
-    hacc[SUM_K[q]] += s;
+  for (int k = 0; k < ESPER_HEAD_SIZE; ++k) {
+    const int q = head_slot(k);
+    switch (kHeadKind[k]) {
+      case ESPER_KIND_SUM: {
+        double s = 0.0;
+        for (int r = 0; r < RB; ++r) s += sum[q][r];
+        hacc[k] += s;
+        break;
+      }
+      case ESPER_KIND_MIN:
+        for (int r = 0; r < RB; ++r) hacc[k] = dmin_nn(hacc[k], (double)mn[q][r]);
+        break;
+      case ESPER_KIND_MAX:
+        for (int r = 0; r < RB; ++r) hacc[k] = dmax_nn(hacc[k], (double)mx[q][r]);
+        break;
+      default:  // ESPER_KIND_COUNT (ppo_head_terms.h rules out per-head moments)
+        hacc[k] += (double)cnt[q];
+    }
   }
-  for (int q = 0; q < 2; ++q)
-    for (int r = 0; r < RB; ++r) hacc[MIN_K[q]] = dmin_nn(hacc[MIN_K[q]], (double)mn[q][r]);
-  for (int q = 0; q < 3; ++q)
-    for (int r = 0; r < RB; ++r) hacc[MAX_K[q]] = dmax_nn(hacc[MAX_K[q]], (double)mx[q][r]);
-  for (int q = 0; q < 3; ++q) hacc[CNT_K[q]] += (double)cnt[q];
 }
 
 void GlobalAcc::init() {
