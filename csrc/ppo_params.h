@@ -31,14 +31,16 @@ enum GlobalStat : int32_t {
 #define ESPER_X(NAME, KIND) G_##NAME,
   ESPER_GLOBAL_STATS(ESPER_X)
 #undef ESPER_X
+  G_COUNT_
 };
 enum HeadStat : int32_t {
 #define ESPER_X(NAME, KIND) HD_##NAME,
   ESPER_HEAD_STATS(ESPER_X)
 #undef ESPER_X
+  HD_COUNT_
 };
-static_assert(G_BAD_VALUE_WEIGHTS + 1 == ESPER_GLOBAL_SIZE, "global statistics layout");
-static_assert(HD_LEARNABLE + 1 == ESPER_HEAD_SIZE, "per-head statistics layout");
+static_assert(G_COUNT_ == ESPER_GLOBAL_SIZE, "global statistics layout");
+static_assert(HD_COUNT_ == ESPER_HEAD_SIZE, "per-head statistics layout");
 
 // each statistic's merge kind (ESPER_KIND_*), from the schema
 #if defined(__CUDACC__)
