@@ -1,4 +1,5 @@
-"""The SPEC section 7 benchmark: a thin wrapper around ``esper_kernels.bench`` (also ``python -m esper_kernels bench``).
+"""The benchmarks/README.md benchmark: a thin wrapper around ``esper_kernels.bench`` (also ``python -m esper_kernels
+bench``).
 
     python benchmarks/bench_ppo_loss.py                 # quick subset (default), results in benchmarks/results/
     python benchmarks/bench_ppo_loss.py --full          # every case, dtype, mode and provider

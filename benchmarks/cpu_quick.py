@@ -2,13 +2,13 @@
 
     python benchmarks/cpu_quick.py                      # esper and rl_64k, every provider
     python benchmarks/cpu_quick.py --cases esper --providers cpu reference
-    python benchmarks/cpu_quick.py --cases wide vocab   # any case of esper_kernels.synthetic.SPEC_CASES
+    python benchmarks/cpu_quick.py --cases wide vocab   # any case of esper_kernels.synthetic.STANDARD_CASES
 
 Prints the median and 20/80 percentiles (ms) of one training-step-like call per provider: ``ppo_loss`` with
 values (entropy_coef=0.01, joint surrogate, validate=False), ``metrics.tensors()``, then ``loss.backward()``;
 and the speed-up of ``cpu`` over each other provider. Providers are timed round-robin, one call each in turn,
 so that the load of a shared machine falls on all of them alike. Inputs: the case's batch from
-``esper_kernels.synthetic.SPEC_CASES`` (seed 0), the table ``python -m esper_kernels bench`` and the tests use.
+``esper_kernels.synthetic.STANDARD_CASES`` (seed 0), the table ``python -m esper_kernels bench`` and the tests use.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 import torch
 
 import esper_kernels as ek
-from esper_kernels.synthetic import SPEC_CASES
+from esper_kernels.synthetic import STANDARD_CASES
 
 DEFAULT_CASES = ["esper", "rl_64k"]
 
@@ -68,7 +68,7 @@ def time_interleaved(runners: dict, seconds: float, min_calls: int = 5) -> dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(SPEC_CASES))
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(STANDARD_CASES))
     ap.add_argument("--providers", nargs="+", default=["cpu", "reference", "reference_compile"])
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per provider and case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -78,10 +78,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for case in args.cases:
-        layout = SPEC_CASES[case].layout
+        layout = STANDARD_CASES[case].layout
         floor = None if args.floor is None else [args.floor] * layout.num_heads
         config = ek.PPOLossConfig(entropy_coef=0.01, prob_floor=floor)
-        batch = SPEC_CASES[case].make_batch(seed=0)
+        batch = STANDARD_CASES[case].make_batch(seed=0)
         batch["logits"].requires_grad_(True)
         batch["values"].requires_grad_(True)
         torch._dynamo.reset()

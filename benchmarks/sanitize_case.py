@@ -25,7 +25,8 @@ is past an allocation's end, which memcheck sees.) Cases, each with validate=Fal
 for ``compute-sanitizer --tool racecheck`` (shared-memory hazards: the tiles, the statistics folds, the cluster's
 exchange), which is slow.
 
-Besides memcheck's report, it checks that the gradient of every absent step's logits is exactly 0 (SPEC 2) and
+Besides memcheck's report, it checks that the gradient of every absent step's logits is exactly 0 (docs/semantics.md
+section 1) and
 that the forward ran: exit 0 when every case ran and passed, 1 otherwise.
 """
 

@@ -8,7 +8,7 @@ _COMMANDS = {
     "info": "versions, devices and which backends can run here (and why not)",
     "example": "the loss, its gradient and per-head telemetry on an esper-shaped batch",
     "demo": "train a PPO agent on the built-in factored environment (the main job)",
-    "bench": "benchmark the backends (quick subset; --full for the SPEC matrix)",
+    "bench": "benchmark the backends (quick subset; --full for the full matrix)",
 }
 
 

@@ -1,4 +1,4 @@
-"""PPOLossConfig: every knob of SPEC section 3, validated at construction."""
+"""PPOLossConfig: every knob of docs/semantics.md section 2, validated at construction."""
 
 from __future__ import annotations
 

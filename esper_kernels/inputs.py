@@ -1,4 +1,4 @@
-"""Input forms of SPEC section 2 -> one canonical PPOInputs; shape, dtype and device errors.
+"""Input forms of docs/semantics.md section 1 -> one canonical PPOInputs; shape, dtype and device errors.
 
 Per-head inputs come as one tensor (``[..., S]`` for logits and masks, ``[..., H]`` for actions, old
 log-probs and relevance), a mapping by head name, or a sequence in layout order. Leading batch dims

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 __all__ = ["HeadLayout", "ESPER_HEADS"]
 
-#: Esper's Tamiyo policy heads (3 slots), the SPEC's running example.
+#: Esper's Tamiyo policy heads (3 slots), the running example of docs/semantics.md and docs/background.md.
 ESPER_HEADS: dict[str, int] = {
     "slot": 3,
     "blueprint": 13,

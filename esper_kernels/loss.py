@@ -33,7 +33,8 @@ class PPOLossOutput:
 
 
 def check_data(metrics: PPOMetrics) -> None:
-    """SPEC 5 ``validate=True``: one host sync, then a ValueError listing every data problem found."""
+    """``validate=True`` (docs/usage.md): one host sync, then a ValueError listing every data
+    problem found."""
     s = metrics.stats.detach().cpu().tolist()
     problems = []
     for h, name in enumerate(metrics.layout.names):
@@ -64,7 +65,7 @@ def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, ol
              returns: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
              value_weights: torch.Tensor | None = None, config: PPOLossConfig | None = None,
              backend: str = "auto", validate: bool = True) -> PPOLossOutput:
-    """The factored PPO loss of SPEC section 3, its per-step outputs and its metrics, in one call.
+    """The factored PPO loss of docs/semantics.md section 2, its per-step outputs and its metrics, in one call.
 
     Inputs (leading batch dims ``...`` of any shape): ``logits`` [..., S] or per-head [..., A_h] (mapping by
     head name or sequence), ``action_masks`` like logits (True = valid; None = all valid), ``actions`` and

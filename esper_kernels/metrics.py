@@ -1,4 +1,4 @@
-"""PPOMetrics: the SPEC section 4 metric table, derived on the device from sufficient statistics.
+"""PPOMetrics: the docs/semantics.md sections 4 and 5 metric table, derived on the device from sufficient statistics.
 
 The statistics (``esper_kernels.stats``) are sums, counts, minima, maxima and weighted moments, so the
 metrics of a batch split across ranks are the metrics of the whole batch after ``all_reduce``. A metric

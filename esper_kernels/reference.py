@@ -1,4 +1,5 @@
-"""The reference backend: SPEC sections 2 to 4 in plain PyTorch, the truth every fused backend is tested against.
+"""The reference backend: docs/semantics.md sections 1 to 5 in plain PyTorch, the truth every fused backend is tested
+against.
 
 Readable first: one head at a time, float32 throughout (float64 when the logits are float64, for gradcheck),
 gradients by autograd. Absent steps (w <= 0 or non-finite w), irrelevant heads and masked actions are removed
@@ -23,7 +24,7 @@ _INF = float("inf")
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den, 0 where den == 0 (the loss-term convention of SPEC 3.7)."""
+    """num / den, 0 where den == 0 (the loss-term convention of docs/semantics.md 2.7)."""
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
 
 
@@ -76,7 +77,7 @@ def _log_softmax(zhat: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
 
 
 def masked_log_softmax(z: torch.Tensor, valid: torch.Tensor, fill: float, floor: float) -> torch.Tensor:
-    """SPEC 3.1-3.3: log-softmax of z over the valid actions, then esper's floor if ``floor > 0``.
+    """docs/semantics.md 2.1-2.3: log-softmax of z over the valid actions, then esper's floor if ``floor > 0``.
 
     ``fill`` = -inf excludes invalid actions from the max and the sum (mask_fill None); a finite fill replaces
     their logits. Floor: p = softmax(zhat); f = min(floor, 0.99 / max(n, 1)); U = valid & p < f;
@@ -124,7 +125,7 @@ def _normalize(adv: torch.Tensor, w: torch.Tensor, present: torch.Tensor, cfg: R
 
 
 def normalize_advantages(advantages: torch.Tensor, weights: torch.Tensor | None, cfg: ResolvedConfig) -> torch.Tensor:
-    """SPEC 3.8 advantage normalisation over present steps, per column for per-head advantages [N, H]."""
+    """docs/semantics.md 2.9 advantage normalisation over present steps, per column for per-head advantages [N, H]."""
     ct = torch.float64 if advantages.dtype == torch.float64 else torch.float32
     w_raw = torch.ones(advantages.shape[0], dtype=ct, device=advantages.device) if weights is None else weights.to(ct)
     present = torch.isfinite(w_raw) & (w_raw > 0)
@@ -144,7 +145,8 @@ def reference_forward(inp: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
     zero = torch.zeros((), dtype=ct, device=dev)
 
     def data(t: torch.Tensor | None) -> torch.Tensor | None:
-        """An input that never gets a gradient (SPEC 3.12): advantages, weights, old log-probs, returns, ..."""
+        """An input that never gets a gradient (docs/semantics.md section 3): advantages, weights, old log-probs,
+        returns, ..."""
         return None if t is None else t.detach()
 
     # steps: w > 0 and finite is present; anything else is absent (and a bad weight if < 0 or non-finite)

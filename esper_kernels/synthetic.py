@@ -1,7 +1,8 @@
-"""Synthetic batches for the example, the tests and the benchmarks, and the SPEC section 7 cases they share.
+"""Synthetic batches for the example, the tests and the benchmarks, and the standard benchmark cases
+(benchmarks/README.md) they share.
 
 ``make_batch`` synthesises a random batch for any layout (esper's causal relevance for esper's heads).
-``SPEC_CASES`` is the one table of the named cases (esper, rl_64k, rl_1m, wide, vocab): each ``Case`` holds a
+``STANDARD_CASES`` is the one table of the named cases (esper, rl_64k, rl_1m, wide, vocab): each ``Case`` holds a
 batch shape and its heads, and ``Case.make_batch`` synthesises a batch of that case. ``python -m esper_kernels
 bench``, ``benchmarks/cpu_quick.py`` and the tests that run these cases all read it.
 """
@@ -15,9 +16,9 @@ import torch
 
 from .layout import ESPER_HEADS, HeadLayout
 
-__all__ = ["ESPER_RELEVANCE", "SPEC_CASES", "Case", "make_batch"]
+__all__ = ["ESPER_RELEVANCE", "STANDARD_CASES", "Case", "make_batch"]
 
-#: which heads matter for each op (SPEC section 1): op index -> relevant head names
+#: which heads matter for each op (docs/background.md): op index -> relevant head names
 ESPER_RELEVANCE = {
     0: ("op",),  # WAIT
     1: ("op", "slot", "blueprint", "style", "tempo", "alpha_target"),  # GERMINATE
@@ -60,8 +61,8 @@ class Case:
 
 _ESPER = tuple(ESPER_HEADS.items())
 
-#: SPEC section 7's cases, in the SPEC's order
-SPEC_CASES: dict[str, Case] = {
+#: the standard benchmark cases (benchmarks/README.md), in its order
+STANDARD_CASES: dict[str, Case] = {
     "esper": Case("esper", (12, 150), _ESPER),  # N = 1,800: 12 envs x 150 steps, esper's 8 heads (S = 41)
     "rl_64k": Case("rl_64k", (65536,), _ESPER),
     "rl_1m": Case("rl_1m", (1048576,), _ESPER),
@@ -70,7 +71,7 @@ SPEC_CASES: dict[str, Case] = {
 }
 
 
-def make_batch(batch_shape: tuple[int, ...] = SPEC_CASES["esper"].batch_shape, layout: HeadLayout | None = None, *,
+def make_batch(batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shape, layout: HeadLayout | None = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
                mask_density: float = 0.7, absent_fraction: float = 0.1, values: bool = True,
                logit_scale: float = 2.0, old_noise: float = 0.1) -> dict:

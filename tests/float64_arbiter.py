@@ -3,7 +3,8 @@
 
 The float32 reference is not exact either: where its gradient is ill-conditioned (a probability floor near a
 uniform distribution: the chain's float32 terms, O(1) in the incoming gradients, cancel to ~1e-6 noise), it can
-be farther from the float64 gradient than the SPEC's fp32 tolerance (rtol 1e-5, atol 1e-6). A gradient mismatch
+be farther from the float64 gradient than the fp32 tolerance of docs/semantics.md section 7 (rtol 1e-5, atol 1e-6). A
+gradient mismatch
 is then re-judged: every element must be as close to the float64 reference's gradient as the float32
 reference's is, plus that tolerance (and one unit of the input dtype for bf16/fp16 logits). Everything else
 (losses, per-step outputs, metrics, the exact zero of absent steps) is check_backend's verdict alone.
@@ -33,7 +34,8 @@ def _to_float64(logits):
 def _grads_vs_float64(backend, batch, layout, config, grad_seed=0):
     """Where the float32 reference's gradient is itself ill-conditioned (floors near a uniform distribution:
     its chain of float32 terms cancels to ~1e-6 noise), the float64 reference arbitrates: every element of our
-    gradient must be as close to the float64 gradient as the float32 reference's is, plus the SPEC tolerance
+    gradient must be as close to the float64 gradient as the float32 reference's is, plus the tolerance of
+    docs/semantics.md section 7
     (and one unit of the input dtype for bf16/fp16 logits)."""
     _, got = run(backend, batch, layout, config, grad_seed=grad_seed)
     _, ref32 = run("reference", batch, layout, config, upcast=True, grad_seed=grad_seed)

@@ -1,4 +1,4 @@
-"""Shared test harness: run a backend and the reference on the same inputs and compare per SPEC section 6.
+"""Shared test harness: run a backend and the reference on the same inputs and compare per docs/semantics.md section 7.
 
 The reference runs in float32 on the upcast inputs; the backend runs on the inputs as given. Losses,
 per-step outputs (present steps) and metrics must agree within rtol 1e-5, atol 1e-6 (counts exactly);

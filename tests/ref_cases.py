@@ -42,7 +42,7 @@ def random_batch(sizes, batch_shape=(6,), seed=0, *, dtype=torch.float32, mask_d
     """A packed-form batch. ``weights``: "none", "ones", "bool" or "float" (zeros and fractions).
 
     ``messy`` adds data errors (actions out of range or masked out, empty masks, negative/NaN weights);
-    ``garbage`` puts NaN/Inf where the SPEC says nothing is read (masked logits, absent steps).
+    ``garbage`` puts NaN/Inf where docs/semantics.md says nothing is read (masked logits, absent steps).
     """
     g = torch.Generator().manual_seed(int(seed))
     bs = tuple(batch_shape)

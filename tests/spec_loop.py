@@ -1,10 +1,11 @@
-"""An independent second implementation of SPEC sections 3 and 4: a plain per-step, per-head Python loop.
+"""An independent second implementation of docs/semantics.md sections 2 to 5: a plain per-step, per-head Python loop.
 
-Everything here is python floats and ``math`` in float64, written straight from the SPEC's formulas; nothing
+Everything here is python floats and ``math`` in float64, written straight from the formulas of docs/semantics.md;
+nothing
 is imported from ``esper_kernels`` except to read the config's fields and the layout's names and sizes. The
 tests compare the reference backend with this loop (``spec_loss``), so a wrong formula in either shows up.
 
-IEEE semantics are kept where the SPEC relies on them (NaN propagates through arithmetic, exp overflows to
+IEEE semantics are kept where docs/semantics.md relies on them (NaN propagates through arithmetic, exp overflows to
 inf, log(0) = -inf), because ``math`` raises instead.
 
 Inputs are the packed forms only: logits / masks [..., S], actions / old log-probs / relevance [..., H],
@@ -126,7 +127,7 @@ def _rows(t, n: int, width: int | None):
 
 # -- the loss ----------------------------------------------------------------------------------------------
 def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], config) -> dict:
-    """SPEC sections 3 and 4 for one batch. ``config`` is a PPOLossConfig (only its fields are read)."""
+    """docs/semantics.md sections 2 to 5 for one batch. ``config`` is a PPOLossConfig (only its fields are read)."""
     H, S = len(sizes), sum(sizes)
     offsets = [sum(sizes[:h]) for h in range(H)]
     logits_t = batch["logits"]
@@ -323,7 +324,7 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
     any_rel = sum(rel_w)
     kl_h = [[(w[i], (_exp(lr[i][h]) - 1.0) - lr[i][h]) for i in range(N) if relevant(i, h)] for h in range(H)]
     approx_kl = (sum(sum(ww * x for ww, x in kl_h[h]) for h in range(H)) / any_rel) if any_rel > 0 else NAN
-    # the SPEC's form: sum_h cov_h kl_h / sum_h cov_h over heads with cov_h > 0 (same value, checked here)
+    # the documented form: sum_h cov_h kl_h / sum_h cov_h over heads with cov_h > 0 (same value, checked here)
     if any_rel > 0:
         cov = [rel_w[h] / W for h in range(H)]
         alt = sum(cov[h] * _mean_w(kl_h[h], NAN) for h in range(H) if cov[h] > 0) / sum(c for c in cov if c > 0)

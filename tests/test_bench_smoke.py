@@ -1,4 +1,5 @@
-"""The benchmark's smoke run (SPEC 7): a tiny CPU run produces well-formed rows, ``--append`` merges, the CSV
+"""The benchmark's smoke run (benchmarks/README.md): a tiny CPU run produces well-formed rows, ``--append`` merges,
+the CSV
 round-trips, and ``--from-csv`` prints and plots. Speed is never asserted."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""SPEC 6: bf16/fp16 logits are upcast on load, everything is computed in float32, and gradients come back in the
+"""docs/semantics.md section 7: bf16/fp16 logits are upcast on load, everything is computed in float32, and gradients
+come back in the
 logits' dtype. The reference on half-precision inputs equals the reference on the upcast float32 inputs.
 """
 

@@ -6,7 +6,7 @@ The kernels' math, tiling, merges and the one-pass protocol run on the CPU in te
 (the same block bodies through a host execution policy). This tier checks what only a GPU runs: threads and
 barriers, warp shuffles, the shared-memory tiles and 16-byte loads, the atomic ticket and the last block's merge
 with many blocks, clusters and their distributed shared memory (vocab rows over 8 blocks), the device-side fix-up
-decision, three launches a step, CUDA graphs, streams and dtypes; against the reference at the SPEC's sizes.
+decision, three launches a step, CUDA graphs, streams and dtypes; against the reference at the standard cases' sizes.
 Skipped without a CUDA device (conftest).
 """
 
@@ -24,13 +24,13 @@ from ref_cases import check_metric_table, layout_of, random_batch, stats_cases
 
 import esper_kernels as ek
 from esper_kernels.backends import native
-from esper_kernels.synthetic import SPEC_CASES, make_batch
+from esper_kernels.synthetic import STANDARD_CASES, make_batch
 
 pytestmark = pytest.mark.gpu
 
 ESPER = ek.HeadLayout(ek.ESPER_HEADS)
-#: the SPEC section 7 cases this tier runs
-CASES = {name: SPEC_CASES[name] for name in ("esper", "rl_64k", "wide", "vocab")}
+#: the standard benchmark cases (benchmarks/README.md) this tier runs
+CASES = {name: STANDARD_CASES[name] for name in ("esper", "rl_64k", "wide", "vocab")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NM_SCALE = 3  # csrc/ppo_onepass.h: the fix-up's scale state in the normalisers
 

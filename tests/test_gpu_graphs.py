@@ -12,14 +12,14 @@ import torch
 from harness import assert_close
 
 import esper_kernels as ek
-from esper_kernels.synthetic import SPEC_CASES, make_batch
+from esper_kernels.synthetic import STANDARD_CASES, make_batch
 from esper_kernels.telemetry import head_grad_norms
 
 pytestmark = pytest.mark.gpu
 
 LAYOUT = ek.HeadLayout(ek.ESPER_HEADS)
 CONFIG = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_entropy=True)
-OBS, SHAPE, WARMUP, REPLAYS = 10, SPEC_CASES["esper"].batch_shape, 3, 4
+OBS, SHAPE, WARMUP, REPLAYS = 10, STANDARD_CASES["esper"].batch_shape, 3, 4
 
 
 class Policy(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""The triton backend on a CUDA device: equal to the reference (SPEC section 6) at the SPEC's sizes.
+"""The triton backend on a CUDA device: equal to the reference (docs/semantics.md section 7) at the standard cases'
+sizes.
 
 Cases: esper (N = 1,800, 8 heads) in fp32, bf16 and fp16; rl_64k (N = 65,536) in bf16 (many programs, two levels
 of merge tickets) and bitwise determinism there; rl_1m in bf16; esper's per_head surrogate with floors, normalised
@@ -28,7 +29,7 @@ from ref_cases import check_metric_table, stats_cases
 from triton_launches import Launches
 
 import esper_kernels as ek
-from esper_kernels.synthetic import SPEC_CASES, make_batch
+from esper_kernels.synthetic import STANDARD_CASES, make_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -83,18 +84,18 @@ def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_esper(dtype):
-    check_triton(SPEC_CASES["esper"].make_batch(dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
+    check_triton(STANDARD_CASES["esper"].make_batch(dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
 
 
 def test_esper_per_head_floor_value_clip():
-    b = SPEC_CASES["esper"].make_batch(device="cuda", seed=2)
+    b = STANDARD_CASES["esper"].make_batch(device="cuda", seed=2)
     b["old_values"] = b["values"] + 0.3 * torch.randn_like(b["values"])
     check_triton(b, ESPER, PER_HEAD)
 
 
 def test_per_head_separate_tensors_bf16():
     """A dict of per-head bf16 logits in separate allocations, uint8 masks, int32 actions, strided old log-probs."""
-    b = SPEC_CASES["esper"].make_batch(dtype=torch.bfloat16, device="cuda", seed=3)
+    b = STANDARD_CASES["esper"].make_batch(dtype=torch.bfloat16, device="cuda", seed=3)
     b["logits"] = {k: v.clone() for k, v in per_head(b["logits"], ESPER, as_mapping=True).items()}
     b["action_masks"] = [m.to(torch.uint8) for m in per_head(b["action_masks"], ESPER)]
     b["actions"] = [b["actions"][..., h].to(torch.int32) for h in range(ESPER.num_heads)]
@@ -102,7 +103,7 @@ def test_per_head_separate_tensors_bf16():
 
 
 def test_rl_64k_bf16_and_deterministic():
-    b = SPEC_CASES["rl_64k"].make_batch(dtype=torch.bfloat16, device="cuda", seed=4)
+    b = STANDARD_CASES["rl_64k"].make_batch(dtype=torch.bfloat16, device="cuda", seed=4)
     check_triton(b, ESPER, JOINT)
     (o1, g1), (o2, g2) = (run("triton", b, ESPER, JOINT, grad_seed=5) for _ in range(2))
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
@@ -113,12 +114,12 @@ def test_rl_64k_bf16_and_deterministic():
 
 
 def test_wide_fp32():
-    case = SPEC_CASES["wide"]
+    case = STANDARD_CASES["wide"]
     check_triton(device_batch(case.n_rows, case.layout, torch.float32, seed=6), case.layout, JOINT)
 
 
 def test_vocab_bf16_streaming():
-    case = SPEC_CASES["vocab"]
+    case = STANDARD_CASES["vocab"]
     check_triton(device_batch(case.n_rows, case.layout, torch.bfloat16, seed=7), case.layout,
                   ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True))
 

@@ -1,4 +1,5 @@
-"""SPEC 2: every input form gives the same results and gradients, and per-head views are not copied.
+"""docs/semantics.md section 1: every input form gives the same results and gradients, and per-head views are not
+copied.
 
 Packed [..., S] vs mapping vs sequence per-head logits/masks/actions/old log-probs/relevance; non-contiguous
 rows; int32 actions; uint8 masks and relevance; bool weights; [B, T] batches; and (via prepare_inputs) that

@@ -1,4 +1,5 @@
-"""SPEC 2: what is never read never matters. NaN/Inf at masked logit positions, at absent steps (w = 0: logits,
+"""docs/semantics.md section 1: what is never read never matters. NaN/Inf at masked logit positions, at absent steps
+(w = 0: logits,
 old log-probs, advantages, values, returns, old values) and in irrelevant heads' old log-probs change no loss, no
 metric, no per-step output of a present step and no gradient, bit for bit; absent steps get exactly 0 gradient.
 """

@@ -1,4 +1,5 @@
-"""SPEC 4: PPOMetrics keeps sufficient statistics, so the metrics of parts of a batch merge into the metrics of the
+"""docs/semantics.md sections 4 and 5: PPOMetrics keeps sufficient statistics, so the metrics of parts of a batch
+merge into the metrics of the
 whole batch (stats.merge: sums, minima, maxima, Chan's weighted moments); to_dict() / tensors() / head() shapes.
 """
 
@@ -143,7 +144,7 @@ def test_to_dict_keys_and_values():
     assert sorted(d) == sorted(expected) and len(d) == len(expected)
     assert list(d)[:len(ek.GLOBAL_METRICS)] == list(ek.GLOBAL_METRICS)
     assert all(type(v) is float for v in d.values())
-    # every metric of the SPEC table is there
+    # every metric of docs/semantics.md section 5 is there
     for k in ("policy_loss", "entropy_loss", "value_loss", "loss", "approx_kl", "joint_kl_k3", "joint_kl_k1",
               "clip_fraction", "clip_fraction_positive", "clip_fraction_negative", "ratio_mean", "ratio_std",
               "ratio_min", "ratio_max", "log_prob_min", "log_prob_max", "steps", "weight_sum", "all_finite",

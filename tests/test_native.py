@@ -1,6 +1,7 @@
 """The C++ ``cpu`` backend (esper_kernels._C, csrc/) against the reference.
 
-Every comparison goes through ``harness.check_backend`` (SPEC section 6 tolerances, random incoming gradients
+Every comparison goes through ``harness.check_backend`` (docs/semantics.md section 7 tolerances, random incoming
+gradients
 on loss, log_probs and entropy, absent steps' gradients exactly 0). The cpu backend runs the same per-row
 code (csrc/ppo_core.h) as the CUDA kernels, so these tests also cover the CUDA backend's math; the GPU tier
 (tests/test_gpu_cuda.py) covers its threading and reductions.

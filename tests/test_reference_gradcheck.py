@@ -1,4 +1,4 @@
-"""SPEC 6: the reference, in float64, passes torch.autograd.gradcheck (logits and values).
+"""docs/semantics.md section 7: the reference, in float64, passes torch.autograd.gradcheck (logits and values).
 
 The outputs checked are the loss and both differentiable per-step outputs (log_probs, entropy). The loss has
 kinks (the clip and clamps, the probability floor's under/over split, max of the value branches); every case
@@ -26,7 +26,7 @@ SIZES = [3, 1, 4]
 
 
 def _kink_distance(batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig, ell: torch.Tensor) -> float:
-    """The smallest distance of any step from a kink of the loss (float64, from the SPEC's formulas)."""
+    """The smallest distance of any step from a kink of the loss (float64, from the formulas of docs/semantics.md)."""
     cfg = config.resolve(layout)
     w = batch["weights"].double()
     present = w > 0

@@ -1,4 +1,5 @@
-"""The reference backend equals an independent per-step, per-head loop over the SPEC's formulas (spec_loop.py).
+"""The reference backend equals an independent per-step, per-head loop over the formulas of docs/semantics.md
+(spec_loop.py).
 
 Hypothesis draws layouts (1 to 5 heads of 1 to 40 actions), [N] and [B, T] batches, masks, relevance, weights
 (none, bool, zeros and fractions), old log-probs far enough off to hit both clamps, per-head advantages, value
@@ -101,7 +102,7 @@ def test_reference_float32_equals_spec_loop(case):
 
 @pytest.mark.parametrize("surrogate", ["joint", "per_head"])
 def test_esper_batch_float64_equals_spec_loop(surrogate):
-    """Esper's 8 heads with the causal relevance of SPEC section 1, [B, T] = [3, 20], values with clipping."""
+    """Esper's 8 heads with the causal relevance of docs/background.md, [B, T] = [3, 20], values with clipping."""
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     batch = make_batch((3, 20), layout, dtype=torch.float64, seed=3, old_noise=0.3)
     batch["old_values"] = batch["values"] + 0.3

@@ -243,7 +243,8 @@ def test_a_head_never_relevant_has_nan_statistics_and_zero_fractions():
     # measured zeros stay zeros
     assert m["relevance_fraction"] == 0.0 and m["learnable_fraction"] == 0.0
     assert m["nonfinite"] == 0.0 and m["valid_actions_mean"] == 3.0
-    # the loss terms are 0 for that head (SPEC 3.7), so the loss stays finite, and the head gets no gradient
+    # the loss terms are 0 for that head (docs/semantics.md 2.7), so the loss stays finite, and the head gets no
+    # gradient
     assert math.isfinite(out.loss.item())
     out.loss.backward()
     assert (z.grad[:, :3] == 0).all()
@@ -260,7 +261,7 @@ def test_no_present_step_gives_nan_means(how):
     b["values"] = torch.zeros(b["advantages"].shape)
     b["returns"] = torch.ones(b["advantages"].shape)
     out, z = _run(b, ek.PPOLossConfig(entropy_coef=0.1))
-    # loss terms: 0 (SPEC 3.7), with an all-zero gradient
+    # loss terms: 0 (docs/semantics.md 2.7), with an all-zero gradient
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss"):
         assert getattr(out, k).item() == 0.0, k
     out.loss.backward()

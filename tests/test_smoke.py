@@ -5,7 +5,7 @@ import torch
 from harness import check_backend, compare_metrics
 
 import esper_kernels as ek
-from esper_kernels.synthetic import SPEC_CASES, make_batch
+from esper_kernels.synthetic import STANDARD_CASES, make_batch
 
 pytestmark = pytest.mark.reference
 
@@ -25,7 +25,7 @@ def test_compare_metrics_catches_a_difference():
 
 
 @pytest.mark.parametrize("sizes, n, first", [
-    *((SPEC_CASES[c].heads, SPEC_CASES[c].n_rows, first) for c, first in (
+    *((STANDARD_CASES[c].heads, STANDARD_CASES[c].n_rows, first) for c, first in (
         ("esper", "triton"),  # esper: triton's graph time was lower on the H100
         ("rl_64k", "cuda"),  # rl_64k / rl_1m: cuda
         ("wide", "triton"),

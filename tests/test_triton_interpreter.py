@@ -1,6 +1,7 @@
 """The triton backend in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): equal to the reference.
 
-Every comparison goes through ``harness.check_backend`` / ``float64_arbiter`` (SPEC section 6 tolerances). The
+Every comparison goes through ``harness.check_backend`` / ``float64_arbiter`` (docs/semantics.md section 7
+tolerances). The
 one-pass design has three paths through the backward, and each is checked against the reference: the fast path
 (``loss.backward()``: the forward's gradient is returned as it is), the rescale path (an upstream scalar other
 than 1 on ``loss`` only) and the recompute path (a gradient on ``log_probs``, ``entropy`` or another loss term,

@@ -1,4 +1,4 @@
-"""SPEC 5: every validation error and its message.
+"""docs/usage.md and docs/semantics.md: every validation error and its message.
 
 * shape, dtype and device errors name the argument and the expected shape, and are raised before any backend
   runs (whatever ``validate`` says);

@@ -46,7 +46,7 @@ from esper_kernels.backends import triton_backend as tb
 from esper_kernels.backends import triton_kernels as tk
 from esper_kernels.backends.fused import FusedCall
 from esper_kernels.inputs import prepare_inputs
-from esper_kernels.synthetic import SPEC_CASES, make_batch
+from esper_kernels.synthetic import STANDARD_CASES, make_batch
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CUOBJDUMP = os.path.join(BIN, "cuobjdump")
@@ -230,9 +230,9 @@ def cases() -> dict:
         return dict(logits=b["logits"], action_masks=None, actions=b["actions"], old_log_probs=b["old_log_probs"],
                     advantages=b["advantages"]), layout
 
-    n = {name: case.n_rows for name, case in SPEC_CASES.items()}  # the N each SPEC case plans its kernels for
-    wide2 = SPEC_CASES["wide"].layout
-    vocab = SPEC_CASES["vocab"].layout
+    n = {name: case.n_rows for name, case in STANDARD_CASES.items()}  # the N each standard case plans its kernels for
+    wide2 = STANDARD_CASES["wide"].layout
+    vocab = STANDARD_CASES["vocab"].layout
     wide_floor = ek.HeadLayout({"a": 3, "w": 40000, "b": 5})
     return {
         "esper_fp32": lambda: (esper_batch(), esper, joint, n["esper"]),

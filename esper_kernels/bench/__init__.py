@@ -1,4 +1,4 @@
-"""``python -m esper_kernels bench``: the SPEC section 7 benchmark matrix on whatever device is here.
+"""``python -m esper_kernels bench``: the benchmark matrix of benchmarks/README.md on whatever device is here.
 
 Cases (``CASES``): esper (N = 1,800, esper's 8 heads, S = 41), rl_64k, rl_1m (same heads), wide (two heads of
 1,024), vocab (one head of 32,768), and ``tiny`` (N = 16, esper heads), whose rows are the host overhead of one
@@ -27,7 +27,7 @@ statistics.
 Output: ``bench_<device>.csv`` (columns ``COLUMNS``, one row per case, provider, mode and dtype measured) and
 ``bench_<device>.png`` in ``--out`` (default ``benchmarks/results``), and a summary table printed last.
 
-Modules: ``cases`` (the cases, modes and dtypes; the SPEC cases are ``esper_kernels.synthetic.SPEC_CASES``),
+Modules: ``cases`` (the cases, modes and dtypes; the standard cases are ``esper_kernels.synthetic.STANDARD_CASES``),
 ``floor`` (the floor's bytes), ``providers`` (the provider table, which run here), ``runners`` (``Runner``: eager,
 compiled and CUDA-graph calls), ``input_sets`` (the rotated input sets), ``timing`` (GPU and interleaved host
 timing, the copy bandwidth), ``matrix`` (``Bench``: one run of the matrix), ``results`` (the CSV schema, reading

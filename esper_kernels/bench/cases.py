@@ -1,7 +1,7 @@
-"""What the benchmark measures: its cases (the SPEC's plus ``tiny``), modes and dtypes, and the quick subsets.
+"""What the benchmark measures: its cases (the standard ones plus ``tiny``), modes and dtypes, and the quick subsets.
 
-The SPEC cases themselves (batch shape, heads, how a batch is synthesised) are ``esper_kernels.synthetic``'s
-``SPEC_CASES``, shared with ``benchmarks/cpu_quick.py`` and the tests; this module adds the benchmark's own
+The standard cases themselves (batch shape, heads, how a batch is synthesised) are ``esper_kernels.synthetic``'s
+``STANDARD_CASES``, shared with ``benchmarks/cpu_quick.py`` and the tests; this module adds the benchmark's own
 ``tiny`` case (N = 16, esper heads), whose rows are the host overhead of one call.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..synthetic import SPEC_CASES, Case
+from ..synthetic import STANDARD_CASES, Case
 
 __all__ = ["CASES", "CASE_ORDER", "DTYPES", "MODES", "QUICK_CASES", "Case"]
 
-CASES: dict[str, Case] = {"tiny": Case("tiny", (2, 8), SPEC_CASES["esper"].heads), **SPEC_CASES}
+CASES: dict[str, Case] = {"tiny": Case("tiny", (2, 8), STANDARD_CASES["esper"].heads), **STANDARD_CASES}
 #: the summary's order, and the compile providers' under a time budget: esper-shaped cases first
 CASE_ORDER = ("esper", "rl_64k", "rl_1m", "wide", "vocab", "tiny")
 #: the default subset (without --full or --cases) per device type

@@ -20,7 +20,8 @@ from .summary import summary_text
 
 __all__ = ["main", "parse_args"]
 
-_DESCRIPTION = "``python -m esper_kernels bench``: the SPEC section 7 benchmark matrix on whatever device is here."
+_DESCRIPTION = ("``python -m esper_kernels bench``: the benchmark matrix of benchmarks/README.md on whatever device "
+                "is here.")
 
 
 def _default_out() -> Path:

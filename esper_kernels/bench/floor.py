@@ -1,4 +1,4 @@
-"""The bandwidth floor: the fewest bytes a forward, a backward or a full step must move (SPEC section 7)."""
+"""The bandwidth floor: the fewest bytes a forward, a backward or a full step must move (benchmarks/README.md)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..synthetic import SPEC_CASES
+from ..synthetic import STANDARD_CASES
 from .results import reference_median
 
 __all__ = ["plot"]
@@ -27,7 +27,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     providers = list(dict.fromkeys(r["provider"] for r in full))
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(providers)}
     markers = {"esper": "o", "rl_64k": "o", "rl_1m": "o", "wide": "s", "vocab": "^"}
-    esper_sizes = SPEC_CASES["esper"].head_sizes  # the esper-headed rows of a provider and dtype are joined
+    esper_sizes = STANDARD_CASES["esper"].head_sizes  # the esper-headed rows of a provider and dtype are joined
     for p in providers:
         for dt, ls in (("fp32", "-"), ("bf16", "--")):
             pts = sorted((r for r in full if r["provider"] == p and r["dtype"] == dt), key=lambda r: r["n_rows"])
@@ -48,7 +48,7 @@ def plot(rows: list[dict], path: Path) -> bool:
                     ax.plot([x], [y], marker=markers.get(r["case"], "x"), color=colors[p], ls="none", label=label)
                     label = None
                 label = f"{p} {dt}"
-    for c in SPEC_CASES.values():
+    for c in STANDARD_CASES.values():
         for ax in axes:
             ax.axvline(c.n_rows, color="0.85", lw=0.8, zorder=0)
             ax.annotate(c.name, (c.n_rows, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),

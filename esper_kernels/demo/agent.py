@@ -73,7 +73,7 @@ class Policy(torch.nn.Module):
 
 
 def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, fill: float = -1e4) -> torch.Tensor:
-    """The loss's own masking (SPEC 3.1, 3.3): invalid actions at ``fill``, then log-softmax."""
+    """The loss's own masking (docs/semantics.md 2.1, 2.3): invalid actions at ``fill``, then log-softmax."""
     return torch.log_softmax(torch.where(mask, logits.float(), fill), dim=-1)
 
 

@@ -12,7 +12,7 @@ Actions: one categorical per head (the ``ESPER_HEADS`` layout, ``slot`` sized to
 chosen first; every other head's validity mask follows from the state and the op (germinate only into an
 empty slot, prune only an occupied one, fossilize only a seed whose alpha reached its target, large
 blueprints only when no other seed is in training or blending, ...), and which heads matter follows from the
-op (SPEC section 1, ``ESPER_RELEVANCE``). Everything is a [B, ...] tensor on one device; given its seed, the
+op (docs/background.md, ``ESPER_RELEVANCE``). Everything is a [B, ...] tensor on one device; given its seed, the
 environment is deterministic.
 """
 
