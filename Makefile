@@ -1,5 +1,7 @@
 # make demo    : create .venv on first use, install, run the main job (a PPO training demo)
-# make test    : create .venv on first use, install, run ruff and the test suite (what CI runs)
+# make test    : create .venv on first use, install, run the linters (make lint) and the test suite (CI runs it)
+# make lint    : the hooks of .pre-commit-config.yaml on every file (ruff, ruff format, clang-format); a hook
+#                that changes a file fails it (run it, then commit the changes)
 # make example : one loss call on an esper-shaped batch with its per-head telemetry table
 # make sanitize: the C++ extension built with ASan + UBSan (build/sanitize), running the native tier and the
 #                adversarial cases; any sanitizer report fails it
@@ -12,6 +14,8 @@ TRITON_SPEC ?= triton==3.6.0
 DEPS := numpy "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" matplotlib "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
 # the interop test tier (tests/test_interop_*.py) and the packaging test (python -m build): pinned
 DEPS += "sb3-contrib==2.9.2" "stable-baselines3==2.9.2" "torchrl==0.14.1" "tensordict==0.14.3" "build==1.6.1"
+# the linters of .pre-commit-config.yaml (local hooks: these pinned versions, nothing fetched)
+DEPS += "pre-commit==4.7.0" "clang-format==23.1.3"
 # a new subpackage (its __init__.py) needs a new editable install too
 SOURCES := pyproject.toml CMakeLists.txt esper_kernels/schema.py $(wildcard esper_kernels/*/__init__.py) $(wildcard csrc/*) $(wildcard csrc/*/*)
 
@@ -38,12 +42,12 @@ example: install
 info: install
 	$(PY) -m esper_kernels info
 
-test: install
-	$(PY) -m ruff check .
+test: lint
 	cd tests && ../$(PY) -m pytest -q -c ../pyproject.toml .
 
 lint: install
-	$(PY) -m ruff check .
+	PATH="$(abspath $(VENV))/bin:$$PATH" PRE_COMMIT_HOME="$(abspath $(VENV))/pre-commit" \
+		$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 bench: install
 	$(PY) -m esper_kernels bench

@@ -100,6 +100,23 @@ void check_params(PPOParams& P) {
 
 int checked_threads(int nthreads) { return std::max(1, std::min(nthreads, 1024)); }
 
+int64_t dtype_size(int32_t dtype) {
+  switch (dtype) {
+    case DT_F32:
+    case DT_I32:
+      return 4;
+    case DT_F16:
+    case DT_BF16:
+      return 2;
+    case DT_F64:
+    case DT_I64:
+      return 8;
+    case DT_U8:
+      return 1;
+  }
+  throw std::invalid_argument("esper_kernels._C: unknown dtype code " + std::to_string(dtype));
+}
+
 template <class T>
 void set_heads(T* dst, const std::vector<T>& src, const char* what) {
   if (src.size() > (size_t)ESPER_MAX_HEADS)
@@ -243,6 +260,43 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("h"), py::kw_only(), py::arg("logits"), py::arg("logits_rs"), py::arg("masks"),
           py::arg("masks_rs"), py::arg("actions"), py::arg("old_lp"), py::arg("rel"), py::arg("adv"))
+      // a per-(step, head) input given as one [N, H] matrix (actions, old_lp, rel, adv): head h's column at
+      // ptr + h * col_stride elements, each row stride apart (col_stride 0: one vector shared by every head)
+      .def(
+          "set_columns",
+          [](PPOParams& p, const std::string& field, uintptr_t ptr, int64_t row_stride, int64_t col_stride,
+             int32_t dtype) {
+            Vec* dst = field == "actions" ? p.actions
+                       : field == "old_lp" ? p.old_lp
+                       : field == "rel"    ? p.rel
+                       : field == "adv"    ? p.adv
+                                           : nullptr;
+            if (!dst) throw std::invalid_argument("esper_kernels._C: set_columns: unknown field '" + field + "'");
+            if (p.num_heads < 0 || p.num_heads > ESPER_MAX_HEADS)
+              throw std::invalid_argument("esper_kernels._C: set_columns: set num_heads first");
+            const int64_t es = dtype_size(dtype);
+            for (int h = 0; h < p.num_heads; ++h) dst[h] = Vec{ptr + (uintptr_t)(h * col_stride * es), row_stride, dtype};
+          },
+          py::arg("field"), py::arg("ptr"), py::arg("row_stride"), py::arg("col_stride"), py::arg("dtype"))
+      // packed [N, S] logits, masks or gradients: head h at ptr + offset_h * elem_size, offset_h the sum of the
+      // sizes before it (set sizes first), one row stride
+      .def(
+          "set_packed",
+          [](PPOParams& p, const std::string& field, uintptr_t ptr, int64_t row_stride, int64_t elem_size) {
+            uintptr_t* dst = field == "logits" ? p.logits : field == "masks" ? p.masks : field == "grads" ? p.grads
+                                                                                                           : nullptr;
+            int64_t* rs = field == "logits" ? p.logits_rs : field == "masks" ? p.masks_rs : p.grads_rs;
+            if (!dst) throw std::invalid_argument("esper_kernels._C: set_packed: unknown field '" + field + "'");
+            if (p.num_heads < 0 || p.num_heads > ESPER_MAX_HEADS)
+              throw std::invalid_argument("esper_kernels._C: set_packed: set num_heads first");
+            int64_t off = 0;
+            for (int h = 0; h < p.num_heads; ++h) {
+              dst[h] = ptr + (uintptr_t)(off * elem_size);
+              rs[h] = row_stride;
+              off += p.sizes[h];
+            }
+          },
+          py::arg("field"), py::arg("ptr"), py::arg("row_stride"), py::arg("elem_size"))
       .def(
           "set_grad",
           [](PPOParams& p, int h, uintptr_t ptr, int64_t rs) {

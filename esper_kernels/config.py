@@ -157,7 +157,19 @@ class PPOLossConfig:
         return list(value)
 
     def resolve(self, layout: HeadLayout) -> ResolvedConfig:
-        """Numbers per head for ``layout``; raises if a per-head field does not fit it."""
+        """Numbers per head for ``layout``; raises if a per-head field does not fit it. Cached per layout (the
+        config is immutable: its per-head fields are frozen to tuples and read-only mappings)."""
+        key = (layout.names, layout.sizes)
+        cache = self.__dict__.get("_resolved")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_resolved", cache)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = self._resolve(layout)
+        return hit
+
+    def _resolve(self, layout: HeadLayout) -> ResolvedConfig:
         k = self._per_head("entropy_coef_per_head", layout, 1.0)
         f = self._per_head("prob_floor", layout, None)
         return ResolvedConfig(

@@ -10,7 +10,7 @@ whose last dim is not contiguous).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class PPOInputs:
     returns: torch.Tensor | None
     old_values: torch.Tensor | None
     value_weights: torch.Tensor | None
+    #: the [N, H] tensors that actions, old_log_probs and relevance were given as (their columns are the per-head
+    #: views above), by those names; a backend may read them whole instead of H views
+    packed_steps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
@@ -216,17 +219,20 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
     for d in batch:
         n *= int(d)
 
-    def heads_1d(ts: tuple[torch.Tensor, ...], packed: bool) -> tuple[torch.Tensor, ...]:
+    packed_steps: dict[str, torch.Tensor] = {}
+
+    def heads_1d(name: str, ts: tuple[torch.Tensor, ...], packed: bool) -> tuple[torch.Tensor, ...]:
         if packed:
-            return _flat(ts[0], bnd).unbind(1)  # H column views (one op, not H indexing calls)
+            whole = packed_steps[name] = _flat(ts[0], bnd)
+            return whole.unbind(1)  # H column views (one op, not H indexing calls)
         return tuple(_flat(t, bnd) if bnd > 1 else t for t in ts)
 
     return PPOInputs(
         layout=layout, batch_shape=torch.Size(batch), n=n, device=device,
         logits=lg, masks=masks,
-        actions=heads_1d(acts, isinstance(actions, torch.Tensor)),
-        old_log_probs=heads_1d(olp, isinstance(old_log_probs, torch.Tensor)),
+        actions=heads_1d("actions", acts, isinstance(actions, torch.Tensor)),
+        old_log_probs=heads_1d("old_log_probs", olp, isinstance(old_log_probs, torch.Tensor)),
         advantages=_flat(advantages, bnd),
-        relevance=None if rel is None else heads_1d(rel, isinstance(head_relevance, torch.Tensor)),
-        weights=w, values=v, returns=R, old_values=vo, value_weights=vw,
+        relevance=None if rel is None else heads_1d("relevance", rel, isinstance(head_relevance, torch.Tensor)),
+        weights=w, values=v, returns=R, old_values=vo, value_weights=vw, packed_steps=packed_steps,
     )

@@ -122,6 +122,9 @@ class FusedCall:
     cfg: ResolvedConfig
     #: what a backend derives from the call once and reuses in its backward (e.g. encoded arguments)
     cache: dict = field(default_factory=dict, repr=False)
+    #: PPOInputs.packed_steps: the [N, H] tensors whose columns are actions, old_log_probs, relevance (by those
+    #: names; empty when they came per head, or through the custom ops)
+    packed_steps: dict = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -187,7 +190,7 @@ class FusedBackend(Backend):
             call = FusedCall(list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
                              list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights,
                              inputs.values, inputs.returns, inputs.old_values, inputs.value_weights,
-                             inputs.layout.sizes, kcfg)
+                             inputs.layout.sizes, kcfg, packed_steps=inputs.packed_steps)
             if self.one_pass:
                 losses, log_probs, entropy, joint_ratio, stats, _, table = _EagerOnePass.apply(
                     self, call, torch.is_grad_enabled(), inputs.values, *call.logits)
@@ -201,6 +204,19 @@ class FusedBackend(Backend):
                                                                                    *call.logits)
         return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
                          log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+
+
+def _guarded_inputs(call: FusedCall, values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Every input, for save_for_backward, so that an in-place change before backward raises as with the custom
+    op: the [N, H] tensors of call.packed_steps in place of their column views (views share their base's version
+    counter), which saves 3 H - 3 tensors a call."""
+    steps: list[torch.Tensor] = []
+    for name, views in (("actions", call.actions), ("old_log_probs", call.old_log_probs),
+                        ("relevance", call.relevance)):
+        whole = call.packed_steps.get(name)
+        steps.extend((whole,) if whole is not None and views else views)
+    return (*call.logits, *call.masks, *steps, call.advantages, call.weights, values, call.returns, call.old_values,
+            call.value_weights)
 
 
 def _refuse_double_backward(name: str) -> None:
@@ -219,9 +235,7 @@ class _EagerFused(torch.autograd.Function):
         ctx.impl, ctx.call = impl, call
         ctx.values_dtype = None if values is None else values.dtype
         # every input is saved, so that an in-place change before backward raises as with the custom op
-        ctx.save_for_backward(*call.logits, *call.masks, *call.actions, *call.old_log_probs, call.advantages,
-                              *call.relevance, call.weights, values, call.returns, call.old_values,
-                              call.value_weights, outs[4], outs[5])
+        ctx.save_for_backward(*_guarded_inputs(call, values), outs[4], outs[5])
         ctx.mark_non_differentiable(outs[3], outs[4], outs[5])
         ctx.set_materialize_grads(False)
         return outs
@@ -254,9 +268,7 @@ class _EagerOnePass(torch.autograd.Function):
         ctx.grads, ctx.gv = grads, gv
         ctx.values_dtype = None if values is None else values.dtype
         # every input is saved, so that an in-place change before backward raises as with the custom op
-        ctx.save_for_backward(*call.logits, *call.masks, *call.actions, *call.old_log_probs, call.advantages,
-                              *call.relevance, call.weights, values, call.returns, call.old_values,
-                              call.value_weights, outs[4], outs[5])
+        ctx.save_for_backward(*_guarded_inputs(call, values), outs[4], outs[5])
         ctx.mark_non_differentiable(*(t for t in outs[3:] if t is not None))
         ctx.set_materialize_grads(False)
         return outs

@@ -88,22 +88,33 @@ def _head_ptrs(tensors: list[torch.Tensor], offsets: tuple[int, ...], num_heads:
     return [(t.data_ptr(), t.stride(0)) for t in tensors]
 
 
-def _input_params(call: FusedCall):
-    """A ``_C.Params`` with every input and the config set by name; outputs and gradients not yet."""
+#: _C.Params templates with everything but the call's pointers and N set, by _template_key (a few per run)
+_TEMPLATES: dict[tuple, object] = {}
+
+
+def _template_key(call: FusedCall) -> tuple:
     cfg = call.cfg
-    H = call.num_heads
-    adv = call.advantages
-    adv_ph = adv.dim() == 2
+    has_v = call.values is not None
+    return (cfg, call.head_sizes, call.logits[0].dtype, bool(call.masks), bool(call.relevance),
+            call.advantages.dim() == 2, has_v, has_v and call.old_values is not None)
+
+
+def _template(call: FusedCall):
+    """The call's ``_C.Params`` without pointers: flags, config numbers and head sizes (cached)."""
+    key = _template_key(call)
+    p = _TEMPLATES.get(key)
+    if p is not None:
+        return p
+    cfg = call.cfg
     has_v = call.values is not None
     has_vclip = has_v and call.old_values is not None and math.isfinite(cfg.value_clip)
     p = _C.Params()
-    p.n = call.n
-    p.num_heads = H
+    p.num_heads = call.num_heads
     p.logits_dtype = _DT[call.logits[0].dtype]
     p.has_mask = int(bool(call.masks))
     p.has_rel = int(bool(call.relevance))
     p.per_head = int(cfg.per_head)
-    p.adv_per_head = int(adv_ph)
+    p.adv_per_head = int(call.advantages.dim() == 2)
     p.normalize_entropy = int(cfg.normalize_entropy)
     p.has_values = int(has_v)
     p.has_vclip = int(has_vclip)
@@ -124,20 +135,49 @@ def _input_params(call: FusedCall):
     p.sizes = list(call.head_sizes)
     p.floor = [max(float(f), 0.0) for f in cfg.prob_floor]
     p.kcoef = list(cfg.entropy_coef_per_head)
-    lg = _head_ptrs(call.logits, call.offsets, H)
-    mk = _head_ptrs(call.masks, call.offsets, H)
-    adv0 = None if adv_ph else _vec(adv)
-    for h in range(H):
-        p.set_head(h, logits=lg[h][0], logits_rs=lg[h][1], masks=mk[h][0], masks_rs=mk[h][1],
-                   actions=_vec(call.actions[h]), old_lp=_vec(call.old_log_probs[h]),
-                   rel=_vec(call.relevance[h]) if call.relevance else _NONE3,
-                   adv=_col(adv, h) if adv_ph else adv0)
+    if len(_TEMPLATES) >= 64:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = p
+    return p
+
+
+def _input_params(call: FusedCall):
+    """A ``_C.Params`` with every input and the config set by name; outputs and gradients not yet."""
+    H = call.num_heads
+    adv = call.advantages
+    adv_ph = adv.dim() == 2
+    has_v = call.values is not None
+    p = _template(call).copy()
+    p.n = call.n
+    ps = call.packed_steps
+    if call.packed and len(call.masks) <= 1 and "actions" in ps and "old_log_probs" in ps and (
+            not call.relevance or "relevance" in ps):
+        # the common case: packed logits and masks, [N, H] step inputs: every head's pointers set in C++
+        t = call.logits[0]
+        p.set_packed("logits", t.data_ptr(), t.stride(0), t.element_size())
+        if call.masks:
+            m = call.masks[0]
+            p.set_packed("masks", m.data_ptr(), m.stride(0), m.element_size())
+        for name, fld in (("actions", "actions"), ("old_log_probs", "old_lp"), ("relevance", "rel")):
+            t = ps.get(name)
+            if t is not None and (fld != "rel" or call.relevance):
+                p.set_columns(fld, t.data_ptr(), t.stride(0), t.stride(1), _DT[t.dtype])
+        p.set_columns("adv", adv.data_ptr(), adv.stride(0), adv.stride(1) if adv_ph else 0, _DT[adv.dtype])
+    else:
+        lg = _head_ptrs(call.logits, call.offsets, H)
+        mk = _head_ptrs(call.masks, call.offsets, H)
+        adv0 = None if adv_ph else _vec(adv)
+        for h in range(H):
+            p.set_head(h, logits=lg[h][0], logits_rs=lg[h][1], masks=mk[h][0], masks_rs=mk[h][1],
+                       actions=_vec(call.actions[h]), old_lp=_vec(call.old_log_probs[h]),
+                       rel=_vec(call.relevance[h]) if call.relevance else _NONE3,
+                       adv=_col(adv, h) if adv_ph else adv0)
     p.weights = _vec(call.weights)
     if has_v:
         p.values = _vec(call.values)
         p.returns = _vec(call.returns)
         p.value_weights = _vec(call.value_weights)
-        if has_vclip:
+        if p.has_vclip:
             p.old_values = _vec(call.old_values)
     return p
 
@@ -163,8 +203,11 @@ def backward_params(call: FusedCall, stats: torch.Tensor, saved: torch.Tensor, g
         p = call.cache["native"] = _input_params(call)
     p = p.copy()
     p.stats, p.saved = stats.data_ptr(), saved.data_ptr()
-    for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, call.num_heads)):
-        p.set_grad(h, ptr, rs)
+    if len(grads) == 1 and call.num_heads:
+        p.set_packed("grads", grads[0].data_ptr(), grads[0].stride(0), grads[0].element_size())
+    else:
+        for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, call.num_heads)):
+            p.set_grad(h, ptr, rs)
     p.grad_losses = _vec(grad_losses)
     p.grad_log_probs = _mat(grad_log_probs)
     p.grad_entropy = _mat(grad_entropy)
