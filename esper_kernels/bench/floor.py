@@ -12,17 +12,19 @@ __all__ = ["floor_bytes", "floor_bytes_per_row"]
 def floor_bytes_per_row(sizes: tuple[int, ...], logit_bytes: int, mode: str = "full", values: bool = True) -> int:
     """Bytes per step that ``mode`` must move at least, for make_batch's input dtypes.
 
-    Per step: logits S * logit_bytes and masks S (bool) are read once by the forward and once by the backward;
-    the gradient (S * logit_bytes, plus 4 for the values' gradient) is written once by the backward; the per-step
-    inputs are read once: actions 8 H (int64), old log-probs 4 H, relevance H (bool), advantages, weights,
-    values and returns 4 each. Per-step outputs (log_probs, entropy, joint_ratio) are not counted.
-    forward = big + per-step, backward = big + gradient + per-step, full = 2 big + gradient + per-step.
+    Per step: logits S * logit_bytes and masks S (bool) ("big"); the gradient S * logit_bytes, plus 4 for the
+    values' gradient; the per-step inputs: actions 8 H (int64), old log-probs 4 H, relevance H (bool),
+    advantages, weights, values and returns 4 each. Per-step outputs (log_probs, entropy, joint_ratio) are not
+    counted. forward = big + per-step (read once); backward = big + gradient + per-step (a backward that
+    computes the gradient reads the inputs again); full = big + gradient + per-step: the one-pass floor (the
+    forward writes the gradient while the row is on chip, and a plain ``loss.backward()`` moves nothing more).
+    The two-pass floor of earlier versions, 2 big + gradient + per-step, is in benchmarks/NOTES.md.
     """
     S, H = sum(sizes), len(sizes)
     big = S * logit_bytes + S
     per_step = 13 * H + 8 + (8 if values else 0)
     grad = S * logit_bytes + (4 if values else 0)
-    return {"forward": big + per_step, "backward": big + grad + per_step, "full": 2 * big + grad + per_step}[mode]
+    return {"forward": big + per_step, "backward": big + grad + per_step, "full": big + grad + per_step}[mode]
 
 
 def floor_bytes(batch: dict, layout: HeadLayout, mode: str = "full") -> int:
@@ -34,4 +36,4 @@ def floor_bytes(batch: dict, layout: HeadLayout, mode: str = "full") -> int:
     grad = batch["logits"].numel() * batch["logits"].element_size()
     if batch.get("values") is not None:
         grad += batch["values"].numel() * 4
-    return {"forward": big + per_step, "backward": big + grad + per_step, "full": 2 * big + grad + per_step}[mode]
+    return {"forward": big + per_step, "backward": big + grad + per_step, "full": big + grad + per_step}[mode]
