@@ -9,7 +9,7 @@ whose last dim is not contiguous).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,34 @@ ACTION_DTYPES = (torch.int64, torch.int32)
 MASK_DTYPES = (torch.bool, torch.uint8)
 
 
+class HeadColumns(Sequence):
+    """The H columns of an [N, H] tensor as per-head [N] views, made on first use (one ``unbind``): a backend
+    that reads the [N, H] tensor whole (``PPOInputs.packed_steps``) never pays for the views."""
+
+    __slots__ = ("_views", "whole")
+
+    def __init__(self, whole: torch.Tensor):
+        self.whole = whole
+        self._views: tuple[torch.Tensor, ...] | None = None
+
+    def _all(self) -> tuple[torch.Tensor, ...]:
+        if self._views is None:
+            self._views = self.whole.unbind(1)
+        return self._views
+
+    def __len__(self) -> int:
+        return self.whole.shape[1]
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._all())
+
+    def __repr__(self) -> str:
+        return f"HeadColumns({len(self)} x [{self.whole.shape[0]}])"
+
+
 @dataclass
 class PPOInputs:
     """Canonical inputs: per-head tuples of [N, A_h] / [N] tensors, per-step [N] tensors, N = prod(batch)."""
@@ -34,10 +62,10 @@ class PPOInputs:
     device: torch.device
     logits: tuple[torch.Tensor, ...]  # one [N, S] tensor (packed) or H tensors [N, A_h]; stride(-1) == 1
     masks: tuple[torch.Tensor, ...] | None  # same form as logits, bool or uint8; None = all valid
-    actions: tuple[torch.Tensor, ...]  # H tensors [N], int32/int64
-    old_log_probs: tuple[torch.Tensor, ...]  # H tensors [N], float
+    actions: Sequence[torch.Tensor]  # H tensors [N], int32/int64 (HeadColumns when given as [N, H])
+    old_log_probs: Sequence[torch.Tensor]  # H tensors [N], float
     advantages: torch.Tensor  # [N] or [N, H] (per-head advantages)
-    relevance: tuple[torch.Tensor, ...] | None  # H tensors [N], bool/uint8; None = all relevant
+    relevance: Sequence[torch.Tensor] | None  # H tensors [N], bool/uint8; None = all relevant
     weights: torch.Tensor | None  # [N] float or bool; None = all 1
     values: torch.Tensor | None  # [N]
     returns: torch.Tensor | None
@@ -221,10 +249,10 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
 
     packed_steps: dict[str, torch.Tensor] = {}
 
-    def heads_1d(name: str, ts: tuple[torch.Tensor, ...], packed: bool) -> tuple[torch.Tensor, ...]:
+    def heads_1d(name: str, ts: tuple[torch.Tensor, ...], packed: bool) -> Sequence[torch.Tensor]:
         if packed:
             whole = packed_steps[name] = _flat(ts[0], bnd)
-            return whole.unbind(1)  # H column views (one op, not H indexing calls)
+            return HeadColumns(whole)  # H column views, made on first use (one op, not H indexing calls)
         return tuple(_flat(t, bnd) if bnd > 1 else t for t in ts)
 
     return PPOInputs(

@@ -95,10 +95,14 @@ def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, ol
     metrics = PPOMetrics(raw.stats, layout, cfg, has_values=inputs.values is not None, backend=impl)
     if validate:
         check_data(metrics)
+    if len(batch) == 1:  # already [N, H] and [N]
+        log_probs, entropy, joint_ratio = raw.log_probs, raw.entropy, raw.joint_ratio
+    else:
+        log_probs, entropy = raw.log_probs.reshape(tuple(batch) + (H,)), raw.entropy.reshape(tuple(batch) + (H,))
+        joint_ratio = raw.joint_ratio.reshape(batch)
     return PPOLossOutput(
         loss=raw.loss, policy_loss=raw.policy_loss, entropy_loss=raw.entropy_loss, value_loss=raw.value_loss,
-        log_probs=raw.log_probs.reshape(tuple(batch) + (H,)), entropy=raw.entropy.reshape(tuple(batch) + (H,)),
-        joint_ratio=raw.joint_ratio.reshape(batch), metrics=metrics, backend=impl.name,
+        log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio, metrics=metrics, backend=impl.name,
     )
 
 

@@ -63,12 +63,13 @@ one-pass backends always normalise in their own pre-pass.
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ResolvedConfig
-from ..inputs import PPOInputs
+from ..inputs import HeadColumns, PPOInputs
 from ..reference import normalize_advantages
 from ..stats import stats_size
 from .base import Backend, RawOutput
@@ -109,10 +110,10 @@ class FusedCall:
 
     logits: list[torch.Tensor]  # [N, S] (packed, head h at column offsets[h]) or H tensors [N, A_h]
     masks: list[torch.Tensor]  # like logits (bool/uint8) or empty = all valid
-    actions: list[torch.Tensor]  # H x [N] int32/int64 (any stride)
-    old_log_probs: list[torch.Tensor]  # H x [N] float (any stride)
+    actions: Sequence[torch.Tensor]  # H x [N] int32/int64 (any stride)
+    old_log_probs: Sequence[torch.Tensor]  # H x [N] float (any stride)
     advantages: torch.Tensor  # [N] or [N, H]
-    relevance: list[torch.Tensor]  # H x [N] bool/uint8, or empty = all relevant
+    relevance: Sequence[torch.Tensor]  # H x [N] bool/uint8, or empty = all relevant
     weights: torch.Tensor | None
     values: torch.Tensor | None
     returns: torch.Tensor | None
@@ -187,8 +188,8 @@ class FusedBackend(Backend):
         else:
             # eager: the same kernels through a plain autograd.Function (the custom-op dispatch, argument
             # flattening and config round trip cost several hundred microseconds per call)
-            call = FusedCall(list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
-                             list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights,
+            call = FusedCall(list(inputs.logits), list(inputs.masks or ()), _heads(inputs.actions),
+                             _heads(inputs.old_log_probs), adv, _heads(inputs.relevance), inputs.weights,
                              inputs.values, inputs.returns, inputs.old_values, inputs.value_weights,
                              inputs.layout.sizes, kcfg, packed_steps=inputs.packed_steps)
             if self.one_pass:
@@ -204,6 +205,12 @@ class FusedBackend(Backend):
                                                                                    *call.logits)
         return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
                          log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+
+
+def _heads(views: Sequence[torch.Tensor] | None) -> Sequence[torch.Tensor]:
+    """Per-head views for a FusedCall: HeadColumns as they are (their views are made only if a backend reads
+    them), others as a list."""
+    return views if isinstance(views, HeadColumns) else list(views or ())
 
 
 def _guarded_inputs(call: FusedCall, values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
