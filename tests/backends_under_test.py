@@ -139,6 +139,8 @@ class BackendUnderTest:
     table_examples: int = 30
     table_heads: int = 32
     on_unavailable: str = "skip"
+    #: fixed-case tests run every variant too (False: only the hypothesis test draws them, for time)
+    sweep_variants: bool = True
     impl: Callable[[], object] = lambda: None
 
     def rows(self, n: int, keep: int = 0) -> int:
@@ -198,6 +200,11 @@ class BackendUnderTest:
 
     def contexts(self):
         """(variant name, context factory) of the default configuration and of every variant."""
+        extra = list(self.variants.items()) if self.sweep_variants else []
+        return [("default", contextlib.nullcontext), *extra]
+
+    def drawn_contexts(self):
+        """The default configuration and every variant, for the hypothesis test to draw from."""
         return [("default", contextlib.nullcontext), *self.variants.items()]
 
 
@@ -239,8 +246,7 @@ BACKENDS: list[BackendUnderTest] = [
                      marks=(pytest.mark.gpu,) if HAS_CUDA else (pytest.mark.interpreter,),
                      variants={"tiny": lambda: tuning(**TINY)}, impl=_triton_impl,
                      scale=1.0 if HAS_CUDA else 0.05, examples=25 if HAS_CUDA else INTERPRETER_EXAMPLES,
-                     hypothesis_dtypes=(torch.float32, torch.float16, torch.bfloat16) if HAS_CUDA else
-                     (torch.float32, torch.float16),
+                     sweep_variants=HAS_CUDA,
                      table_examples=30 if HAS_CUDA else 6, table_heads=9),
     BackendUnderTest("cuda", "cuda", "cuda", marks=(pytest.mark.gpu,), impl=_cuda_impl, examples=25,
                      on_unavailable="fail"),

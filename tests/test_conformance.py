@@ -81,7 +81,7 @@ def _equal_runs(r1, r2):
 def test_equals_reference_hypothesis(backend):
     """Random layouts, configs, dtypes and input forms (packed, per-head sequence, per-head mapping), in the
     default configuration of the backend or one of its variants."""
-    contexts = backend.contexts()
+    contexts = backend.drawn_contexts()
 
     @settings(max_examples=backend.examples, deadline=None, derandomize=True,
               phases=[Phase.explicit, Phase.generate],  # no shrinking: an interpreted example costs seconds
