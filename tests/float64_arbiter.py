@@ -20,7 +20,7 @@ from harness import _ulp as ulp
 
 import esper_kernels as ek
 
-__all__ = ["check_arbitrated", "check_triton"]
+__all__ = ["assert_grad_vs_float64", "check_arbitrated", "check_triton"]
 
 
 def _to_float64(logits):
@@ -45,16 +45,22 @@ def _grads_vs_float64(backend, batch, layout, config, grad_seed=0):
         if truth is None:
             assert got[k] is None, k
             continue
-        t = truth.detach().double()
-        g = got[k].detach().double()
-        r = ref32[k].detach().double()
-        unit = ulp(got[k].detach(), got[k].dtype) if got[k].dtype in (torch.bfloat16, torch.float16) else 0.0
-        tol = (r - t).abs() + ATOL + RTOL * t.abs() + unit
-        # non-finite where the float64 truth is non-finite (docs/semantics.md section 3: NaN or +-inf)
-        bad = ~((g - t).abs() <= tol) & ~(~torch.isfinite(g) & ~torch.isfinite(t))
-        assert not bad.any(), (f"grad {k}: {int(bad.sum())} element(s) farther from the float64 reference than "
-                               f"the float32 reference is: got {g[bad][:4].tolist()}, float64 {t[bad][:4].tolist()}, "
-                               f"float32 reference {r[bad][:4].tolist()}")
+        assert_grad_vs_float64(f"grad {k}", got[k], ref32[k], truth)
+
+
+def assert_grad_vs_float64(name, got, ref32, ref64):
+    """Every element of ``got`` as close to the float64 reference's gradient ``ref64`` as the float32 reference's
+    ``ref32`` is, plus the tolerance (and one unit of the input dtype for bf16/fp16); non-finite where it is."""
+    t = ref64.detach().cpu().double()
+    g = got.detach().cpu().double()
+    r = ref32.detach().cpu().double()
+    unit = ulp(got.detach().cpu(), got.dtype) if got.dtype in (torch.bfloat16, torch.float16) else 0.0
+    tol = (r - t).abs() + ATOL + RTOL * t.abs() + unit
+    # non-finite where the float64 truth is non-finite (docs/semantics.md section 3: NaN or +-inf)
+    bad = ~((g - t).abs() <= tol) & ~(~torch.isfinite(g) & ~torch.isfinite(t))
+    assert not bad.any(), (f"{name}: {int(bad.sum())} element(s) farther from the float64 reference than "
+                           f"the float32 reference is: got {g[bad][:4].tolist()}, float64 {t[bad][:4].tolist()}, "
+                           f"float32 reference {r[bad][:4].tolist()}")
 
 
 def _metrics_vs_float64(backend, batch, layout, config):

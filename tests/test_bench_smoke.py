@@ -16,6 +16,8 @@ from esper_kernels.__main__ import main as cli_main
 from esper_kernels.layout import ESPER_HEADS, HeadLayout
 from esper_kernels.synthetic import make_batch
 
+pytestmark = pytest.mark.smoke
+
 # the contract of the CSV, spelled out here rather than imported
 COLUMNS = ["case", "provider", "mode", "dtype", "n_rows", "head_sizes", "median_ms", "p20_ms", "p80_ms",
            "peak_extra_mb", "floor_ms", "floor_fraction", "device", "torch", "triton", "commit", "date"]

@@ -16,6 +16,8 @@ import esper_kernels as ek
 from esper_kernels import backends as ek_backends
 from esper_kernels.synthetic import make_batch
 
+pytestmark = pytest.mark.slow
+
 LAYOUT = ek.HeadLayout({"slot": 3, "style": 4, "op": 6})
 CONFIG = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_entropy=True)
 OBS = 6

@@ -9,27 +9,27 @@ gradient, the fix-up returns at once, rescales or recomputes) against the refere
 barriers, shuffles, the atomic ticket and distributed shared memory are GPU-only (tests/test_gpu_cuda.py).
 
 Each test puts the emulation in place of the "cuda" backend for CPU tensors (the ``emu`` fixture), so the whole
-public path (``ek.ppo_loss(backend="cuda")``, autograd, metrics) runs as on a GPU.
+public path (``ek.ppo_loss(backend="cuda")``, autograd, metrics) runs as on a GPU. The behaviours every fused
+backend shares run on the emulation in tests/test_conformance.py (its ``cuda_host`` row, with two main blocks as a
+variant); here: the plan, the wide/stream paths and max_blocks variants, test_numerics' reproductions, and the
+one-pass protocol's state (the forward's buffers, the scale state, holds, launches, the custom ops).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from unittest import mock
 
 import pytest
 import test_numerics as tn
 import torch
+from backends_under_test import _Emulated
 from float64_arbiter import check_arbitrated
-from harness import ATOL, RTOL, assert_close, check_backend, per_head, run
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from ref_cases import cases, layout_of, per_head_forms_case, random_batch, strided_rows_case
+from harness import assert_close, check_backend, per_head
+from ref_cases import layout_of, random_batch
 
 import esper_kernels as ek
 from esper_kernels import _C
-from esper_kernels import backends as ek_backends
 from esper_kernels.backends import fused, native
 from esper_kernels.synthetic import make_batch
 
@@ -37,54 +37,6 @@ pytestmark = pytest.mark.native
 
 ESPER = ek.HeadLayout(ek.ESPER_HEADS)
 NM_SCALE = 3  # csrc/ppo_onepass.h: the fix-up's scale state in the normalisers
-
-
-class _Forward:
-    """One recorded kernel_forward: the addresses of the gradient buffers the caller passed (None: none; no
-    reference is kept, so that autograd can still take them as .grad without a copy) and the ``saved`` tensor it
-    returned (the normalisers, whose NM_SCALE entry is the fix-up's scale state, then the tickets)."""
-
-    def __init__(self, grads, gv, saved):
-        self.grads = None if grads is None else [g.data_ptr() for g in grads]
-        self.gv = None if gv is None else gv.data_ptr()
-        self.norms = saved
-
-
-class _Emulated:
-    """The emulation in place of the "cuda" backend (registry and fused custom ops), restored afterwards; it
-    records every kernel_forward (``states``) and the ``holds`` of every kernel_backward (``holds``)."""
-
-    def __init__(self, emulation: native.CudaHostEmulation):
-        self.emu = emulation
-        self.states: list[_Forward] = []
-        self.holds: list[bool] = []
-
-    def __enter__(self):
-        self.saved = (ek_backends._cache.get("cuda"), "cuda" in ek_backends._RUNNABLE, fused._FUSED.get("cuda"))
-        ek_backends._cache["cuda"] = self.emu
-        ek_backends._RUNNABLE.add("cuda")
-        fused._FUSED["cuda"] = self.emu
-        forward, backward = self.emu.kernel_forward, self.emu.kernel_backward
-
-        def spy_forward(call, grads=None, grad_values=None):
-            outs = forward(call, grads, grad_values)
-            self.states.append(_Forward(grads, grad_values, outs[5]))
-            return outs
-
-        def spy_backward(*args, **kw):
-            self.holds.append(kw.get("holds", False))
-            return backward(*args, **kw)
-
-        self.emu.kernel_forward, self.emu.kernel_backward = spy_forward, spy_backward
-        return self
-
-    def __exit__(self, *exc):
-        cache, runnable, fz = self.saved
-        ek_backends._cache["cuda"] = cache
-        if not runnable:
-            ek_backends._RUNNABLE.discard("cuda")
-        fused._FUSED["cuda"] = fz
-        del self.emu.kernel_forward, self.emu.kernel_backward
 
 
 @pytest.fixture(params=[0, 2], ids=["grid", "two_blocks"])
@@ -143,42 +95,6 @@ def test_plan_paths_and_shapes():
 
 
 # -- equal to the reference --------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.01),
-    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
-                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, value_clip=0.2,
-                     entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
-    ek.PPOLossConfig(normalize_advantages=True, clip_eps=0.1, clip_eps_high=0.5, joint_log_ratio_clamp=None,
-                     log_ratio_clamp=0.5, value_coef=1.0, mask_fill=-30.0),
-    ek.PPOLossConfig(entropy_coef=0.1, normalize_entropy=True, prob_floor=[0.1] * 8, advantage_std="unbiased",
-                     normalize_advantages=True, advantage_eps_add=True),
-], ids=["joint", "per_head_floor", "normadv_asym", "joint_floor"])
-def test_esper_batch(emu, dtype, config):
-    batch = make_batch((4, 75), ESPER, dtype=dtype, seed=3)
-    if config.value_clip is not None:
-        batch["old_values"] = batch["values"] + 0.3 * torch.randn(batch["values"].shape)
-    check(batch, ESPER, config)
-
-
-@settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
-@given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       form=st.sampled_from(["packed", "sequence", "mapping"]))
-def test_equals_reference_hypothesis(emu1, case, dtype, form):
-    sizes, kw, config = case
-    if dtype != torch.float32:
-        kw = dict(kw, messy=False)  # (test_native: NaN gradients are not comparable in fp16/bf16)
-    layout = layout_of(sizes)
-    batch = random_batch(sizes, dtype=dtype, **kw)
-    if form != "packed":
-        batch["logits"] = per_head(batch["logits"], layout, as_mapping=form == "mapping")
-        if batch["action_masks"] is not None:
-            batch["action_masks"] = per_head(batch["action_masks"], layout, as_mapping=form == "mapping")
-    check(batch, layout, config)
-
-
 @pytest.mark.parametrize("sizes,n", [([1024, 1024], 7), ([3, 1000, 33, 5], 9), ([9000], 3), ([40000], 2),
                                      ([33], 40), ([2, 64, 3], 17)],
                          ids=["wide", "mixed", "vocab_split", "stream", "just_over_32", "two_small_one_wide"])
@@ -204,36 +120,10 @@ def test_stream_without_clusters():
         check(b, layout, ek.PPOLossConfig(entropy_coef=0.1, prob_floor=[0.01, 0.2]))
 
 
-def test_per_head_tensors_and_strided_rows(emu):
-    batch, layout, config = per_head_forms_case()
-    check(batch, layout, config)
-    batch, layout = strided_rows_case()
-    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.05))
-
-
-@pytest.mark.parametrize("n", [0, 1, 7, 127, 129, 1000])
-def test_odd_sizes(emu, n):
-    """N = 0, N smaller than a tile, tiles with a partial last one."""
-    b = make_batch((n,), ESPER, seed=n)
-    if n == 0:
-        out, _ = check(b, ESPER, check_grads=False)
-        assert out.metrics.to_dict()["steps"] == 0
-        return
-    b["old_values"] = b["values"] - 0.25
-    check(b, ESPER, ek.PPOLossConfig(entropy_coef=0.1, value_clip=0.3))
-
-
 def test_many_blocks_merge(emu):
     """40 tiles: 40 partials merged by the last block (or two blocks of 20 tiles each)."""
     b = make_batch((5000,), ESPER, seed=9)
     check(b, ESPER, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.02, normalize_advantages=True))
-
-
-def test_all_absent(emu):
-    b = make_batch((9,), ESPER, seed=5)
-    b["weights"].zero_()
-    b["logits"].fill_(float("nan"))
-    check(b, ESPER, ek.PPOLossConfig(entropy_coef=0.1))
 
 
 # -- docs/semantics.md's numerics: tests/test_numerics.py's reproductions on the emulated cuda backend ----------
@@ -375,16 +265,6 @@ def test_two_backwards_with_different_scales(emu1):
     assert emu1.holds == [True, False, False]  # the forward's buffers fixed up once, then recomputed
 
 
-def test_accumulation_into_existing_grad(emu1):
-    b = _leaf_batch()
-    b["logits"].grad = torch.ones_like(b["logits"])
-    out = ek.ppo_loss(**b, layout=ESPER, config=CFG, backend="cuda", validate=False)
-    out.loss.backward(retain_graph=True)
-    (3.0 * out.loss).backward()
-    want, _ = _ref_grads(b, CFG)
-    assert_close("accumulated", b["logits"].grad, 1.0 + 4.0 * want)
-
-
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detached"])
 def test_no_gradient_wanted_writes_none(emu1, mode):
     """Without grad the forward allocates and writes no gradient; outputs and metrics are the reference's."""
@@ -430,32 +310,6 @@ def test_launches_per_step(emu1):
         out.metrics.tensors()
         calls = (f.call_count, g.call_count, t.call_count)
     assert calls == (1, 1, 0)  # the metric table came from the forward's last block
-
-
-def test_merged_metrics_use_the_table_kernel(emu1):
-    b1, b2 = make_batch((40,), ESPER, seed=1), make_batch((30,), ESPER, seed=2)
-    m = ek.PPOMetrics.merge([ek.ppo_loss(**b, layout=ESPER, backend="cuda", validate=False).metrics for b in (b1, b2)])
-    r = ek.PPOMetrics.merge([ek.ppo_loss(**b, layout=ESPER, backend="reference", validate=False).metrics
-                             for b in (b1, b2)])
-    got, want = m.to_dict(), r.to_dict()
-    for k, w in want.items():
-        g = got[k]
-        assert (math.isnan(g) and math.isnan(w)) or abs(g - w) <= ATOL + RTOL * abs(w) or g == w, (k, g, w)
-
-
-def test_deterministic_and_no_uninitialised_reads(emu1):
-    """Repeated calls are bitwise equal, with another call (other sizes) in between to leave garbage in freed
-    memory the next call's scratch may reuse."""
-    b = make_batch((777,), ESPER, seed=12)
-    cfg = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_advantages=True)
-    o1, g1 = run("cuda", b, ESPER, cfg, grad_seed=3)
-    ek.ppo_loss(**make_batch((1500,), ESPER, seed=1), layout=ESPER, backend="cuda", validate=False)
-    o2, g2 = run("cuda", b, ESPER, cfg, grad_seed=3)
-    for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "log_probs", "entropy", "joint_ratio"):
-        assert torch.equal(getattr(o1, k).nan_to_num(7.0), getattr(o2, k).nan_to_num(7.0)), k
-    assert torch.equal(o1.metrics.stats.nan_to_num(7.0), o2.metrics.stats.nan_to_num(7.0))
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), k
 
 
 def test_custom_op_protocol(emu1):

@@ -25,6 +25,8 @@ from esper_kernels.demo.env import (
 )
 from esper_kernels.synthetic import ESPER_RELEVANCE
 
+pytestmark = pytest.mark.slow
+
 SMALL = dict(num_envs=16, horizon=10)
 
 

@@ -22,6 +22,8 @@ import torch
 
 import esper_kernels as ek
 
+pytestmark = pytest.mark.smoke
+
 RTOL, ATOL = 1e-5, 1e-6
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "esper_update.py"
 

@@ -23,9 +23,7 @@ import math
 import pytest
 import torch
 from float64_arbiter import check_triton
-from harness import ATOL, RTOL, assert_close, assert_grad_close, per_head, run
-from hypothesis import HealthCheck, given, settings
-from ref_cases import check_metric_table, stats_cases
+from harness import assert_close, assert_grad_close, run
 from triton_launches import Launches
 
 import esper_kernels as ek
@@ -82,26 +80,6 @@ def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_esper(dtype):
-    check_triton(STANDARD_CASES["esper"].make_batch(dtype=dtype, device="cuda", seed=1), ESPER, JOINT)
-
-
-def test_esper_per_head_floor_value_clip():
-    b = STANDARD_CASES["esper"].make_batch(device="cuda", seed=2)
-    b["old_values"] = b["values"] + 0.3 * torch.randn_like(b["values"])
-    check_triton(b, ESPER, PER_HEAD)
-
-
-def test_per_head_separate_tensors_bf16():
-    """A dict of per-head bf16 logits in separate allocations, uint8 masks, int32 actions, strided old log-probs."""
-    b = STANDARD_CASES["esper"].make_batch(dtype=torch.bfloat16, device="cuda", seed=3)
-    b["logits"] = {k: v.clone() for k, v in per_head(b["logits"], ESPER, as_mapping=True).items()}
-    b["action_masks"] = [m.to(torch.uint8) for m in per_head(b["action_masks"], ESPER)]
-    b["actions"] = [b["actions"][..., h].to(torch.int32) for h in range(ESPER.num_heads)]
-    check_triton(b, ESPER, JOINT)
-
-
 def test_rl_64k_bf16_and_deterministic():
     b = STANDARD_CASES["rl_64k"].make_batch(dtype=torch.bfloat16, device="cuda", seed=4)
     check_triton(b, ESPER, JOINT)
@@ -152,28 +130,6 @@ def test_more_than_2_31_logits():
     assert_grad_close("grad logits", logits.grad[rows], sub.grad, torch.bfloat16)
 
 
-def test_out_of_range_actions():
-    """Actions out of range at present steps (negative, = A_h, huge int64): NaN log-probs, counted as invalid,
-    equal to the reference; nothing read out of bounds (compute-sanitizer: benchmarks/sanitize_case.py)."""
-    b = make_batch((64,), ESPER, device="cuda", seed=9)
-    b["weights"][:8] = 1.0
-    acts = b["actions"]
-    acts[0, 0], acts[1, 2], acts[2, 7], acts[3, 3], acts[4, 1] = -1, ESPER.sizes[2], 2**62, -(2**40), 13
-    out, _ = check_triton(b, ESPER, JOINT)
-    m = out.metrics.to_dict()
-    assert m["head_slot_invalid_action"] >= 1 and m["head_blueprint_invalid_action"] >= 1
-    assert torch.isnan(out.log_probs[1, 2])
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=stats_cases(max_heads=9))
-def test_metric_table_kernel_equals_the_torch_derivation(case):
-    """The one-program metric-table kernel compiled for the GPU: the table of ``esper_kernels.metrics``."""
-    from esper_kernels.backends.triton_backend import BACKENDS
-
-    check_metric_table(lambda s, cfg, hv: BACKENDS["triton"].metric_table(s.cuda(), cfg, hv), case)
-
-
 def test_rl_1m_bf16():
     """8,192 programs: 128 merge groups (two ticket levels) at the benchmark's largest small-head case."""
     check_triton(make_batch((1 << 20,), ESPER, dtype=torch.bfloat16, device="cuda", seed=10), ESPER, JOINT,
@@ -195,45 +151,20 @@ def _grads(backend, batch, config, backward):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("path", ["fast", "rescale", "recompute", "inf"])
-def test_fix_up_paths(dtype, path):
-    """The fix-up's three paths at esper's size: loss.backward() (the forward's gradient as it is), a scaled loss
-    (rescaled in place), a gradient on the entropy output (recomputed), an infinite upstream (recomputed: NaN at
-    every valid action, exactly 0 at masked actions and absent steps, as the reference's pattern)."""
+def test_fix_up_infinite_upstream(dtype):
+    """An infinite upstream on ``loss`` (recomputed): NaN at every valid action, exactly 0 at masked actions and
+    absent steps, as the reference's pattern (no floors: their exact zeros differ from the reference's float32
+    noise). The fast, rescale and recompute paths: test_conformance. (Not there for this case: the cpu backend and
+    the cuda kernels' host emulation write NaN in irrelevant rows.)"""
     batch = make_batch((12, 150), ESPER, dtype=dtype, device="cuda", seed=11)
-    backward = {
-        "fast": lambda out: out.loss.backward(),
-        "rescale": lambda out: out.loss.backward(torch.tensor(1024.0, device="cuda")),
-        "recompute": lambda out: (out.loss + 0.01 * torch.relu(0.5 - out.entropy).mean()).backward(),
-        "inf": lambda out: out.loss.backward(torch.tensor(math.inf, device="cuda")),
-    }[path]
-    # (an infinite upstream: without floors, whose exact zeros under the floor differ from the reference's float32
-    # noise there)
-    config = JOINT if path == "inf" else PER_HEAD
-    got, gv = _grads("triton", batch, config, backward)
-    want, wv = _grads("reference", dict(batch, logits=batch["logits"].float()), config, backward)
-    if path == "inf":
-        assert torch.equal(torch.isfinite(got), torch.isfinite(want.to(dtype)))
-        assert torch.equal(got == 0, want == 0)
-        return
-    assert_grad_close("grad logits", got, want, dtype)
-    assert_close("grad values", gv, wv)
 
+    def backward(out):
+        out.loss.backward(torch.tensor(math.inf, device="cuda"))
 
-def test_retain_graph_and_accumulation():
-    """Two backward calls through one forward (the second recomputes) and a third into an existing .grad."""
-    batch = make_batch((12, 150), ESPER, device="cuda", seed=12)
-    res = {}
-    for backend in ("triton", "reference"):
-        b = _leaf(batch)
-        out = ek.ppo_loss(**b, layout=ESPER, config=JOINT, backend=backend, validate=False)
-        g1, = torch.autograd.grad(out.loss, b["logits"], retain_graph=True)
-        g2, = torch.autograd.grad(out.loss * -3.0, b["logits"], retain_graph=True)
-        b["logits"].grad = torch.full_like(b["logits"], 0.5)
-        out.loss.backward()
-        res[backend] = (g1, g2, b["logits"].grad)
-    for got, want in zip(res["triton"], res["reference"]):
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
+    got, _ = _grads("triton", batch, JOINT, backward)
+    want, _ = _grads("reference", dict(batch, logits=batch["logits"].float()), JOINT, backward)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want.to(dtype)))
+    assert torch.equal(got == 0, want == 0)
 
 
 def test_launches_and_no_gradient_without_grad():

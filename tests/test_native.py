@@ -1,4 +1,9 @@
-"""The C++ ``cpu`` backend (esper_kernels._C, csrc/) against the reference.
+"""The C++ ``cpu`` backend (esper_kernels._C, csrc/): what only it has.
+
+The behaviours every fused backend shares (equal to the reference on random and fixed cases, input forms, data
+errors, the backward's paths, determinism of repeated calls, the metric table) are in tests/test_conformance.py,
+run there on this backend too. Here: the row path against the vectorised (SIMD) path, the AVX-512 wide and
+floored small-head paths on adversarial rows, thread-count determinism, in-place reads of per-head leaves.
 
 Every comparison goes through ``harness.check_backend`` (docs/semantics.md section 7 tolerances, random incoming
 gradients
@@ -9,27 +14,21 @@ code (csrc/ppo_core.h) as the CUDA kernels, so these tests also cover the CUDA b
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 from float64_arbiter import check_arbitrated
-from harness import check_output_grads_only, per_head, run
+from harness import per_head, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ref_cases import (
     cases,
-    check_metric_table,
     layout_of,
-    per_head_forms_case,
     random_batch,
-    stats_cases,
-    strided_rows_case,
 )
 
 import esper_kernels as ek
-from esper_kernels.stats import G
 from esper_kernels.synthetic import make_batch
 
 pytestmark = pytest.mark.native
@@ -57,25 +56,6 @@ def check(batch, layout, config=None, **kw):
 
 
 # -- every config field, both surrogates, floors, values, messy data and garbage: hypothesis ---------------
-@settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       form=st.sampled_from(["packed", "sequence", "mapping"]))
-def test_equals_reference_hypothesis(case, dtype, form):
-    sizes, kw, config = case
-    if dtype != torch.float32:
-        # messy data (relevant out-of-range actions) makes the loss and every gradient NaN, which
-        # harness.assert_grad_close cannot compare in fp16/bf16 (its ulp bound is NaN); fp32 covers messy data
-        kw = dict(kw, messy=False)
-    layout = layout_of(sizes)
-    batch = random_batch(sizes, dtype=dtype, **kw)
-    if form != "packed":
-        batch["logits"] = per_head(batch["logits"], layout, as_mapping=form == "mapping")
-        if batch["action_masks"] is not None:
-            batch["action_masks"] = per_head(batch["action_masks"], layout, as_mapping=form == "mapping")
-    check(batch, layout, config)
-
-
 @settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")) // 2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
@@ -101,67 +81,6 @@ def test_row_path_and_vectorised_path_equal_reference(case, dtype):
 
 
 # -- fixed cases -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.01),
-    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
-                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, value_clip=0.2,
-                     entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
-    ek.PPOLossConfig(normalize_advantages=True, clip_eps=0.1, clip_eps_high=0.5, joint_log_ratio_clamp=None,
-                     log_ratio_clamp=0.5, value_coef=1.0, mask_fill=-30.0),
-], ids=["joint", "per_head_floor", "normadv_asym"])
-def test_esper_batch(dtype, config):
-    """make_batch: esper's causal relevance, NaN garbage in absent steps, values (clipped for per_head)."""
-    batch = make_batch((4, 75), LAYOUT, dtype=dtype, seed=3)
-    if config.value_clip is not None:
-        batch["old_values"] = batch["values"] + 0.3 * torch.randn(batch["values"].shape)
-    check(batch, LAYOUT, config)
-
-
-@pytest.mark.parametrize("vclip", [None, 0.5])
-def test_value_loss_and_value_weights(vclip):
-    sizes = [4, 7]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (40,), seed=12, values=True, old_values=True, value_weights=True)
-    check(b, layout, ek.PPOLossConfig(value_clip=vclip, value_coef=0.7, entropy_coef=0.02))
-    b.pop("value_weights")
-    check(b, layout, ek.PPOLossConfig(value_clip=vclip))
-
-
-def test_per_head_advantages():
-    sizes = [3, 9, 2]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (30,), seed=13, per_head_adv=True)
-    check(b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1))
-    check(b, layout, ek.PPOLossConfig(surrogate="per_head", normalize_advantages=True))
-
-
-@pytest.mark.parametrize(("width", "floor"), [(5000, None), (300, 0.02)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_head(width, floor, dtype):
-    """A wide head between small ones: 5,000 actions, and 300 with a floor (a floor on thousands of tiny
-    probabilities is ill-conditioned in float32: the reference itself is ~1e-5 off its float64 gradient)."""
-    layout = ek.HeadLayout({"a": 3, "wide": width, "b": 5})
-    batch = random_batch(list(layout.sizes), (6,), seed=11, mask_density=0.5, values=True, old_values=True,
-                         logit_scale=3.0, dtype=dtype)
-    config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
-                              prob_floor=None if floor is None else {"wide": floor, "a": 0.1})
-    check(batch, layout, config)
-
-
-def test_widest_head():
-    """One head of 131,072 actions (the largest supported), a few rows."""
-    layout = ek.HeadLayout({"vocab": 131072})
-    batch = random_batch([131072], (3,), seed=5, mask_density=0.9, weights="ones", relevance=False)
-    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.1))
-
-
-def test_per_head_tensors_mapping_sequence_and_strides():
-    """Per-head logits/masks as separate tensors (a mapping), actions as a sequence of int32 and int64 tensors,
-    old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
-    check(*per_head_forms_case())
-
-
 def test_per_head_tensors_read_in_place():
     """Separate per-head leaves with their own row strides (views into padded buffers) are read without a copy:
     the backend gets the caller's storage."""
@@ -192,63 +111,6 @@ def test_per_head_tensors_read_in_place():
     finally:
         native.forward_params = orig
     assert seen[-1] == [t.data_ptr() for t in leaves]
-
-
-def test_non_contiguous_rows():
-    """Logits and masks as column slices of wider buffers (row stride > S), per-step tensors as strided views,
-    a 2-D batch shape."""
-    batch, layout = strided_rows_case()
-    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.01))
-
-
-def test_garbage_in_absent_steps_and_masked_positions():
-    """NaN/Inf logits at masked positions and in absent steps, NaN old log-probs where irrelevant: nothing leaks."""
-    sizes = [4, 6, 3]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (50,), seed=17, garbage=True, weights="float", values=True, value_weights=True)
-    out, _ = check(b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.3, normalize_entropy=True))
-    assert torch.isfinite(out.loss)
-
-
-def test_out_of_range_actions():
-    """Actions out of range (negative, = A_h, huge int64) at present steps give NaN log-probs and are counted;
-    they are never used as an index (validate=False)."""
-    b = make_batch((12,), LAYOUT, seed=4)
-    b["weights"][:6] = 1.0
-    acts = b["actions"]
-    acts[0, 0], acts[1, 2], acts[2, 7], acts[3, 3] = -1, LAYOUT.sizes[2], 2**62, -(2**40)
-    b["head_relevance"][0, 0] = False  # an irrelevant head with a bad action: NaN log-prob, finite loss terms
-    out, _ = check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.01))
-    m = out.metrics.to_dict()
-    assert m["head_slot_invalid_action"] >= 1 and m["head_op_invalid_action"] >= 1
-    assert m["head_style_nonfinite"] == 1
-    assert torch.isnan(out.log_probs[1, 2])
-    b32 = dict(b, actions=b["actions"].clamp(-(2**31), 2**31 - 1).to(torch.int32))
-    check(b32, LAYOUT, ek.PPOLossConfig(surrogate="per_head"))
-
-
-def test_empty_batch_and_all_absent():
-    b = make_batch((0,), LAYOUT, seed=1)
-    out, _ = check(b, LAYOUT, check_grads=False)
-    assert out.metrics.to_dict()["steps"] == 0
-    b = make_batch((5,), LAYOUT, seed=2)
-    b["weights"].zero_()
-    check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1))
-
-
-def test_constant_returns_explained_variance_is_nan():
-    """Constant returns with fractional weights: the moments stay exact (var 0, explained variance NaN)."""
-    sizes = [3]
-    layout = layout_of(sizes)
-    b = random_batch(sizes, (300,), seed=3, values=True, weights="float")
-    b["returns"] = torch.full_like(b["returns"], 0.3)
-    out, _ = check(b, layout)
-    assert out.metrics.stats[G.RETURN_M2] == 0
-
-
-def test_grad_of_log_probs_only():
-    """Only log_probs and entropy reach the loss (the losses' incoming gradient is None)."""
-    check_output_grads_only("cpu", make_batch((6,), LAYOUT, seed=6), LAYOUT)
 
 
 def _bitwise(results):
@@ -283,47 +145,14 @@ def test_deterministic_repeated_calls_and_thread_counts():
     _check_thread_determinism(b, layout, config)
 
 
-def test_backend_reasons_and_interface():
+def test_backend_interface():
+    """The cpu backend's saved shape and its choice by ``auto`` for CPU tensors (what it refuses:
+    test_conformance.test_refuses_what_its_supports_data_excludes)."""
     from esper_kernels.backends import native
 
-    b = make_batch((3,), LAYOUT, dtype=torch.float64, seed=0)
-    with pytest.raises(ek.BackendUnavailableError, match="float64"):
-        ek.ppo_loss(**b, layout=LAYOUT, backend="cpu")
     assert native.CpuBackend().saved_shape(5, 8) == [5, 25]
-    many = ek.HeadLayout({f"h{i}": 2 for i in range(33)})
-    bm = random_batch([2] * 33, (4,), seed=1)
-    with pytest.raises(ek.BackendUnavailableError, match="at most 32 heads"):
-        ek.ppo_loss(**bm, layout=many, backend="cpu")
     out = ek.ppo_loss(**make_batch((8,), LAYOUT, seed=2), layout=LAYOUT, backend="auto", validate=False)
     assert out.backend == "cpu"
-
-
-@settings(max_examples=200, deadline=None)
-@given(case=stats_cases(max_heads=32))
-def test_metric_table_equals_the_torch_derivation(case):
-    """csrc/ppo_metrics.h (the cpu backend's table, and the cuda backend's in one GPU thread): the table of
-    ``esper_kernels.metrics`` on adversarial statistics."""
-    from esper_kernels.backends.native import BACKENDS
-
-    check_metric_table(BACKENDS["cpu"].metric_table, case)
-
-
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensors"])
-def test_runs_without_autograd(mode):
-    """Evaluation calls (approx_kl for early stopping, logging) under no_grad / inference_mode, and inference
-    tensors passed later, give the training call's numbers."""
-    layout = ek.HeadLayout(ek.ESPER_HEADS)
-    b = make_batch((4, 5), layout, seed=2)
-    want = ek.ppo_loss(**b, layout=layout, backend="cpu", validate=False)
-    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(mode)
-    if mode == "inference_tensors":
-        with torch.inference_mode():
-            b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-    with ctx if ctx is not None else contextlib.nullcontext():
-        got = ek.ppo_loss(**b, layout=layout, backend="cpu", validate=False)
-        assert torch.equal(got.loss, want.loss.detach())
-        assert got.metrics.to_dict().keys() == want.metrics.to_dict().keys()
-        assert torch.equal(got.metrics.stats, want.metrics.stats)
 
 
 def _wide_adversarial_batch(dtype, seed=31):

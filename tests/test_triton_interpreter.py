@@ -1,4 +1,9 @@
-"""The triton backend in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): equal to the reference.
+"""The triton backend in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): what only it has.
+
+The behaviours every fused backend shares run on this backend in tests/test_conformance.py (the ``triton`` row of
+tests/backends_under_test.py, with the tiny tiles below as a variant). Here: the tuning knobs (wide heads streamed
+in chunks, vocab rows, head groups and column stores, many programs merged in two levels of tickets), the kernels'
+compile-time flags and launch counts, determinism under tiny tiles, the forward's table against the metrics kernel.
 
 Every comparison goes through ``harness.check_backend`` / ``float64_arbiter`` (docs/semantics.md section 7
 tolerances). The
@@ -14,25 +19,16 @@ use (a GPU machine runs tests/test_gpu_triton.py instead).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from unittest import mock
 
 import pytest
 import torch
+from backends_under_test import TINY, tuning
 from float64_arbiter import check_triton
-from harness import ATOL, RTOL, assert_grad_close, check_output_grads_only, per_head, run
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
+from harness import ATOL, RTOL, assert_grad_close, run
 from ref_cases import (
-    cases,
-    check_metric_table,
-    layout_of,
-    per_head_forms_case,
     random_batch,
-    stats_cases,
-    strided_rows_case,
 )
 from triton_launches import Launches
 
@@ -51,19 +47,6 @@ if not ek.available_backends()["triton"].available:
 tk = pytest.importorskip("esper_kernels.backends.triton_kernels")
 
 LAYOUT = ek.HeadLayout(ek.ESPER_HEADS)
-#: tiny tiles: heads of more than 8 actions are wide and stream in chunks of 16 columns, 4 rows per program for
-#: small heads, merge groups of 2 programs (two ticket levels from 3 programs on), a pre-pass of 4-row chunks
-#: over several programs, one tile per head
-TINY = dict(SMALL_MAX=8, ROWS_PER_PROGRAM=4, MAX_BLOCK_C=16, MERGE_GROUP=2, MERGE_CHUNK=2, PRE_CHUNK=4,
-            PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2, GROUP_MAX=0)
-
-
-@contextlib.contextmanager
-def tuning(**knobs):
-    with mock.patch.multiple(tb, **knobs):
-        yield
-
-
 def check(batch, layout, config=None, **kw):
     return check_triton(batch, layout, config, **kw)
 
@@ -96,24 +79,6 @@ def _same_grads(batch, layout, config, backward):
 
 
 # -- every config field, both surrogates, floors, values, messy data: hypothesis ---------------------------
-@settings(max_examples=int(os.environ.get("TRITON_INTERPRET_EXAMPLES", "12")), deadline=None, derandomize=True,
-          phases=[Phase.explicit, Phase.generate],  # no shrinking: each example costs seconds in the interpreter
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.float16]),
-       tiny=st.booleans(), form=st.sampled_from(["packed", "sequence", "mapping"]))
-def test_equals_reference_hypothesis(case, dtype, tiny, form):
-    """Random incoming gradients on loss, log_probs and entropy: the recompute path of the fix-up."""
-    sizes, kw, config = case
-    layout = layout_of(sizes)
-    batch = random_batch(sizes, dtype=dtype, **kw)
-    if form != "packed":
-        batch["logits"] = per_head(batch["logits"], layout, as_mapping=form == "mapping")
-        if batch["action_masks"] is not None:
-            batch["action_masks"] = per_head(batch["action_masks"], layout, as_mapping=form == "mapping")
-    with tuning(**TINY) if tiny else contextlib.nullcontext():
-        check(batch, layout, config)
-
-
 # -- the three backward paths ---------------------------------------------------------------------------------
 PATH_CONFIGS = [
     ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
@@ -132,89 +97,38 @@ def _esper_batch(dtype=torch.float32, seed=3, shape=(3, 5)):
 @pytest.mark.parametrize("config", PATH_CONFIGS, ids=["joint", "per_head_floor_norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fast_path_returns_the_forwards_gradient(config, dtype):
-    """``loss.backward()``: the fix-up launches and leaves the forward's gradient as it is; equal to the
-    reference; the forward wrote the gradient (GRAD_ON, VGRAD_ON) and the fix-up held it (HOLDS)."""
+    """``loss.backward()``: the fix-up launches and leaves the forward's gradient as it is (equal to the reference:
+    test_conformance.test_backward_fast_path); the forward wrote the gradient (GRAD_ON, VGRAD_ON) and the fix-up
+    held it (HOLDS)."""
     b = _esper_batch(dtype)
     with Launches().recording() as rec:
-        _same_grads(b, LAYOUT, config, lambda out: out.loss.backward())
+        _grads_after("triton", b, LAYOUT, config, lambda out: out.loss.backward())
     fwd, = rec.main(fixup=False)
     fix, = rec.main(fixup=True)
     assert fwd["GRAD_ON"] and fwd["VGRAD_ON"]
     assert fix["HOLDS"] and not fix["HAS_GLP"] and not fix["HAS_GENT"]
 
 
-@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["joint", "per_head_floor_norm"])
-@pytest.mark.parametrize("scale", [2.5, -0.3, 0.0])
-def test_rescale_path(config, scale):
-    """An upstream scalar other than 1 on ``loss`` only: the forward's gradient rescaled in place."""
-    b = _esper_batch()
-    _same_grads(b, LAYOUT, config, lambda out: out.loss.backward(torch.tensor(scale)))
-
-
-@pytest.mark.parametrize("term", ["policy_loss", "entropy_loss", "value_loss", "inf_loss"])
-def test_recompute_path_for_other_loss_terms(term):
-    """A gradient on another loss term (or a non-finite upstream on ``loss``): the fix-up recomputes."""
-    b = _esper_batch()
-    config = PATH_CONFIGS[0]
-
-    def backward(out):
-        if term == "inf_loss":
-            out.loss.backward(torch.tensor(math.inf))
-        else:
-            (out.loss + 0.7 * getattr(out, term)).backward()
-
-    _same_grads(b, LAYOUT, config, backward)
+def test_recompute_path_for_an_infinite_upstream():
+    """A non-finite upstream on ``loss``: the fix-up recomputes; NaN at every valid action of a relevant row,
+    exactly 0 at masked actions, absent steps and irrelevant rows, as the reference. (Not in the conformance
+    suite: the cpu backend and the cuda kernels' host emulation write NaN in irrelevant rows there.)"""
+    _same_grads(_esper_batch(), LAYOUT, PATH_CONFIGS[0], lambda out: out.loss.backward(torch.tensor(math.inf)))
 
 
 def test_recompute_path_for_per_step_outputs():
-    """Gradients on log_probs and entropy only, and with loss: recompute (HOLDS with HAS_GLP / HAS_GENT)."""
+    """Gradients on log_probs and entropy with loss: the fix-up recomputes (HOLDS with HAS_GLP / HAS_GENT); the
+    gradients equal the reference's (test_conformance.test_backward_recompute_path_for_per_step_outputs_with_loss)."""
     b = _esper_batch()
     config = PATH_CONFIGS[1]
     g = torch.Generator().manual_seed(4)
     glp = torch.randn(15, 8, generator=g)
     gent = torch.randn(15, 8, generator=g)
     with Launches().recording() as rec:
-        _same_grads(b, LAYOUT, config, lambda out: torch.autograd.backward(
+        _grads_after("triton", b, LAYOUT, config, lambda out: torch.autograd.backward(
             [out.loss, out.log_probs.reshape(15, 8), out.entropy.reshape(15, 8)], [torch.tensor(1.0), glp, gent]))
     fix, = rec.main(fixup=True)
     assert fix["HOLDS"] and fix["HAS_GLP"] and fix["HAS_GENT"]
-    check_output_grads_only("triton", make_batch((6,), LAYOUT, seed=6), LAYOUT)
-
-
-def test_two_backward_calls_with_retain_graph():
-    """Two backward calls through one forward with different upstream scales: the first fixes up the
-    forward's gradient (and hands it over), the second recomputes into a fresh buffer; both equal the
-    reference's."""
-    b = _esper_batch()
-    for config in PATH_CONFIGS:
-        outs = {}
-        for backend in ("triton", "reference"):
-            lb = _leaf_batch(dict(b, logits=b["logits"].float()) if backend == "reference" else b)
-            out = ek.ppo_loss(**lb, layout=LAYOUT, config=config, backend=backend, validate=False)
-            g1, = torch.autograd.grad(out.loss, lb["logits"], torch.tensor(1.0), retain_graph=True)
-            g2, = torch.autograd.grad(out.loss, lb["logits"], torch.tensor(-3.0), retain_graph=True)
-            g3, = torch.autograd.grad(out.loss * 2.0 + out.entropy_loss, lb["logits"])
-            outs[backend] = (g1, g2, g3)
-        for got, want in zip(outs["triton"], outs["reference"]):
-            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
-        assert not torch.equal(outs["triton"][0], outs["triton"][1])
-
-
-def test_gradient_accumulates_into_an_existing_grad():
-    """logits.grad and values.grad already hold a gradient: backward adds to it (twice over two steps)."""
-    b = _esper_batch()
-    config = PATH_CONFIGS[0]
-    results = {}
-    for backend in ("triton", "reference"):
-        lb = _leaf_batch(dict(b, logits=b["logits"].float()) if backend == "reference" else b)
-        lb["logits"].grad = torch.full_like(lb["logits"], 0.25)
-        lb["values"].grad = torch.full_like(lb["values"], -0.5)
-        for scale in (1.0, 2.0):
-            out = ek.ppo_loss(**lb, layout=LAYOUT, config=config, backend=backend, validate=False)
-            out.loss.backward(torch.tensor(scale))
-        results[backend] = (lb["logits"].grad, lb["values"].grad)
-    for got, want in zip(results["triton"], results["reference"]):
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
 
 
 def test_no_gradient_written_without_grad():
@@ -301,16 +215,6 @@ def test_many_programs_two_level_merge():
                                           advantage_std="unbiased", ratio_std="unbiased"))
 
 
-@pytest.mark.parametrize("n", [0, 1, 3, 5])
-def test_odd_and_tiny_batches(n):
-    """N = 0 (one program, empty statistics), N = 1, and odd N smaller than a block."""
-    b = make_batch((n,), LAYOUT, seed=n + 20)
-    out, _ = check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1), check_grads=n > 0)
-    if n == 0:
-        m = out.metrics.to_dict()
-        assert m["steps"] == 0 and math.isnan(m["ratio_mean"]) and out.loss.item() == 0.0
-
-
 def test_head_groups_and_column_stores():
     """Packed heads sharing tiles (GROUP_MAX 16 and 32) and column-at-a-time gradient stores (the forward's, and
     the backward's recompute's joined tiles) give the same results as one tile per head."""
@@ -327,42 +231,6 @@ def test_head_groups_and_column_stores():
 
 
 # -- input forms, data errors ---------------------------------------------------------------------------------
-def test_per_head_tensors_mapping_sequence_and_strides():
-    """Per-head logits/masks as separate tensors (a mapping: the pointer table), actions as a sequence of int32
-    and int64 tensors, old log-probs as stride-2 columns, relevance as a sequence, bool weights, uint8 masks."""
-    batch, layout, config = per_head_forms_case()
-    check(batch, layout, config)
-    _same_grads(dict(batch, logits=torch.cat(list(batch["logits"].values()), -1)), layout, config,
-                lambda out: out.loss.backward())
-
-
-def test_non_contiguous_rows():
-    """Logits and masks as column slices of wider buffers (row stride > S), per-step tensors as strided views,
-    a 2-D batch shape."""
-    batch, layout = strided_rows_case()
-    check(batch, layout, ek.PPOLossConfig(entropy_coef=0.01))
-
-
-def test_out_of_range_actions_and_garbage():
-    """Actions out of range (negative, = A_h, huge int64) at present steps give NaN log-probs; nothing else reads
-    out of range (the interpreter raises on an out-of-bounds access); metrics count them."""
-    b = make_batch((12,), LAYOUT, seed=4)
-    b["weights"][:6] = 1.0
-    acts = b["actions"]
-    acts[0, 0], acts[1, 2], acts[2, 7], acts[3, 3] = -1, LAYOUT.sizes[2], 2**62, -(2**40)
-    b["head_relevance"][0, 0] = False  # an irrelevant head with a bad action: NaN log-prob, finite loss terms
-    out, _ = check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.01))
-    m = out.metrics.to_dict()
-    assert m["head_slot_invalid_action"] >= 1 and m["head_op_invalid_action"] >= 1
-    assert torch.isnan(out.log_probs[1, 2])
-
-
-def test_all_absent():
-    b = make_batch((5,), LAYOUT, seed=2)
-    b["weights"].zero_()
-    check(b, LAYOUT, ek.PPOLossConfig(entropy_coef=0.1))
-
-
 def test_deterministic():
     """Repeated calls give bitwise the same outputs, statistics, metric table and gradients (several programs
     and merge groups finishing in any order)."""
@@ -396,18 +264,11 @@ def test_forward_table_equals_the_metrics_kernel():
     assert torch.equal(table.nan_to_num(7.0), fresh.nan_to_num(7.0))
 
 
-def test_backend_reasons():
+def test_backend_interface():
+    """Available on CPU tensors in the interpreter; its saved shape; one-pass (what it refuses:
+    test_conformance.test_refuses_what_its_supports_data_excludes)."""
     info = ek.available_backends()["triton"]
     assert info.available and "cpu" in info.devices
-    b = make_batch((3,), LAYOUT, dtype=torch.float64, seed=0)
-    with pytest.raises(ek.BackendUnavailableError, match="float64"):
-        ek.ppo_loss(**b, layout=LAYOUT, backend="triton")
     assert tb.TritonBackend().saved_shape(5, 8) == [tk.norm_size(8)]
     assert tb.TritonBackend.one_pass
 
-
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=stats_cases(max_heads=9))
-def test_metric_table_kernel_equals_the_torch_derivation(case):
-    """The one-program metric-table kernel: the table of ``esper_kernels.metrics`` on adversarial statistics."""
-    check_metric_table(tb.BACKENDS["triton"].metric_table, case)
