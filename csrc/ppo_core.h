@@ -588,13 +588,13 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   float lr = rel ? clampf(d, -C, C) : 0.f;
   float ratio = ek_exp(lr);
   float wr = rel ? s.w : 0.f;
-  float pol = 0.f, u = 0.f;
+  float pol = 0.f, u = f_nan();  // u: NaN = nothing flows (see head_grads)
   if (P.per_head) {
     float adv = P.adv_per_head ? (s.present ? load_adv(P, h, i) : 0.f) : s.adv0;
     float s1 = ratio * adv, s2 = clampf(ratio, lo, hi_c) * adv;
     float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     pol = rel ? wr * surr : 0.f;
-    u = (rel && inside && !(s1 > s2)) ? -(s.w * adv) * ratio : 0.f;
+    u = (rel && inside && !(s1 > s2)) ? -(s.w * adv) * ratio : f_nan();
   }
   const bool pres = s.present;
   const float n = rf.n, ell = rf.ell;
@@ -632,19 +632,19 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
   float r = ek_exp(L);
   GlobalStep g;
   g.r = r;
-  g.base = 0.f;
+  g.base = f_nan();
   float gpol = 0.f;
   if (!P.per_head) {
     float a = s.adv0;
     float s1 = r * a, s2 = clampf(r, lo, hi_c) * a;
     float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     gpol = pres ? w * surr : 0.f;
-    g.base = (pres && jin && !(s1 > s2)) ? -(w * a) * r : 0.f;
+    g.base = (pres && jin && !(s1 > s2)) ? -(w * a) * r : f_nan();
   }
   // value loss
   bool vpres = false, bad_vw = false;
   float vw = 0.f, vl = 0.f, vclip = 0.f, R = 0.f, v = 0.f;
-  g.vsaved = 0.f;
+  g.vsaved = f_nan();
   if (P.has_values) {
     float vw_raw = P.value_weights.ptr ? load_f(P.value_weights, i) : s.w_raw;
     bool fin = is_finite(vw_raw);
@@ -653,6 +653,7 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
     vw = vpres ? vw_raw : 0.f;
     v = vpres ? load_f(P.values, i) : 0.f;
     R = vpres ? load_f(P.returns, i) : 0.f;
+    bool vflow = true;
     float d1 = v - R;
     float l1 = d1 * d1;
     float dl1 = 2.f * d1;
@@ -666,13 +667,15 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
       float l2 = d2 * d2;
       vl = (l1 != l1 || l1 >= l2) ? l1 : l2;
       vclip = (vpres && l2 > l1) ? vw : 0.f;
-      float dl2 = (dv >= -dc && dv <= dc) ? 2.f * d2 : 0.f;
+      const bool inside = dv >= -dc && dv <= dc;
+      float dl2 = inside ? 2.f * d2 : 0.f;
       dvl = l1 > l2 ? dl1 : (l2 > l1 ? dl2 : 0.5f * dl1 + 0.5f * dl2);
+      vflow = !(l2 > l1 && !inside);  // the clipped branch alone, its clamp binding: nothing flows
     } else {
       vl = l1;
       dvl = dl1;
     }
-    g.vsaved = vpres ? vw * dvl : 0.f;
+    g.vsaved = (vpres && vflow) ? vw * dvl : f_nan();  // NaN: nothing flows (value_grad)
   }
   float res = vpres ? R - v : 0.f;
   bool rk = pres && r == r;
@@ -760,8 +763,10 @@ ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs
   const int H = P.num_heads;
   float den = st[ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE + HD_REL_WEIGHT];
   float pscale = safe_div(gs.g_pol, P.per_head ? den : st[G_WEIGHT]);
+  // the saved coefficient: NaN where nothing flows (an irrelevant head, a clipped or clamped ratio), whose
+  // gradient is exactly 0 whatever the upstream (autograd's where); a flowing one is scaled (0 x inf = NaN)
   float u = reinterpret_cast<const float*>(P.saved)[i * (H + 1) + h];
-  float l = u * pscale;
+  float l = u == u ? u * pscale : 0.f;
   if (P.grad_log_probs.ptr) l += load_m(P.grad_log_probs, i, h);
   gL = hi.in_range ? l : 0.f;
   float ecoef = safe_div(gs.g_ent * -P.kcoef[h], den);
@@ -773,7 +778,9 @@ ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs
 ESPER_HD float value_grad(const PPOParams& P, const float* st, const GradScal& gs, int64_t i) {
   const int H = P.num_heads;
   float vscale = safe_div(gs.g_val * 0.5f, st[G_VALUE_WEIGHT]);
-  return reinterpret_cast<const float*>(P.saved)[i * (H + 1) + H] * vscale;
+  // NaN saved where nothing flows (an absent step, a binding clamp on the clipped branch alone): exactly 0
+  const float u = reinterpret_cast<const float*>(P.saved)[i * (H + 1) + H];
+  return u == u ? u * vscale : 0.f;
 }
 
 }  // namespace esper

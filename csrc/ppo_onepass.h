@@ -884,6 +884,7 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
     const float d1 = v - R;
     const float l1 = d1 * d1;
     const float dl1 = 2.f * d1;
+    bool vflow = true;
     float dvl;
     if (P.has_vclip) {
       const float dc = P.value_clip;
@@ -894,13 +895,15 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
       const float l2 = d2 * d2;
       vl = (l1 != l1 || l1 >= l2) ? l1 : l2;
       vclip = (vpres && l2 > l1) ? vw : 0.f;
-      const float dl2 = (dv >= -dc && dv <= dc) ? 2.f * d2 : 0.f;
+      const bool inside = dv >= -dc && dv <= dc;
+      const float dl2 = inside ? 2.f * d2 : 0.f;
       dvl = l1 > l2 ? dl1 : (l2 > l1 ? dl2 : 0.5f * dl1 + 0.5f * dl2);
+      vflow = !(l2 > l1 && !inside);  // the clipped branch alone, its clamp binding: exactly 0 (any upstream)
     } else {
       vl = l1;
       dvl = dl1;
     }
-    g.gv = vpres ? (vw * dvl) * hc[2 * P.num_heads + 1] : 0.f;
+    g.gv = (vpres && vflow) ? (vw * dvl) * hc[2 * P.num_heads + 1] : 0.f;
   }
   const float res = vpres ? R - v : 0.f;
   for (int m = 0; m < NMOM; ++m) {

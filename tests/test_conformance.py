@@ -370,11 +370,7 @@ def test_backward_rescale_path(backend, config, dtype, scale):
     ("entropy_loss", torch.float32), ("value_loss", torch.float32), ("entropy", torch.bfloat16),
 ], ids=["log_probs", "entropy", "policy_loss", "entropy_loss", "value_loss", "entropy_bf16"])
 def test_backward_recompute_path(backend, term, dtype):
-    """A gradient on a per-step output or another loss term: the one-pass backends recompute.
-
-    (An infinite upstream on ``loss`` stays in the triton tiers: the cpu backend and the cuda kernels' host
-    emulation write NaN at the valid actions of irrelevant (step, head) rows where the reference and triton
-    give exactly 0.)"""
+    """A gradient on a per-step output or another loss term: the one-pass backends recompute."""
     backend.skip_unless_supported(dtype=dtype)
     b = _esper_batch(backend, dtype)
 
@@ -384,6 +380,14 @@ def test_backward_recompute_path(backend, term, dtype):
         (out.loss + 0.3 * (t * w).nan_to_num().sum()).backward()
 
     _same_grads(backend, b, ESPER, PATH_CONFIGS["joint"], backward)
+
+
+@pytest.mark.parametrize("config", list(PATH_CONFIGS.values()), ids=list(PATH_CONFIGS))
+def test_backward_infinite_upstream(backend, config):
+    """An infinite upstream on ``loss`` (the one-pass backends recompute): NaN at every valid action of a row the
+    loss reaches, exactly 0 at masked actions, absent steps, irrelevant (step, head) rows and rows whose clipped
+    or clamped ratio passes no gradient, as the reference's autograd (docs/semantics.md section 3)."""
+    _same_grads(backend, _esper_batch(backend), ESPER, config, lambda out: out.loss.backward(backend.tensor(math.inf)))
 
 
 def test_backward_recompute_path_for_per_step_outputs_with_loss(backend):

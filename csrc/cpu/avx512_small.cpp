@@ -438,7 +438,8 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
     const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
     pol = _mm512_maskz_mul_ps(rel, wr, _mm512_mask_blend_ps(take1, s2, s1));
     const __mmask16 ug = flag & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ);
-    const __m512 u = _mm512_maskz_mul_ps(ug, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio);
+    const __m512 u = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), ug,  // NaN: nothing flows (head_grads)
+                                        _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio);
     if (F.otr) {
       _mm512_store_ps(C.oc[3][h], u);
     } else {
@@ -559,7 +560,7 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
                                  reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
   }
   // incoming gradients of ell and of the entropy (head_grads, lane-wise; 0 for absent steps)
-  __m512 l = _mm512_mul_ps(u, _mm512_set1_ps(F.pscale[h]));
+  __m512 l = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(u, u, _CMP_ORD_Q), u, _mm512_set1_ps(F.pscale[h]));
   __m512 e = _mm512_maskz_mul_ps((__mmask16)L.rel, _mm512_set1_ps(F.ecoef[h]), _mm512_load_ps(B.w));
   if (P.grad_log_probs.ptr || P.grad_entropy.ptr) {
     alignas(64) float gx[RB], ex[RB];
@@ -667,8 +668,8 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
     const __m512 s1 = _mm512_mul_ps(r, a), s2 = _mm512_mul_ps(clamp16(r, lo, hic), a);
     const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
     gpol = _mm512_maskz_mul_ps(pres, w, _mm512_mask_blend_ps(take1, s2, s1));
-    base = _mm512_maskz_mul_ps(pres & jin & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ),
-                               _mm512_sub_ps(zero, _mm512_mul_ps(w, a)), r);
+    base = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), pres & jin & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ),
+                              _mm512_sub_ps(zero, _mm512_mul_ps(w, a)), r);  // NaN: nothing flows (head_grads)
   }
   __mmask16 vpres = 0, bad_vw = 0;
   __m512 vw = zero, vl = zero, vclip = zero, R = zero, v = zero, vsaved = zero;
@@ -685,6 +686,7 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
     const __m512 l1 = _mm512_mul_ps(d1, d1);
     const __m512 dl1 = _mm512_mul_ps(two, d1);
     __m512 dvl;
+    __mmask16 vflow = 0xFFFF;
     if (P.has_vclip) {
       const __m512 dc = _mm512_set1_ps(P.value_clip), ndc = _mm512_set1_ps(-P.value_clip);
       const __m512 vo = f_lanes16(P.old_values, B.b0, vpres, 0.f);
@@ -697,8 +699,9 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
                                 l2, l1);
       const __mmask16 l2gt = _mm512_cmp_ps_mask(l2, l1, _CMP_GT_OQ), l1gt = _mm512_cmp_ps_mask(l1, l2, _CMP_GT_OQ);
       vclip = _mm512_maskz_mov_ps(vpres & l2gt, vw);
-      const __m512 dl2 = _mm512_maskz_mul_ps(
-          _mm512_cmp_ps_mask(dv, ndc, _CMP_GE_OQ) & _mm512_cmp_ps_mask(dv, dc, _CMP_LE_OQ), two, d2);
+      const __mmask16 inside = _mm512_cmp_ps_mask(dv, ndc, _CMP_GE_OQ) & _mm512_cmp_ps_mask(dv, dc, _CMP_LE_OQ);
+      const __m512 dl2 = _mm512_maskz_mul_ps(inside, two, d2);
+      vflow = (__mmask16)~(l2gt & ~inside);  // the clipped branch alone, its clamp binding: nothing flows
       const __m512 half = _mm512_set1_ps(0.5f);
       dvl = _mm512_add_ps(_mm512_mul_ps(half, dl1), _mm512_mul_ps(half, dl2));
       dvl = _mm512_mask_mov_ps(dvl, l2gt, dl2);
@@ -707,7 +710,7 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
       vl = l1;
       dvl = dl1;
     }
-    vsaved = _mm512_maskz_mul_ps(vpres, vw, dvl);
+    vsaved = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), vpres & vflow, vw, dvl);  // NaN: nothing flows
   }
   const __m512 res = _mm512_maskz_sub_ps(vpres, R, v);
   // per-step outputs
@@ -721,8 +724,9 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
     const __m512i fl = _mm512_load_si512(flags);
     for (int h = 0; h < H; ++h) {
       const __mmask16 fh = _mm512_test_epi32_mask(fl, _mm512_set1_epi32((int32_t)(1u << h)));
-      if (F.otr) _mm512_store_ps(C.oc[3][h], _mm512_maskz_mov_ps(fh, base));
-      else _mm512_mask_i32scatter_ps(saved + h, live, idxS, _mm512_maskz_mov_ps(fh, base), 4);
+      const __m512 uh = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), fh, base);  // NaN: nothing flows (head_grads)
+      if (F.otr) _mm512_store_ps(C.oc[3][h], uh);
+      else _mm512_mask_i32scatter_ps(saved + h, live, idxS, uh, 4);
     }
   }
   _mm512_mask_storeu_ps(xs, live, r);
