@@ -27,10 +27,21 @@ DEFAULT_CASES = ["esper", "rl_64k"]
 
 def _step_fn(layout, config, backend):
     def step(b):
-        out = ek.ppo_loss(b["logits"], b["action_masks"], b["actions"], b["old_log_probs"], b["advantages"],
-                          layout=layout, head_relevance=b["head_relevance"], weights=b["weights"],
-                          values=b["values"], returns=b["returns"], config=config, backend=backend,
-                          validate=False)
+        out = ek.ppo_loss(
+            b["logits"],
+            b["action_masks"],
+            b["actions"],
+            b["old_log_probs"],
+            b["advantages"],
+            layout=layout,
+            head_relevance=b["head_relevance"],
+            weights=b["weights"],
+            values=b["values"],
+            returns=b["returns"],
+            config=config,
+            backend=backend,
+            validate=False,
+        )
         return out.loss, out.metrics.tensors()
 
     return step

@@ -75,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         ts.append(_time(step, a.reps))
         tc.append(_time(ce, a.reps))
     gc.enable()
-    print(f"ppo_loss ({a.backend}, N={a.n}, esper heads) fwd+bwd: min {min(ts):7.1f} us  median "
-          f"{statistics.median(ts):7.1f} us")
-    print(f"cross_entropy [N, {sum(ek.ESPER_HEADS.values())}] fwd+bwd:          min {min(tc):7.1f} us  median "
-          f"{statistics.median(tc):7.1f} us")
-    print(f"ratio (min / min): {min(ts) / min(tc):.2f}x   (median / median: "
-          f"{statistics.median(ts) / statistics.median(tc):.2f}x)")
+    print(
+        f"ppo_loss ({a.backend}, N={a.n}, esper heads) fwd+bwd: min {min(ts):7.1f} us  median "
+        f"{statistics.median(ts):7.1f} us"
+    )
+    print(
+        f"cross_entropy [N, {sum(ek.ESPER_HEADS.values())}] fwd+bwd:          min {min(tc):7.1f} us  median "
+        f"{statistics.median(tc):7.1f} us"
+    )
+    print(
+        f"ratio (min / min): {min(ts) / min(tc):.2f}x   (median / median: "
+        f"{statistics.median(ts) / statistics.median(tc):.2f}x)"
+    )
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

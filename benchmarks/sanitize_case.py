@@ -58,7 +58,7 @@ def _esper_bad(device: str) -> tuple[dict, ek.HeadLayout, ek.PPOLossConfig]:
     acts[32, :] = -1
     masks = b["action_masks"].view(-1, layout.total)
     off, a = layout.offsets[4], layout.sizes[4]
-    masks[5, off:off + a] = False  # empty mask, present step
+    masks[5, off : off + a] = False  # empty mask, present step
     w[5] = 1.0
     masks[31, :] = False  # empty masks at an absent step
     b["logits"].view(-1, layout.total)[30:] = float("nan")
@@ -74,8 +74,7 @@ def _per_head_separate(device: str) -> tuple[dict, ek.HeadLayout, ek.PPOLossConf
     layout = ek.HeadLayout({"op": 6, "slot": 3, "blueprint": 13, "style": 4})
     n = 23
     g = torch.Generator().manual_seed(2)
-    logits = {name: (torch.randn(n, a, generator=g) * 2).to(torch.bfloat16).to(device)
-              for name, a in layout.items()}
+    logits = {name: (torch.randn(n, a, generator=g) * 2).to(torch.bfloat16).to(device) for name, a in layout.items()}
     masks = {name: (torch.rand(n, a, generator=g) < 0.6).to(torch.uint8) for name, a in layout.items()}
     actions = {name: torch.randint(0, a, (n,), generator=g, dtype=torch.int32) for name, a in layout.items()}
     for name in layout.names:
@@ -98,10 +97,22 @@ def _per_head_separate(device: str) -> tuple[dict, ek.HeadLayout, ek.PPOLossConf
     adv = torch.randn(n, layout.num_heads, generator=g)
     adv[absent] = float("nan")
     mv = lambda d: {k: v.to(device) for k, v in d.items()}
-    batch = dict(logits=logits, action_masks=mv(masks), actions=mv(actions), old_log_probs=old,
-                 advantages=adv.to(device), head_relevance=mv(rel), weights=w.to(device))
-    cfg = ek.PPOLossConfig(surrogate="per_head", normalize_advantages=True, normalize_entropy=True,
-                           entropy_coef=0.05, prob_floor={"op": 0.05, "slot": 0.1, "blueprint": 0.01, "style": None})
+    batch = dict(
+        logits=logits,
+        action_masks=mv(masks),
+        actions=mv(actions),
+        old_log_probs=old,
+        advantages=adv.to(device),
+        head_relevance=mv(rel),
+        weights=w.to(device),
+    )
+    cfg = ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_advantages=True,
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        prob_floor={"op": 0.05, "slot": 0.1, "blueprint": 0.01, "style": None},
+    )
     return batch, layout, cfg
 
 
@@ -115,7 +126,7 @@ def _wide_strided(device: str) -> tuple[dict, ek.HeadLayout, ek.PPOLossConfig]:
     mbuf[torch.arange(n), actions[:, 0]] = True
     mbuf[torch.arange(n), 5000 + pad + actions[:, 1]] = True
     mbuf = mbuf.to(device)
-    masks = [mbuf[:, :5000], mbuf[:, 5000 + pad:]]
+    masks = [mbuf[:, :5000], mbuf[:, 5000 + pad :]]
     actions[0, 0] = 5000
     actions[1, 0] = -5000
     actions[2, 1] = 3
@@ -123,9 +134,16 @@ def _wide_strided(device: str) -> tuple[dict, ek.HeadLayout, ek.PPOLossConfig]:
     w[-3:] = 0.0
     old = torch.randn(n, 2, generator=g) - 3.0
     buf[-3:] = float("nan")
-    batch = dict(logits=("buffer", buf, pad), action_masks=masks, actions=actions.to(device),
-                 old_log_probs=old.to(device), advantages=torch.randn(n, generator=g).to(device), weights=w.to(device),
-                 values=torch.randn(n, generator=g).to(device), returns=torch.randn(n, generator=g).to(device))
+    batch = dict(
+        logits=("buffer", buf, pad),
+        action_masks=masks,
+        actions=actions.to(device),
+        old_log_probs=old.to(device),
+        advantages=torch.randn(n, generator=g).to(device),
+        weights=w.to(device),
+        values=torch.randn(n, generator=g).to(device),
+        returns=torch.randn(n, generator=g).to(device),
+    )
     return batch, layout, ek.PPOLossConfig(entropy_coef=0.01, clip_eps_high=0.28)
 
 
@@ -156,8 +174,11 @@ def run_backward_paths(backend: str, device: str) -> bool:
     for what in ("loss", "half", "log_probs"):
         z = b["logits"].clone().requires_grad_(True)
         out = ek.ppo_loss(**dict(b, logits=z), layout=layout, backend=backend, validate=False)
-        obj = out.loss if what == "loss" else (0.5 * out.loss if what == "half" else
-                                                out.loss + 0.1 * torch.nan_to_num(out.log_probs).sum())
+        obj = (
+            out.loss
+            if what == "loss"
+            else (0.5 * out.loss if what == "half" else out.loss + 0.1 * torch.nan_to_num(out.log_probs).sum())
+        )
         obj.backward(retain_graph=True)
         out.loss.backward()  # a second backward on the same graph
         if torch.cuda.is_available():
@@ -165,8 +186,7 @@ def run_backward_paths(backend: str, device: str) -> bool:
         g = z.grad.float().cpu()
         absent = (b["weights"].reshape(-1) <= 0).cpu()
         ok = ok and bool(torch.isfinite(g).all()) and bool((g[absent] == 0).all())
-    print(f"  {'backward paths':<22} fast / rescale / recompute + retain_graph: {'ok' if ok else 'NOT OK'}",
-          flush=True)
+    print(f"  {'backward paths':<22} fast / rescale / recompute + retain_graph: {'ok' if ok else 'NOT OK'}", flush=True)
     return ok
 
 
@@ -177,7 +197,7 @@ def _logits_and_leaves(lg, layout: ek.HeadLayout):
         _, buf, pad = lg
         base = buf.detach().requires_grad_(True)
         a0 = layout.sizes[0]
-        return [base[:, :a0], base[:, a0 + pad:]], [base]
+        return [base[:, :a0], base[:, a0 + pad :]], [base]
     if isinstance(lg, dict):
         lg = {k: v.detach().requires_grad_(True) for k, v in lg.items()}
         return lg, list(lg.values())
@@ -191,8 +211,7 @@ def run_case(name: str, batch: dict, layout: ek.HeadLayout, cfg: ek.PPOLossConfi
     if b.get("values") is not None:
         b["values"] = b["values"].detach().requires_grad_(True)
     masks, actions, old, adv = (b.pop(k) for k in ("action_masks", "actions", "old_log_probs", "advantages"))
-    out = ek.ppo_loss(lg, masks, actions, old, adv, layout=layout, config=cfg, backend=backend, validate=False,
-                      **b)
+    out = ek.ppo_loss(lg, masks, actions, old, adv, layout=layout, config=cfg, backend=backend, validate=False, **b)
     total = out.loss + 0.1 * torch.nan_to_num(out.log_probs).sum() + 0.1 * torch.nan_to_num(out.entropy).sum()
     total.backward()
     metrics = out.metrics.to_dict()
@@ -211,8 +230,11 @@ def run_case(name: str, batch: dict, layout: ek.HeadLayout, cfg: ek.PPOLossConfi
                 ok = False
     inv = sum(int(metrics.get(f"head_{h}_invalid_action", 0)) for h in layout.names)
     empty = sum(int(metrics.get(f"head_{h}_empty_mask", 0)) for h in layout.names)
-    print(f"  {name:<22} loss={metrics['loss']:.4g} steps={metrics['steps']:.0f} invalid_action={inv} "
-          f"empty_mask={empty} absent-step logit grads exactly 0: {'yes' if ok else 'NO'}", flush=True)
+    print(
+        f"  {name:<22} loss={metrics['loss']:.4g} steps={metrics['steps']:.0f} invalid_action={inv} "
+        f"empty_mask={empty} absent-step logit grads exactly 0: {'yes' if ok else 'NO'}",
+        flush=True,
+    )
     return ok
 
 
@@ -220,15 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="auto", help="reference, triton, cuda, cpu or auto")
     p.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
-    p.add_argument("--cases", default="all", choices=("all", "race"),
-                   help="all (default), or race: the small ones (for racecheck)")
+    p.add_argument(
+        "--cases", default="all", choices=("all", "race"), help="all (default), or race: the small ones (for racecheck)"
+    )
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"sanitize_case: backend={a.backend} device={device} cases={a.cases}", flush=True)
     cases = [("esper, bad actions", *_esper_bad(device))]
     if a.cases == "all":
-        cases += [("per-head separate", *_per_head_separate(device)), ("wide head, strided", *_wide_strided(device)),
-                  *_tiny_and_absent(device)]
+        cases += [
+            ("per-head separate", *_per_head_separate(device)),
+            ("wide head, strided", *_wide_strided(device)),
+            *_tiny_and_absent(device),
+        ]
     cases += _many_blocks_and_cluster(device)
     failed = 0
     for name, batch, layout, cfg in cases:

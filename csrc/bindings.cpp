@@ -25,8 +25,8 @@ using namespace esper;
 
 namespace {
 
-using VecT = std::tuple<uintptr_t, int64_t, int32_t>;            // (pointer, element stride, dtype code)
-using MatT = std::tuple<uintptr_t, int64_t, int64_t, int32_t>;   // (pointer, stride 0, stride 1, dtype code)
+using VecT = std::tuple<uintptr_t, int64_t, int32_t>;           // (pointer, element stride, dtype code)
+using MatT = std::tuple<uintptr_t, int64_t, int64_t, int32_t>;  // (pointer, stride 0, stride 1, dtype code)
 
 Vec to_vec(const VecT& t) {
   Vec v{};
@@ -60,9 +60,9 @@ void check_head(int h) {
 
 bool vec_dtype_ok(const Vec& v, bool integral) {
   if (!v.ptr) return true;
-  return integral ? (v.dtype == DT_I32 || v.dtype == DT_I64)
-                  : (v.dtype == DT_F32 || v.dtype == DT_F16 || v.dtype == DT_BF16 || v.dtype == DT_F64 ||
-                     v.dtype == DT_U8);
+  return integral
+             ? (v.dtype == DT_I32 || v.dtype == DT_I64)
+             : (v.dtype == DT_F32 || v.dtype == DT_F16 || v.dtype == DT_BF16 || v.dtype == DT_F64 || v.dtype == DT_U8);
 }
 
 // validate a filled Params before a kernel reads it; sets max_size from the head sizes
@@ -78,8 +78,7 @@ void check_params(PPOParams& P) {
   for (int h = 0; h < H; ++h) {
     const int A = P.sizes[h];
     if (A < 1 || A > (1 << 30))
-      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + " has bad size " +
-                                  std::to_string(A));
+      throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) + " has bad size " + std::to_string(A));
     max_size = std::max(max_size, A);
     if (P.n > 0 && (!P.logits[h] || !P.actions[h].ptr || !P.old_lp[h].ptr || !P.adv[h].ptr))
       throw std::invalid_argument("esper_kernels._C: head " + std::to_string(h) +
@@ -124,7 +123,6 @@ void set_heads(T* dst, const std::vector<T>& src, const char* what) {
   std::copy(src.begin(), src.end(), dst);
 }
 
-
 // ---- the one-pass CUDA kernels' parameters (shared by the host emulation and the CUDA entry points) ---------
 using G4 = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
 struct OnePassArgs {
@@ -149,8 +147,9 @@ op::OnePass make_onepass(const PPOParams& P, const op::Machine& M, const OnePass
   O.force_recompute = a.force_recompute;
   if (a.write_grad && P.n > 0)
     for (int h = 0; h < P.num_heads; ++h)
-      if (!P.grads[h]) throw std::invalid_argument("esper_kernels._C: write_grad without a gradient pointer for head " +
-                                                   std::to_string(h));
+      if (!P.grads[h])
+        throw std::invalid_argument("esper_kernels._C: write_grad without a gradient pointer for head " +
+                                    std::to_string(h));
   const char* err = op::plan(P, M, O);
   if (*err) throw std::invalid_argument(std::string("esper_kernels._C: one-pass plan: ") + err);
   O.norms = a.norms;
@@ -166,11 +165,13 @@ op::OnePass make_onepass(const PPOParams& P, const op::Machine& M, const OnePass
   O.gl[3] = std::get<3>(a.gl);
   if (!O.norms || !O.ctl) throw std::invalid_argument("esper_kernels._C: one-pass: norms and ctl are required");
   if (!a.fixup) {
-    if (!O.pre_parts || !O.parts || !P.losses || !P.stats || (P.n > 0 && (!P.log_probs || !P.entropy || !P.joint_ratio)))
+    if (!O.pre_parts || !O.parts || !P.losses || !P.stats ||
+        (P.n > 0 && (!P.log_probs || !P.entropy || !P.joint_ratio)))
       throw std::invalid_argument("esper_kernels._C: one-pass forward: an output or scratch pointer is missing");
     if (O.table) {
       if (!mc || mc->num_heads != P.num_heads)
-        throw std::invalid_argument("esper_kernels._C: one-pass forward: the metric table needs a MetricsCfg of H heads");
+        throw std::invalid_argument(
+            "esper_kernels._C: one-pass forward: the metric table needs a MetricsCfg of H heads");
       O.mc = *mc;
     }
   }
@@ -258,15 +259,15 @@ PYBIND11_MODULE(_C, m) {
             p.rel[h] = to_vec(rel);
             p.adv[h] = to_vec(adv);
           },
-          py::arg("h"), py::kw_only(), py::arg("logits"), py::arg("logits_rs"), py::arg("masks"),
-          py::arg("masks_rs"), py::arg("actions"), py::arg("old_lp"), py::arg("rel"), py::arg("adv"))
+          py::arg("h"), py::kw_only(), py::arg("logits"), py::arg("logits_rs"), py::arg("masks"), py::arg("masks_rs"),
+          py::arg("actions"), py::arg("old_lp"), py::arg("rel"), py::arg("adv"))
       // a per-(step, head) input given as one [N, H] matrix (actions, old_lp, rel, adv): head h's column at
       // ptr + h * col_stride elements, each row stride apart (col_stride 0: one vector shared by every head)
       .def(
           "set_columns",
           [](PPOParams& p, const std::string& field, uintptr_t ptr, int64_t row_stride, int64_t col_stride,
              int32_t dtype) {
-            Vec* dst = field == "actions" ? p.actions
+            Vec* dst = field == "actions"  ? p.actions
                        : field == "old_lp" ? p.old_lp
                        : field == "rel"    ? p.rel
                        : field == "adv"    ? p.adv
@@ -275,7 +276,8 @@ PYBIND11_MODULE(_C, m) {
             if (p.num_heads < 0 || p.num_heads > ESPER_MAX_HEADS)
               throw std::invalid_argument("esper_kernels._C: set_columns: set num_heads first");
             const int64_t es = dtype_size(dtype);
-            for (int h = 0; h < p.num_heads; ++h) dst[h] = Vec{ptr + (uintptr_t)(h * col_stride * es), row_stride, dtype};
+            for (int h = 0; h < p.num_heads; ++h)
+              dst[h] = Vec{ptr + (uintptr_t)(h * col_stride * es), row_stride, dtype};
           },
           py::arg("field"), py::arg("ptr"), py::arg("row_stride"), py::arg("col_stride"), py::arg("dtype"))
       // packed [N, S] logits, masks or gradients: head h at ptr + offset_h * elem_size, offset_h the sum of the
@@ -283,8 +285,10 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "set_packed",
           [](PPOParams& p, const std::string& field, uintptr_t ptr, int64_t row_stride, int64_t elem_size) {
-            uintptr_t* dst = field == "logits" ? p.logits : field == "masks" ? p.masks : field == "grads" ? p.grads
-                                                                                                           : nullptr;
+            uintptr_t* dst = field == "logits"  ? p.logits
+                             : field == "masks" ? p.masks
+                             : field == "grads" ? p.grads
+                                                : nullptr;
             int64_t* rs = field == "logits" ? p.logits_rs : field == "masks" ? p.masks_rs : p.grads_rs;
             if (!dst) throw std::invalid_argument("esper_kernels._C: set_packed: unknown field '" + field + "'");
             if (p.num_heads < 0 || p.num_heads > ESPER_MAX_HEADS)
@@ -321,9 +325,9 @@ PYBIND11_MODULE(_C, m) {
         d["adv"] = from_vec(p.adv[h]);
         return d;
       });
-#define ESPER_VEC_FIELD(NAME)                                                       \
-  params.def_property(                                                              \
-      #NAME, [](const PPOParams& p) { return from_vec(p.NAME); },                  \
+#define ESPER_VEC_FIELD(NAME)                                     \
+  params.def_property(                                            \
+      #NAME, [](const PPOParams& p) { return from_vec(p.NAME); }, \
       [](PPOParams& p, const VecT& v) { p.NAME = to_vec(v); })
   ESPER_VEC_FIELD(weights);
   ESPER_VEC_FIELD(values);
@@ -332,9 +336,9 @@ PYBIND11_MODULE(_C, m) {
   ESPER_VEC_FIELD(value_weights);
   ESPER_VEC_FIELD(grad_losses);
 #undef ESPER_VEC_FIELD
-#define ESPER_MAT_FIELD(NAME)                                                       \
-  params.def_property(                                                              \
-      #NAME, [](const PPOParams& p) { return from_mat(p.NAME); },                  \
+#define ESPER_MAT_FIELD(NAME)                                     \
+  params.def_property(                                            \
+      #NAME, [](const PPOParams& p) { return from_mat(p.NAME); }, \
       [](PPOParams& p, const MatT& v) { p.NAME = to_mat(v); })
   ESPER_MAT_FIELD(grad_log_probs);
   ESPER_MAT_FIELD(grad_entropy);
@@ -347,8 +351,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("saved", &PPOParams::saved)
       .def_readwrite("adv_norm", &PPOParams::adv_norm)
       .def_readwrite("grad_values", &PPOParams::grad_values);
-  m.def("check", [](PPOParams& p) { check_params(p); }, py::arg("params"),
-        "Validate a filled Params (raises ValueError naming the field); every kernel entry point runs it");
+  m.def(
+      "check", [](PPOParams& p) { check_params(p); }, py::arg("params"),
+      "Validate a filled Params (raises ValueError naming the field); every kernel entry point runs it");
 
   // ---- what the metric table needs besides the statistics
   py::class_<MetricsCfg>(m, "MetricsCfg")
@@ -434,15 +439,15 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         op::host::run(P, O);
       },
-      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"),
-      py::arg("pre_parts"), py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"),
-      py::arg("sm_count") = 132, py::arg("cc_major") = 9, py::arg("smem_optin") = 227 * 1024,
-      py::arg("smem_per_sm") = 228 * 1024, py::arg("max_blocks") = 0);
+      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"), py::arg("pre_parts"),
+      py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"), py::arg("sm_count") = 132,
+      py::arg("cc_major") = 9, py::arg("smem_optin") = 227 * 1024, py::arg("smem_per_sm") = 228 * 1024,
+      py::arg("max_blocks") = 0);
   m.def(
       "onepass_host_backward",
-      [host_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl,
-                     uintptr_t gv, const G4& grad_losses, int sm_count, int cc_major, int smem_optin,
-                     int smem_per_sm, int max_blocks) {
+      [host_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl, uintptr_t gv,
+                     const G4& grad_losses, int sm_count, int cc_major, int smem_optin, int smem_per_sm,
+                     int max_blocks) {
         check_params(P);
         OnePassArgs a;
         a.fixup = true;
@@ -518,9 +523,9 @@ PYBIND11_MODULE(_C, m) {
         }
         if (!err.empty()) throw std::runtime_error("esper_kernels cuda forward: " + err);
       },
-      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"),
-      py::arg("pre_parts"), py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"), py::arg("stream"),
-      py::arg("device"), py::arg("max_blocks") = 0);
+      py::arg("params"), py::arg("mcfg"), py::kw_only(), py::arg("write_grad"), py::arg("norms"), py::arg("pre_parts"),
+      py::arg("parts"), py::arg("ctl"), py::arg("table"), py::arg("gv"), py::arg("stream"), py::arg("device"),
+      py::arg("max_blocks") = 0);
   m.def(
       "cuda_onepass_backward",
       [dev_machine](PPOParams P, bool write_grad, bool force_recompute, uintptr_t norms, uintptr_t ctl, uintptr_t gv,

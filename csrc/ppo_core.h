@@ -99,12 +99,18 @@ ESPER_HD double dmin_nn(double a, double b) { return b < a ? b : a; }
 ESPER_HD double dmax_nn(double a, double b) { return b > a ? b : a; }
 
 ESPER_HD uint32_t f2u(float f) {
-  union { float f; uint32_t u; } c;
+  union {
+    float f;
+    uint32_t u;
+  } c;
   c.f = f;
   return c.u;
 }
 ESPER_HD float u2f(uint32_t u) {
-  union { float f; uint32_t u; } c;
+  union {
+    float f;
+    uint32_t u;
+  } c;
   c.u = u;
   return c.f;
 }
@@ -123,9 +129,9 @@ ESPER_HD float half_to_float(uint16_t h) {
 ESPER_HD uint16_t float_to_half(float f) {
   uint32_t x = f2u(f);
   uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN
+  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   // NaN
   if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520: inf
-  if (ax < 0x38800000u) {                                   // half subnormal (or zero)
+  if (ax < 0x38800000u) {                                    // half subnormal (or zero)
     float v = u2f(ax) * 16777216.0f;                         // * 2^24, exact
     return (uint16_t)(sign | (uint32_t)rintf(v));            // rint: ties to even; 1024 = smallest normal
   }
@@ -143,13 +149,20 @@ ESPER_HD uint16_t float_to_bf16(float f) {
 
 ESPER_HD float load_elem(uintptr_t base, int64_t off, int32_t dt) {
   switch (dt) {
-    case DT_F32: return reinterpret_cast<const float*>(base)[off];
-    case DT_F16: return half_to_float(reinterpret_cast<const uint16_t*>(base)[off]);
-    case DT_BF16: return bf16_to_float(reinterpret_cast<const uint16_t*>(base)[off]);
-    case DT_F64: return (float)reinterpret_cast<const double*>(base)[off];
-    case DT_U8: return reinterpret_cast<const uint8_t*>(base)[off] ? 1.f : 0.f;
-    case DT_I32: return (float)reinterpret_cast<const int32_t*>(base)[off];
-    case DT_I64: return (float)reinterpret_cast<const int64_t*>(base)[off];
+    case DT_F32:
+      return reinterpret_cast<const float*>(base)[off];
+    case DT_F16:
+      return half_to_float(reinterpret_cast<const uint16_t*>(base)[off]);
+    case DT_BF16:
+      return bf16_to_float(reinterpret_cast<const uint16_t*>(base)[off]);
+    case DT_F64:
+      return (float)reinterpret_cast<const double*>(base)[off];
+    case DT_U8:
+      return reinterpret_cast<const uint8_t*>(base)[off] ? 1.f : 0.f;
+    case DT_I32:
+      return (float)reinterpret_cast<const int32_t*>(base)[off];
+    case DT_I64:
+      return (float)reinterpret_cast<const int64_t*>(base)[off];
   }
   return 0.f;
 }
@@ -160,9 +173,12 @@ ESPER_HD float load_m(const Mat& m, int64_t i, int64_t j) {
 ESPER_HD int64_t load_i(const Vec& v, int64_t i) {
   int64_t off = i * v.stride;
   switch (v.dtype) {
-    case DT_I32: return reinterpret_cast<const int32_t*>(v.ptr)[off];
-    case DT_I64: return reinterpret_cast<const int64_t*>(v.ptr)[off];
-    case DT_U8: return reinterpret_cast<const uint8_t*>(v.ptr)[off];
+    case DT_I32:
+      return reinterpret_cast<const int32_t*>(v.ptr)[off];
+    case DT_I64:
+      return reinterpret_cast<const int64_t*>(v.ptr)[off];
+    case DT_U8:
+      return reinterpret_cast<const uint8_t*>(v.ptr)[off];
   }
   return 0;
 }
@@ -170,9 +186,15 @@ ESPER_HD bool load_b(const Vec& v, int64_t i) { return reinterpret_cast<const ui
 
 ESPER_HD void store_elem(uintptr_t base, int64_t off, int32_t dt, float g) {
   switch (dt) {
-    case DT_F32: reinterpret_cast<float*>(base)[off] = g; break;
-    case DT_F16: reinterpret_cast<uint16_t*>(base)[off] = float_to_half(g); break;
-    case DT_BF16: reinterpret_cast<uint16_t*>(base)[off] = float_to_bf16(g); break;
+    case DT_F32:
+      reinterpret_cast<float*>(base)[off] = g;
+      break;
+    case DT_F16:
+      reinterpret_cast<uint16_t*>(base)[off] = float_to_half(g);
+      break;
+    case DT_BF16:
+      reinterpret_cast<uint16_t*>(base)[off] = float_to_bf16(g);
+      break;
   }
 }
 
@@ -289,10 +311,10 @@ ESPER_HD RowSm row_softmax(const R& row, const RowIn& in) {
 }
 
 struct RowFwd {
-  float ell;  // log-prob of the taken action (NaN when out of range or without a valid action; -inf when excluded)
-  float ent;  // entropy as used in the loss (normalised when asked; 0 without a valid action)
-  float n;    // valid actions
-  bool taken;  // the taken action is in range and valid
+  float ell;    // log-prob of the taken action (NaN when out of range or without a valid action; -inf when excluded)
+  float ent;    // entropy as used in the loss (normalised when asked; 0 without a valid action)
+  float n;      // valid actions
+  bool taken;   // the taken action is in range and valid
   float m, ls;  // the row's log-softmax constants (RowSm); 0 without a valid action
 };
 
@@ -465,15 +487,17 @@ ESPER_HD int head_kind(int k) {  // counts are sums here
   return kind == ESPER_KIND_MIN ? KIND_MIN : kind == ESPER_KIND_MAX ? KIND_MAX : KIND_SUM;
 }
 ESPER_HD int global_kind(int k) {
-  return (k == G_RATIO_MIN || k == GX_RMIN || k == GX_TMIN || k == GX_EMIN) ? KIND_MIN
+  return (k == G_RATIO_MIN || k == GX_RMIN || k == GX_TMIN || k == GX_EMIN)   ? KIND_MIN
          : (k == G_RATIO_MAX || k == GX_RMAX || k == GX_TMAX || k == GX_EMAX) ? KIND_MAX
-                                                                                : KIND_SUM;
+                                                                              : KIND_SUM;
 }
 // kind of entry k of the statistics vector (moments excluded: see merge_moment)
 ESPER_HD int stat_kind(int k) {
   return k < ESPER_GLOBAL_SIZE ? global_kind(k) : head_kind((k - ESPER_GLOBAL_SIZE) % ESPER_HEAD_SIZE);
 }
-ESPER_HD double kind_init(int kind) { return kind == KIND_MIN ? (double)INFINITY : kind == KIND_MAX ? -(double)INFINITY : 0.0; }
+ESPER_HD double kind_init(int kind) {
+  return kind == KIND_MIN ? (double)INFINITY : kind == KIND_MAX ? -(double)INFINITY : 0.0;
+}
 ESPER_HD double kind_combine(int kind, double a, double b) {
   return kind == KIND_MIN ? dmin_nn(a, b) : kind == KIND_MAX ? dmax_nn(a, b) : a + b;
 }
@@ -572,14 +596,14 @@ ESPER_HD RowIn row_in(const PPOParams& P, int h, const HeadIn& hi) {
 }
 
 struct HeadStep {
-  float lr;  // clamped log-ratio (0 unless relevant)
-  float u;   // per_head: unnormalised d PL / d ell (times den_h)
+  float lr;   // clamped log-ratio (0 unless relevant)
+  float u;    // per_head: unnormalised d PL / d ell (times den_h)
   bool flag;  // relevant and the log-ratio clamp passes the gradient (joint surrogate)
 };
 
 // the (step, head) loss terms and the head's statistics contributions c[HEAD_SIZE]
-ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& s, const HeadIn& hi,
-                            const RowFwd& rf, double* c) {
+ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& s, const HeadIn& hi, const RowFwd& rf,
+                            double* c) {
   const float C = P.log_clamp, lo = 1.f - P.eps_low, hi_c = 1.f + P.eps_high;
   const bool rel = hi.rel;
   float old = rel ? load_f(P.old_lp[h], i) : 0.f;
@@ -600,7 +624,7 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   const float n = rf.n, ell = rf.ell;
   RowTermSink<double> sink{c, 1};
   head_stat_terms<ScalarTerms>(HeadRow<ScalarTerms>{pres, rel, rf.taken, s.w, pol, rf.ent, ratio, lr, ell, n, lo, hi_c},
-                          sink);
+                               sink);
   HeadStep out;
   out.lr = lr;
   out.u = u;
@@ -758,8 +782,8 @@ ESPER_HD GradScal grad_scalars(const PPOParams& P) {
 }
 
 // incoming gradients of ell_ih (gL) and of the output entropy (gE) of a present step
-ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs, int h, int64_t i,
-                         const StepIn& s, const HeadIn& hi, float& gL, float& gE) {
+ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs, int h, int64_t i, const StepIn& s,
+                         const HeadIn& hi, float& gL, float& gE) {
   const int H = P.num_heads;
   float den = st[ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE + HD_REL_WEIGHT];
   float pscale = safe_div(gs.g_pol, P.per_head ? den : st[G_WEIGHT]);

@@ -30,8 +30,8 @@ using namespace op;
 using namespace cudaexec;
 
 // ---- the kernels: thin wrappers around the shared bodies ----------------------------------------------------
-__global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_constant__ PPOParams P,
-                                                               const __grid_constant__ OnePass O) {
+__global__ void __launch_bounds__(WIDE_THREADS)
+    prepass_kernel(const __grid_constant__ PPOParams P, const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevSmallX x;
   x.scratch = smem;
@@ -43,20 +43,20 @@ __global__ void __launch_bounds__(WIDE_THREADS) prepass_kernel(const __grid_cons
 // register cap: ptxas fills whatever it is given; 208 is the lowest tried (176, 192, 208) at which no class spills
 // (sm_90, nvcc 13.0): 4 blocks of 64 rows per multiprocessor, about what the shared memory allows anyway
 template <int WMAX>
-__global__ void __maxnreg__(WMAX < 32 ? 208 : 255) small_kernel(const __grid_constant__ PPOParams P,
-                                                              const __grid_constant__ OnePass O) {
+__global__ void __maxnreg__(WMAX < 32 ? 208 : 255)
+    small_kernel(const __grid_constant__ PPOParams P, const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevSmallX x;
   x.scratch = smem;
   x.R = blockDim.x;
-  const SmallSmem sm = small_carve(smem + EXEC_SCRATCH, P.num_heads, O.rows, O.pitch, O.joint_c != 0,
-                                   P.has_mask != 0, O.fixup == 0);
+  const SmallSmem sm =
+      small_carve(smem + EXEC_SCRATCH, P.num_heads, O.rows, O.pitch, O.joint_c != 0, P.has_mask != 0, O.fixup == 0);
   small_block<WMAX>(x, P, O, sm, blockIdx.x, gridDim.x);
 }
 
 template <bool STAGED>
-__global__ void __launch_bounds__(WIDE_THREADS, 1) wide_kernel(const __grid_constant__ PPOParams P,
-                                                            const __grid_constant__ OnePass O) {
+__global__ void __launch_bounds__(WIDE_THREADS, 1)
+    wide_kernel(const __grid_constant__ PPOParams P, const __grid_constant__ OnePass O) {
   extern __shared__ __align__(16) unsigned char smem[];
   DevWideX x;
   x.scratch = smem;

@@ -314,6 +314,5 @@ struct DevWideX : DevCommon {
   }
 };
 
-
 }  // namespace cudaexec
 }  // namespace esper

@@ -82,27 +82,26 @@ ESPER_HD void derive_metrics(const MetricsCfg& c, const float* s, float* out) {
     ESPER_GLOBAL_METRICS(ESPER_X)
 #undef ESPER_X
   };
-#define ESPER_X(I, NAME, FORM, STAT, OVER)                                                                \
-  if (FORM == ESPER_FORM_SPECIAL) {                                                                       \
-    switch (I) {                                                                                          \
-      ESPER_SPECIAL(GM_LOSS, gated(loss, 1.f, W + hvd))                                                   \
-      ESPER_SPECIAL(GM_POLICY_LOSS, gated(pl, 1.f, c.per_head ? any_rel : W))                             \
-      ESPER_SPECIAL(GM_ENTROPY_LOSS, gated(el, 1.f, any_rel))                                             \
-      ESPER_SPECIAL(GM_VALUE_LOSS, gated(vl, 1.f, hvd))                                                   \
-      ESPER_SPECIAL(GM_APPROX_KL, gated(kl_sum, any_rel, any_rel))                                        \
-      ESPER_SPECIAL(GM_RATIO_STD, gated(sqrtf(var), 1.f, W))                                              \
-      ESPER_SPECIAL(GM_LOG_PROB_MIN, gated(logp_min, 1.f, has_logp))                                      \
-      ESPER_SPECIAL(GM_LOG_PROB_MAX, gated(logp_max, 1.f, has_logp))                                      \
-      ESPER_SPECIAL(GM_ALL_FINITE, (nonfinite == 0.f && is_finite(loss)) ? 1.f : 0.f)                     \
-      ESPER_SPECIAL(GM_EXPLAINED_VARIANCE,                                                                \
-                    gated(1.f - s[G_RESID_M2] / s[G_RETURN_M2], 1.f, hvd * s[G_RETURN_M2]))               \
-      ESPER_SPECIAL(GM_VALUE_CLIP_FRACTION, gated(s[G_VALUE_CLIP], VW, (c.has_values && c.has_vclip) ? VW : 0.f)) \
-      ESPER_SPECIAL(GM_INVALID_VALUE_WEIGHTS, c.has_values ? s[G_BAD_VALUE_WEIGHTS] : f_nan())            \
-      default:                                                                                            \
-        g[I] = f_nan(); /* a SPECIAL row without code here: NaN, and the test suite fails */              \
-    }                                                                                                     \
-  } else {                                                                                                \
-    g[I] = metric_row(FORM, global_stat_kind(STAT), s[STAT < 0 ? 0 : STAT], over[OVER]);                    \
+#define ESPER_X(I, NAME, FORM, STAT, OVER)                                                                         \
+  if (FORM == ESPER_FORM_SPECIAL) {                                                                                \
+    switch (I) {                                                                                                   \
+      ESPER_SPECIAL(GM_LOSS, gated(loss, 1.f, W + hvd))                                                            \
+      ESPER_SPECIAL(GM_POLICY_LOSS, gated(pl, 1.f, c.per_head ? any_rel : W))                                      \
+      ESPER_SPECIAL(GM_ENTROPY_LOSS, gated(el, 1.f, any_rel))                                                      \
+      ESPER_SPECIAL(GM_VALUE_LOSS, gated(vl, 1.f, hvd))                                                            \
+      ESPER_SPECIAL(GM_APPROX_KL, gated(kl_sum, any_rel, any_rel))                                                 \
+      ESPER_SPECIAL(GM_RATIO_STD, gated(sqrtf(var), 1.f, W))                                                       \
+      ESPER_SPECIAL(GM_LOG_PROB_MIN, gated(logp_min, 1.f, has_logp))                                               \
+      ESPER_SPECIAL(GM_LOG_PROB_MAX, gated(logp_max, 1.f, has_logp))                                               \
+      ESPER_SPECIAL(GM_ALL_FINITE, (nonfinite == 0.f && is_finite(loss)) ? 1.f : 0.f)                              \
+      ESPER_SPECIAL(GM_EXPLAINED_VARIANCE, gated(1.f - s[G_RESID_M2] / s[G_RETURN_M2], 1.f, hvd * s[G_RETURN_M2])) \
+      ESPER_SPECIAL(GM_VALUE_CLIP_FRACTION, gated(s[G_VALUE_CLIP], VW, (c.has_values && c.has_vclip) ? VW : 0.f))  \
+      ESPER_SPECIAL(GM_INVALID_VALUE_WEIGHTS, c.has_values ? s[G_BAD_VALUE_WEIGHTS] : f_nan())                     \
+      default:                                                                                                     \
+        g[I] = f_nan(); /* a SPECIAL row without code here: NaN, and the test suite fails */                       \
+    }                                                                                                              \
+  } else {                                                                                                         \
+    g[I] = metric_row(FORM, global_stat_kind(STAT), s[STAT < 0 ? 0 : STAT], over[OVER]);                           \
   }
   ESPER_GLOBAL_METRICS(ESPER_X)
 #undef ESPER_X

@@ -47,11 +47,11 @@ namespace op {
 // --------------------------------------------------------------------------------------------------------
 // constants and layouts
 // --------------------------------------------------------------------------------------------------------
-constexpr int SMALL_W = 32;       // widest head of the thread-per-row path
+constexpr int SMALL_W = 32;         // widest head of the thread-per-row path
 constexpr int MAX_TILE_ROWS = 128;  // rows (threads) per block of the small path, at most
-constexpr int NGROUPS = 8;        // a tile fold: each statistic folded by 8 threads over R / 8 rows each
-constexpr int WIDE_THREADS = 256;  // threads per block of the wide path and of the pre-pass
-constexpr int MAX_CLUSTER = 8;     // blocks per row of the wide path (portable cluster size)
+constexpr int NGROUPS = 8;          // a tile fold: each statistic folded by 8 threads over R / 8 rows each
+constexpr int WIDE_THREADS = 256;   // threads per block of the wide path and of the pre-pass
+constexpr int MAX_CLUSTER = 8;      // blocks per row of the wide path (portable cluster size)
 
 // normalisers (pre-pass, merged): W, VW, present count, the fix-up's scale state, den_h, (mean, den) per column
 enum : int { NM_W = 0, NM_VW = 1, NM_NPRES = 2, NM_SCALE = 3, NM_DEN = 4 };
@@ -92,7 +92,7 @@ constexpr int NMOM = 0 ESPER_GLOBAL_MOMENTS(ESPER_X);
 ESPER_HD MomentIdx moment_idx(int k) {  // (a chain of selects: no table in local memory)
   MomentIdx r{0, 0, 0};
   int c = 0;
-#define ESPER_X(W, M, Q)                       \
+#define ESPER_X(W, M, Q)                          \
   if (k == c) r = MomentIdx{G_##W, G_##M, G_##Q}; \
   ++c;
   ESPER_GLOBAL_MOMENTS(ESPER_X)
@@ -200,22 +200,22 @@ enum : int { PATH_SMALL = 0, PATH_WIDE = 1, PATH_STREAM = 2 };
 
 struct OnePass {
   int32_t path;
-  int32_t S;       // columns of the row image (sum of head sizes)
-  int32_t pitch;   // small path: shared-memory floats per row (odd, >= S): conflict-free row reads
-  int32_t rows;    // small path: rows per tile (threads per block)
-  int32_t wmax;    // small path: the padded width of the widest head (8, 16 or 32: the kernel instance)
+  int32_t S;        // columns of the row image (sum of head sizes)
+  int32_t pitch;    // small path: shared-memory floats per row (odd, >= S): conflict-free row reads
+  int32_t rows;     // small path: rows per tile (threads per block)
+  int32_t wmax;     // small path: the padded width of the widest head (8, 16 or 32: the kernel instance)
   int32_t cluster;  // wide path: blocks per row
-  int32_t chunk;   // wide path: columns per block (a multiple of 16)
+  int32_t chunk;    // wide path: columns per block (a multiple of 16)
   int32_t nseg_z, nseg_m, nseg_g;
-  int32_t grid_pre;   // pre-pass blocks (partials)
-  int32_t grid_main;  // main-kernel blocks (small: blocks; wide: clusters x cluster)
-  int32_t nparts;     // main partials (small: blocks; wide: clusters)
-  int32_t write_grad;  // the forward writes d loss / d logits (upstream 1) into P.grads
-  int32_t write_gv;    // the forward writes d loss / d values into gv
-  int32_t joint_c;     // small path, joint surrogate with gradient: the coefficient tile (shared memory)
-  int32_t fixup;       // this launch is the fix-up (upstream from P.grad_losses / grad_log_probs / grad_entropy)
+  int32_t grid_pre;         // pre-pass blocks (partials)
+  int32_t grid_main;        // main-kernel blocks (small: blocks; wide: clusters x cluster)
+  int32_t nparts;           // main partials (small: blocks; wide: clusters)
+  int32_t write_grad;       // the forward writes d loss / d logits (upstream 1) into P.grads
+  int32_t write_gv;         // the forward writes d loss / d values into gv
+  int32_t joint_c;          // small path, joint surrogate with gradient: the coefficient tile (shared memory)
+  int32_t fixup;            // this launch is the fix-up (upstream from P.grad_losses / grad_log_probs / grad_entropy)
   int32_t force_recompute;  // fix-up: the gradient buffers hold nothing (recompute; no scale state)
-  int32_t smem;        // dynamic shared memory per block (bytes)
+  int32_t smem;             // dynamic shared memory per block (bytes)
   int32_t off[ESPER_MAX_HEADS];  // column offset of head h in the row image
   Seg zseg[ESPER_MAX_HEADS];
   Seg mseg[ESPER_MAX_HEADS];
@@ -306,7 +306,8 @@ ESPER_HD void run_load_t(uintptr_t base, int64_t count, int32_t dt, int tid, int
   int64_t v = tid;
   for (; v + 3 * (int64_t)nth < nvec; v += 4 * (int64_t)nth) {
     V16 x0 = ld16(vb + (uintptr_t)(v * 16)), x1 = ld16(vb + (uintptr_t)((v + nth) * 16));
-    V16 x2 = ld16(vb + (uintptr_t)((v + 2 * (int64_t)nth) * 16)), x3 = ld16(vb + (uintptr_t)((v + 3 * (int64_t)nth) * 16));
+    V16 x2 = ld16(vb + (uintptr_t)((v + 2 * (int64_t)nth) * 16)),
+        x3 = ld16(vb + (uintptr_t)((v + 3 * (int64_t)nth) * 16));
     const int64_t e0 = lead + v * V, st = (int64_t)nth * V;
 #pragma unroll
     for (int k = 0; k < V; ++k) f(e0 + k, v16_elem<ESZ>(x0, k, dt));
@@ -327,9 +328,12 @@ ESPER_HD void run_load_t(uintptr_t base, int64_t count, int32_t dt, int tid, int
 }
 template <class F>
 ESPER_HD void run_load(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, F f) {
-  if (dt == DT_F32) run_load_t<4>(base, count, dt, tid, nth, f);
-  else if (dt == DT_U8) run_load_t<1>(base, count, dt, tid, nth, f);
-  else run_load_t<2>(base, count, dt, tid, nth, f);
+  if (dt == DT_F32)
+    run_load_t<4>(base, count, dt, tid, nth, f);
+  else if (dt == DT_U8)
+    run_load_t<1>(base, count, dt, tid, nth, f);
+  else
+    run_load_t<2>(base, count, dt, tid, nth, f);
 }
 
 // the opposite: a contiguous run of `count` gradient elements at `base`, value g(e) (float), stored in dtype dt
@@ -348,8 +352,10 @@ ESPER_HD void run_store_t(uintptr_t base, int64_t count, int32_t dt, int tid, in
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const uint32_t b = f_bits(g(e0 + k), dt);
-      if (ESZ == 4) x.w[k] = b;
-      else x.w[k >> 1] |= b << ((k & 1) * 16);
+      if (ESZ == 4)
+        x.w[k] = b;
+      else
+        x.w[k >> 1] |= b << ((k & 1) * 16);
     }
     st16(vb + (uintptr_t)(v * 16), x);
   }
@@ -357,8 +363,10 @@ ESPER_HD void run_store_t(uintptr_t base, int64_t count, int32_t dt, int tid, in
 }
 template <class G>
 ESPER_HD void run_store(uintptr_t base, int64_t count, int32_t dt, int tid, int nth, G g) {
-  if (dt == DT_F32) run_store_t<4>(base, count, dt, tid, nth, g);
-  else run_store_t<2>(base, count, dt, tid, nth, g);
+  if (dt == DT_F32)
+    run_store_t<4>(base, count, dt, tid, nth, g);
+  else
+    run_store_t<2>(base, count, dt, tid, nth, g);
 }
 
 // rows [row0, row0 + nrows) of one segment into a tile: f(r, col + j, value)
@@ -493,7 +501,7 @@ ESPER_HD void softmax_sums(Row& row, const RowIn& in, Core& c, ZF zf) {
   c.qa = r.sna * c.inv_s;  // 1 - p_a without the cancellation of 1 - e_a / s (p_a near 1)
   c.ls = ek_log(r.s);
   c.PV = r.sv == r.s ? 1.f : r.sv * c.inv_s;  // (exactly 1 with exclusion: masked actions add exact zeros)
-  c.H = c.ls * c.PV - r.t * c.inv_s;  // -sum_V p (zf - m - ls)
+  c.H = c.ls * c.PV - r.t * c.inv_s;          // -sum_V p (zf - m - ls)
   c.ell = a >= 0 ? r.za - c.ls : f_nan();
 }
 
@@ -786,10 +794,10 @@ ESPER_HD Up upstream_of(const PPOParams& P, const float* g4) {
 }
 
 struct HeadTerms {
-  float lr;     // clamped log-ratio (0 unless relevant)
-  float gpol;   // per_head: d loss / d ell from the policy term (0 where nothing flows)
-  bool flag;    // joint: relevant and the log-ratio clamp passes the gradient
-  float gent;   // d loss / d (entropy as output) from the entropy term
+  float lr;    // clamped log-ratio (0 unless relevant)
+  float gpol;  // per_head: d loss / d ell from the policy term (0 where nothing flows)
+  bool flag;   // joint: relevant and the log-ratio clamp passes the gradient
+  float gent;  // d loss / d (entropy as output) from the entropy term
 };
 
 // the (step, head) terms and, when c != nullptr, the head's statistics contributions c[k * cs], k < HEAD_SIZE
@@ -955,8 +963,8 @@ ESPER_HD void head_consts(const PPOParams& P, const float* nm, const float* g4, 
 struct RowUp {
   float gL, gE;
 };
-ESPER_HD RowUp row_upstream(const PPOParams& P, const HeadIn& hi, const HeadTerms& t, float gbase, int h,
-                            int64_t i, bool fix) {
+ESPER_HD RowUp row_upstream(const PPOParams& P, const HeadIn& hi, const HeadTerms& t, float gbase, int h, int64_t i,
+                            bool fix) {
   float l = P.per_head ? t.gpol : (t.flag ? gbase : 0.f);
   float e = t.gent;
   if (fix && P.grad_log_probs.ptr) l += load_m(P.grad_log_probs, i, h);
@@ -1102,8 +1110,10 @@ ESPER_HD PreAcc pre_merge_lane(const PPOParams& P, const float* parts, int npart
   const bool mom = pre_is_mom(P, col);
   for (int p = lane; p < nparts; p += 32) {
     const float* q = parts + (int64_t)p * PK;
-    if (mom) a.mo = mom_combine(a.mo, Mom{q[col], q[col + 1], q[col + 2]});
-    else a.x += q[col];
+    if (mom)
+      a.mo = mom_combine(a.mo, Mom{q[col], q[col + 1], q[col + 2]});
+    else
+      a.x += q[col];
   }
   return a;
 }
@@ -1154,7 +1164,6 @@ ESPER_HD int fix_mode(const PPOParams& P, const OnePass& O, const float* g4, flo
   }
   return FIX_RESCALE;
 }
-
 
 // --------------------------------------------------------------------------------------------------------
 // block bodies, shared by the kernels and the host emulation through an execution policy X:
@@ -1227,11 +1236,16 @@ ESPER_HD void prologue(X& x, const PPOParams& P, const OnePass& O, const BlockSm
         },
         [](int, PreAcc u, PreAcc v) { return pre_combine(u, v); },
         [&](int col, const PreAcc& a) {
-          if (col == PRE_W) b.nm[NM_W] = a.x;
-          else if (col == PRE_N) b.nm[NM_NPRES] = a.x;
-          else if (col == PRE_VW) b.nm[NM_VW] = a.x;
-          else if (col < PRE_DEN + H) b.nm[NM_DEN + col - PRE_DEN] = a.x;
-          else if (pre_used(P, col)) b.pmom[(col - pre_adv(H, 0)) / 3] = a;
+          if (col == PRE_W)
+            b.nm[NM_W] = a.x;
+          else if (col == PRE_N)
+            b.nm[NM_NPRES] = a.x;
+          else if (col == PRE_VW)
+            b.nm[NM_VW] = a.x;
+          else if (col < PRE_DEN + H)
+            b.nm[NM_DEN + col - PRE_DEN] = a.x;
+          else if (pre_used(P, col))
+            b.pmom[(col - pre_adv(H, 0)) / 3] = a;
         });
     x.sync();
     if (x.leader()) norms_finish(P, b.pmom, b.nm);
@@ -1369,7 +1383,7 @@ struct GlobC {
   float mw[NMOM], mx[NMOM];  // the moments' points (weight 0: not kept)
 };
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
-constexpr int HEAD_BF = pow2_at_least(ESPER_HEAD_SIZE);              // the head butterfly's width
+constexpr int HEAD_BF = pow2_at_least(ESPER_HEAD_SIZE);               // the head butterfly's width
 constexpr int GLOB_BF = pow2_at_least(ESPER_GLOBAL_SIZE + 3 * NMOM);  // the global one's: sums, then W, S1, bad
 static_assert(HEAD_BF <= 32 && GLOB_BF <= 32, "a butterfly holds at most 32 values");
 constexpr uint32_t kHeadMinMax = kHeadMin | kHeadMax;
@@ -1456,8 +1470,8 @@ ESPER_HD SmallSmem small_carve(unsigned char* p, int H, int R, int pitch, bool j
 // gradient into the tile and (joint surrogate) its coefficient for the joint term into the coefficient tile. The
 // same math as row_core / row_grad on one row, written out for the registers.
 template <int W>
-ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h,
-                           int64_t i, int r, const StepIn& s, float& L, uint32_t& jf, float* cb, int cs) {
+ESPER_HD void small_head_w(const PPOParams& P, const OnePass& O, const SmallSmem& sm, const Up& up, int h, int64_t i,
+                           int r, const StepIn& s, float& L, uint32_t& jf, float* cb, int cs) {
   const int A = P.sizes[h], off = O.off[h], pitch = O.pitch;
   const float* zr = sm.zt + r * pitch + off;
   const uint8_t* ur = sm.ut ? sm.ut + r * pitch + off : nullptr;
@@ -1630,11 +1644,16 @@ ESPER_HD void small_head(const PPOParams& P, const OnePass& O, const SmallSmem& 
     return;
   }
   const int A = P.sizes[h];
-  if (P.floor[h] > 0.f) small_head_floor(P, O, sm, up, h, i, r, s, L, jf, c, cs);
-  else if (WMAX <= 4 || A <= 4) small_head_w<4>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
-  else if (WMAX <= 8 || A <= 8) small_head_w<(WMAX < 8 ? WMAX : 8)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
-  else if (WMAX <= 16 || A <= 16) small_head_w<(WMAX < 16 ? WMAX : 16)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
-  else small_head_w<WMAX>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  if (P.floor[h] > 0.f)
+    small_head_floor(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 4 || A <= 4)
+    small_head_w<4>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 8 || A <= 8)
+    small_head_w<(WMAX < 8 ? WMAX : 8)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else if (WMAX <= 16 || A <= 16)
+    small_head_w<(WMAX < 16 ? WMAX : 16)>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
+  else
+    small_head_w<WMAX>(P, O, sm, up, h, i, r, s, L, jf, c, cs);
 }
 
 // the joint surrogate's second pass: add gLj * coefficient where the head is flagged (NaN rule on gLj)
@@ -1681,7 +1700,9 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
     x.sync();
   }
   // a packed row (one segment of every column, no padding) has the tile's layout when the pitch is S (odd S)
-  auto flat = [&](const Seg* sg, int n) { return n == 1 && sg[0].col == 0 && sg[0].ncols == pitch && sg[0].rs == pitch; };
+  auto flat = [&](const Seg* sg, int n) {
+    return n == 1 && sg[0].col == 0 && sg[0].ncols == pitch && sg[0].rs == pitch;
+  };
   const bool flat_z = flat(O.zseg, O.nseg_z), flat_m = flat(O.mseg, O.nseg_m), flat_g = flat(O.gseg, O.nseg_g);
   typename X::template Local<StepIn> st;
   typename X::template Local<float> Ls, gb;
@@ -1720,9 +1741,8 @@ ESPER_HD void small_block(X& x, const PPOParams& P, const OnePass& O, const Smal
       gb(r) = 0.f;
     });
     for (int h = 0; h < H; ++h) {
-      x.threads([&](int r) {
-        small_head<WMAX>(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), hcv(r).v, 1);
-      });
+      x.threads(
+          [&](int r) { small_head<WMAX>(P, O, sm, up, h, row0 + r, r, r < nrows, st(r), Ls(r), jf(r), hcv(r).v, 1); });
       if (fwd) x.warp_head_stats(hcv, sm.wacc, K, ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE);
     }
     x.threads([&](int r) {  // (the contributions are computed in the fix-up too: no pointer that may be null)
@@ -1830,9 +1850,9 @@ struct WideSmem {
   RowUpS* ups;       // H
   HeadTerms* terms;  // H
   float* c;          // RV: one row's statistics contributions (the rank-0 leader)
-  float* z;       // chunk (staged)
-  float* e;       // chunk (staged)
-  uint8_t* u;     // chunk (staged, has_mask)
+  float* z;          // chunk (staged)
+  float* e;          // chunk (staged)
+  uint8_t* u;        // chunk (staged, has_mask)
 };
 ESPER_HD size_t wide_smem_bytes(int H, int chunk, bool staged, bool has_mask) {
   size_t b = block_smem_bytes(H) + align16(sizeof(Core) * H) + align16(sizeof(HeadIn) * H) +
@@ -1991,7 +2011,7 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
       const HeadIn hi = sm.his[h];
       const RowUpS u = sm.ups[h];
       row_grad<true>(row, row_in(P, h, hi), sm.cores[h], u.gL, u.ghr,
-               [&](int j, float g) { store_elem(gp, gbase + j, dt, g); });
+                     [&](int j, float g) { store_elem(gp, gbase + j, dt, g); });
     }
   }
   if (fwd) {
@@ -2011,16 +2031,15 @@ ESPER_HD void wide_cluster(X& x, const PPOParams& P, const OnePass& O, const Wid
   }
 }
 
-
 // --------------------------------------------------------------------------------------------------------
 // the plan of a call (host): segments, path, tile and cluster shapes, grids, shared memory
 // --------------------------------------------------------------------------------------------------------
 struct Machine {
-  int sm_count;       // multiprocessors
-  int cc_major;       // compute capability (clusters from 9)
-  int smem_optin;     // dynamic shared memory a block may have (bytes)
-  int smem_per_sm;    // shared memory per multiprocessor (bytes)
-  int max_blocks;     // > 0: at most this many main blocks (clusters on the wide path): tests force many blocks
+  int sm_count;     // multiprocessors
+  int cc_major;     // compute capability (clusters from 9)
+  int smem_optin;   // dynamic shared memory a block may have (bytes)
+  int smem_per_sm;  // shared memory per multiprocessor (bytes)
+  int max_blocks;   // > 0: at most this many main blocks (clusters on the wide path): tests force many blocks
 };
 
 inline void build_segs(const PPOParams& P, const uintptr_t* ptrs, const int64_t* rs, int esz, Seg* segs,
@@ -2043,7 +2062,8 @@ inline void build_segs(const PPOParams& P, const uintptr_t* ptrs, const int64_t*
     }
     col += A;
   }
-  for (int k = 0; k < nseg; ++k) segs[k].magic = (((uint64_t)1 << 40) + (uint64_t)segs[k].ncols - 1) / (uint64_t)segs[k].ncols;
+  for (int k = 0; k < nseg; ++k)
+    segs[k].magic = (((uint64_t)1 << 40) + (uint64_t)segs[k].ncols - 1) / (uint64_t)segs[k].ncols;
 }
 
 // which path, which shapes; fixup / write_grad / write_gv / force_recompute and the scratch pointers are the

@@ -29,9 +29,13 @@ inline T block_tree(T* v, int n, C c) {
 struct Common {
   uint32_t tickets = 0;
   template <class F>
-  void coop(F f) { f(0, 1); }
+  void coop(F f) {
+    f(0, 1);
+  }
   template <class F>
-  void coop_cluster(F f) { f(0, 1); }
+  void coop_cluster(F f) {
+    f(0, 1);
+  }
   void sync() {}
   bool leader() const { return true; }
   bool stats_leader() const { return true; }
@@ -116,8 +120,8 @@ struct SmallX : Common {
         if (!bit(kHeadMinMax, k)) continue;
         const bool mn = bit(kHeadMin, k);
         int32_t key = fkey(v[0][k]);
-        for (int l = 1; l < 32; ++l) key = mn ? (fkey(v[l][k]) < key ? fkey(v[l][k]) : key)
-                                              : (fkey(v[l][k]) > key ? fkey(v[l][k]) : key);
+        for (int l = 1; l < 32; ++l)
+          key = mn ? (fkey(v[l][k]) < key ? fkey(v[l][k]) : key) : (fkey(v[l][k]) > key ? fkey(v[l][k]) : key);
         wacc_minmax(acc + k, mn, key);
         for (int l = 0; l < 32; ++l) v[l][k] = 0.f;
       }
@@ -284,8 +288,10 @@ inline std::string run(const PPOParams& P, const OnePass& O0) {
   const int ncl = O.nparts;
   for (int c = 0; c < ncl; ++c) {
     memset(p, 0, bytes);
-    if (staged) wide_cluster<WideX, true>(x, P, O, sm, c, ncl);
-    else wide_cluster<WideX, false>(x, P, O, sm, c, ncl);
+    if (staged)
+      wide_cluster<WideX, true>(x, P, O, sm, c, ncl);
+    else
+      wide_cluster<WideX, false>(x, P, O, sm, c, ncl);
   }
   return "";
 }

@@ -31,13 +31,13 @@ enum GlobalStat : int32_t {
 #define ESPER_X(NAME, KIND) G_##NAME,
   ESPER_GLOBAL_STATS(ESPER_X)
 #undef ESPER_X
-  G_COUNT_
+      G_COUNT_
 };
 enum HeadStat : int32_t {
 #define ESPER_X(NAME, KIND) HD_##NAME,
   ESPER_HEAD_STATS(ESPER_X)
 #undef ESPER_X
-  HD_COUNT_
+      HD_COUNT_
 };
 static_assert(G_COUNT_ == ESPER_GLOBAL_SIZE, "global statistics layout");
 static_assert(HD_COUNT_ == ESPER_HEAD_SIZE, "per-head statistics layout");
@@ -46,7 +46,7 @@ static_assert(HD_COUNT_ == ESPER_HEAD_SIZE, "per-head statistics layout");
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline int global_stat_kind(int k) {
+    inline int global_stat_kind(int k) {
   switch (k) {
 #define ESPER_X(NAME, KIND) \
   case G_##NAME:            \
@@ -59,7 +59,7 @@ inline int global_stat_kind(int k) {
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-inline int head_stat_kind(int k) {
+    inline int head_stat_kind(int k) {
   switch (k) {
 #define ESPER_X(NAME, KIND) \
   case HD_##NAME:           \
@@ -102,9 +102,9 @@ struct PPOParams {
   int32_t adv_per_head;  // advantages [N, H]
   int32_t normalize_entropy;
   int32_t has_values;
-  int32_t has_vclip;  // value_clip finite and old_values given
-  int32_t has_jclamp;  // joint_log_ratio_clamp finite
-  int32_t mask_exclude;  // config.mask_fill is None: invalid actions are excluded from max and sum (else filled)
+  int32_t has_vclip;         // value_clip finite and old_values given
+  int32_t has_jclamp;        // joint_log_ratio_clamp finite
+  int32_t mask_exclude;      // config.mask_fill is None: invalid actions are excluded from max and sum (else filled)
   int32_t normalize_adv;     // normalize_advantages: the kernels normalise A over present steps (pre-pass)
   int32_t adv_std_unbiased;  // advantage_std == "unbiased": std^2 = M2 / W * n / (n - 1), n present steps
   int32_t adv_eps_add;       // advantage_eps_add: (A - mean) / (std + eps), else / max(std, eps)
@@ -122,8 +122,8 @@ struct PPOParams {
 
   // ---- per head
   int32_t sizes[ESPER_MAX_HEADS];
-  float floor[ESPER_MAX_HEADS];  // prob_floor (<= 0: off)
-  float kcoef[ESPER_MAX_HEADS];  // entropy_coef_per_head
+  float floor[ESPER_MAX_HEADS];       // prob_floor (<= 0: off)
+  float kcoef[ESPER_MAX_HEADS];       // entropy_coef_per_head
   uintptr_t logits[ESPER_MAX_HEADS];  // element (i, j) of head h at logits[h] + (i * logits_rs[h] + j) * elt
   int64_t logits_rs[ESPER_MAX_HEADS];
   uintptr_t masks[ESPER_MAX_HEADS];  // uint8 (bool viewed as uint8); when has_mask
@@ -136,7 +136,7 @@ struct PPOParams {
   Vec adv[ESPER_MAX_HEADS];  // per head (adv_per_head) or the same column H times
 
   // ---- per step
-  Vec weights;  // ptr 0: all 1
+  Vec weights;                                     // ptr 0: all 1
   Vec values, returns, old_values, value_weights;  // value_weights ptr 0: the weights
 
   // ---- forward outputs (float32, contiguous)
@@ -149,9 +149,9 @@ struct PPOParams {
   uintptr_t adv_norm;     // float32 [2 * columns] scratch: (mean, denominator) per advantage column (pre-pass)
 
   // ---- backward inputs / outputs
-  Vec grad_losses;     // [4] (ptr 0: none)
-  Mat grad_log_probs;  // [N, H] (ptr 0: none)
-  Mat grad_entropy;    // [N, H] (ptr 0: none)
+  Vec grad_losses;        // [4] (ptr 0: none)
+  Mat grad_log_probs;     // [N, H] (ptr 0: none)
+  Mat grad_entropy;       // [N, H] (ptr 0: none)
   uintptr_t grad_values;  // [N] float32 (when has_values)
 };
 

@@ -60,8 +60,19 @@ class Params:
 
     def __init__(self) -> None: ...
     def copy(self) -> Params: ...
-    def set_head(self, h: int, *, logits: int, logits_rs: int, masks: int, masks_rs: int, actions: Vec,
-                 old_lp: Vec, rel: Vec, adv: Vec) -> None: ...
+    def set_head(
+        self,
+        h: int,
+        *,
+        logits: int,
+        logits_rs: int,
+        masks: int,
+        masks_rs: int,
+        actions: Vec,
+        old_lp: Vec,
+        rel: Vec,
+        adv: Vec,
+    ) -> None: ...
     def set_columns(self, field: str, ptr: int, row_stride: int, col_stride: int, dtype: int) -> None:
         """Every head's column of one [N, H] matrix ("actions", "old_lp", "rel" or "adv"; col_stride 0: one
         vector shared by all heads)."""
@@ -102,22 +113,79 @@ def derive_metrics(cfg: MetricsCfg, stats: int, out: int) -> None: ...
 Plan = dict[str, object]  # path, grid_pre, grid_main, nparts, rows, cluster, chunk, smem, segments, *_size
 
 # the same kernels' code on the CPU, block by block (the host emulation; machine shapes as keywords)
-def onepass_plan(params: Params, *, fixup: bool, write_grad: bool, sm_count: int = 132, cc_major: int = 9,
-                 smem_optin: int = ..., smem_per_sm: int = ..., max_blocks: int = 0) -> Plan: ...
-def onepass_host_forward(params: Params, mcfg: MetricsCfg, *, write_grad: bool, norms: int, pre_parts: int,
-                         parts: int, ctl: int, table: int, gv: int, sm_count: int = 132, cc_major: int = 9,
-                         smem_optin: int = ..., smem_per_sm: int = ..., max_blocks: int = 0) -> None: ...
-def onepass_host_backward(params: Params, *, write_grad: bool, force_recompute: bool, norms: int, ctl: int, gv: int,
-                          grad_losses: tuple[int, int, int, int], sm_count: int = 132, cc_major: int = 9,
-                          smem_optin: int = ..., smem_per_sm: int = ..., max_blocks: int = 0) -> None: ...
+def onepass_plan(
+    params: Params,
+    *,
+    fixup: bool,
+    write_grad: bool,
+    sm_count: int = 132,
+    cc_major: int = 9,
+    smem_optin: int = ...,
+    smem_per_sm: int = ...,
+    max_blocks: int = 0,
+) -> Plan: ...
+def onepass_host_forward(
+    params: Params,
+    mcfg: MetricsCfg,
+    *,
+    write_grad: bool,
+    norms: int,
+    pre_parts: int,
+    parts: int,
+    ctl: int,
+    table: int,
+    gv: int,
+    sm_count: int = 132,
+    cc_major: int = 9,
+    smem_optin: int = ...,
+    smem_per_sm: int = ...,
+    max_blocks: int = 0,
+) -> None: ...
+def onepass_host_backward(
+    params: Params,
+    *,
+    write_grad: bool,
+    force_recompute: bool,
+    norms: int,
+    ctl: int,
+    gv: int,
+    grad_losses: tuple[int, int, int, int],
+    sm_count: int = 132,
+    cc_major: int = 9,
+    smem_optin: int = ...,
+    smem_per_sm: int = ...,
+    max_blocks: int = 0,
+) -> None: ...
 
 # CUDA (has_cuda): on `stream` under `device`
 def cuda_status() -> str: ...
 def cuda_onepass_plan(params: Params, device: int, *, fixup: bool, write_grad: bool, max_blocks: int = 0) -> Plan: ...
-def cuda_onepass_forward(params: Params, mcfg: MetricsCfg, *, write_grad: bool, norms: int, pre_parts: int,
-                         parts: int, ctl: int, table: int, gv: int, stream: int, device: int,
-                         max_blocks: int = 0) -> None: ...
-def cuda_onepass_backward(params: Params, *, write_grad: bool, force_recompute: bool, norms: int, ctl: int, gv: int,
-                          grad_losses: tuple[int, int, int, int], stream: int, device: int,
-                          max_blocks: int = 0) -> None: ...
+def cuda_onepass_forward(
+    params: Params,
+    mcfg: MetricsCfg,
+    *,
+    write_grad: bool,
+    norms: int,
+    pre_parts: int,
+    parts: int,
+    ctl: int,
+    table: int,
+    gv: int,
+    stream: int,
+    device: int,
+    max_blocks: int = 0,
+) -> None: ...
+def cuda_onepass_backward(
+    params: Params,
+    *,
+    write_grad: bool,
+    force_recompute: bool,
+    norms: int,
+    ctl: int,
+    gv: int,
+    grad_losses: tuple[int, int, int, int],
+    stream: int,
+    device: int,
+    max_blocks: int = 0,
+) -> None: ...
 def cuda_derive_metrics(cfg: MetricsCfg, stats: int, out: int, stream: int, device: int) -> None: ...

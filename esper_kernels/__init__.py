@@ -13,7 +13,17 @@ from .metrics import GLOBAL_METRICS, HEAD_METRICS, PPOMetrics
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendInfo", "BackendUnavailableError", "ESPER_HEADS", "FactoredPPOLoss", "GLOBAL_METRICS", "HEAD_METRICS",
-    "HeadLayout", "PPOLossConfig", "PPOLossOutput", "PPOMetrics", "available_backends", "ppo_loss",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "ESPER_HEADS",
+    "FactoredPPOLoss",
+    "GLOBAL_METRICS",
+    "HEAD_METRICS",
+    "HeadLayout",
+    "PPOLossConfig",
+    "PPOLossOutput",
+    "PPOMetrics",
+    "available_backends",
+    "ppo_loss",
     "__version__",
 ]

@@ -21,16 +21,25 @@ PerHeadOptional = Mapping[str, float | None] | Sequence[float | None] | None
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _finite(name: str, value: object, *, low: float | None = None, low_open: bool = False,
-            high: float | None = None, high_open: bool = False) -> float:
+def _finite(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"PPOLossConfig.{name}: expected a number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"PPOLossConfig.{name}: expected a finite number, got {value!r}")
     if abs(v) > FLOAT32_MAX:
-        raise ValueError(f"PPOLossConfig.{name}: {value!r} overflows float32 (the loss is computed in float32; "
-                         f"expected a magnitude <= {FLOAT32_MAX:.4g})")
+        raise ValueError(
+            f"PPOLossConfig.{name}: {value!r} overflows float32 (the loss is computed in float32; "
+            f"expected a magnitude <= {FLOAT32_MAX:.4g})"
+        )
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"PPOLossConfig.{name}: expected {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and (v >= high if high_open else v > high):
@@ -49,8 +58,10 @@ def _freeze_per_head(name: str, value, check) -> object:
             frozen[k] = check(f"{name}[{k!r}]", v)
         return MappingProxyType(frozen)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"PPOLossConfig.{name}: expected a mapping by head name or a sequence in layout order, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"PPOLossConfig.{name}: expected a mapping by head name or a sequence in layout order, "
+            f"got {type(value).__name__}"
+        )
     return tuple(check(f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
@@ -128,8 +139,9 @@ class PPOLossConfig:
             _finite("mask_fill", self.mask_fill, high=-1.0)
         for name in ("advantage_std", "ratio_std"):
             if getattr(self, name) not in ("population", "unbiased"):
-                raise ValueError(f"PPOLossConfig.{name}: expected 'population' or 'unbiased', "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"PPOLossConfig.{name}: expected 'population' or 'unbiased', got {getattr(self, name)!r}"
+                )
         _finite("advantage_eps", self.advantage_eps, low=0.0, low_open=True)
 
         def coef(name: str, v: object) -> float:
@@ -138,8 +150,9 @@ class PPOLossConfig:
         def floor(name: str, v: object) -> float | None:
             return None if v is None else _finite(name, v, low=0.0, low_open=True, high=1.0, high_open=True)
 
-        object.__setattr__(self, "entropy_coef_per_head",
-                           _freeze_per_head("entropy_coef_per_head", self.entropy_coef_per_head, coef))
+        object.__setattr__(
+            self, "entropy_coef_per_head", _freeze_per_head("entropy_coef_per_head", self.entropy_coef_per_head, coef)
+        )
         object.__setattr__(self, "prob_floor", _freeze_per_head("prob_floor", self.prob_floor, floor))
 
     def _per_head(self, name: str, layout: HeadLayout, default):
@@ -152,8 +165,10 @@ class PPOLossConfig:
                 raise ValueError(f"PPOLossConfig.{name}: unknown head(s) {unknown}; heads are {list(layout.names)}")
             return [value.get(n, default) for n in layout.names]
         if len(value) != layout.num_heads:
-            raise ValueError(f"PPOLossConfig.{name}: expected {layout.num_heads} values (one per head, in layout "
-                             f"order {list(layout.names)}), got {len(value)}")
+            raise ValueError(
+                f"PPOLossConfig.{name}: expected {layout.num_heads} values (one per head, in layout "
+                f"order {list(layout.names)}), got {len(value)}"
+            )
         return list(value)
 
     def resolve(self, layout: HeadLayout) -> ResolvedConfig:

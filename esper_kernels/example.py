@@ -10,11 +10,18 @@ from .loss import ppo_loss
 from .metrics import HEAD_METRICS
 from .synthetic import make_batch
 
-_COLUMNS = (("entropy", "entropy", "{:.3f}"), ("kl", "kl", "{:.4f}"), ("clip", "clip_fraction", "{:.3f}"),
-            ("ratio_max", "ratio_max", "{:.2f}"), ("valid", "valid_actions_mean", "{:.2f}"),
-            ("single", "single_action_fraction", "{:.2f}"), ("relevant", "relevance_fraction", "{:.2f}"),
-            ("learnable", "learnable_fraction", "{:.2f}"), ("nonfinite", "nonfinite", "{:.0f}"),
-            ("grad", None, "{:.4f}"))
+_COLUMNS = (
+    ("entropy", "entropy", "{:.3f}"),
+    ("kl", "kl", "{:.4f}"),
+    ("clip", "clip_fraction", "{:.3f}"),
+    ("ratio_max", "ratio_max", "{:.2f}"),
+    ("valid", "valid_actions_mean", "{:.2f}"),
+    ("single", "single_action_fraction", "{:.2f}"),
+    ("relevant", "relevance_fraction", "{:.2f}"),
+    ("learnable", "learnable_fraction", "{:.2f}"),
+    ("nonfinite", "nonfinite", "{:.0f}"),
+    ("grad", None, "{:.4f}"),
+)
 
 
 def head_table(metrics: dict[str, float], names, grad_norms: dict[str, float] | None = None) -> str:
@@ -47,14 +54,18 @@ def run_example(backend: str = "auto", device: str = "cpu", seed: int = 0) -> No
     m = out.metrics.to_dict()
     # gradient norm of each head's logit columns: the telemetry a policy's per-head parameters would see
     grad = logits.grad.reshape(-1, layout.total)
-    norms = {n: grad[:, o:o + a].norm().item() for n, o, a in zip(layout.names, layout.offsets, layout.sizes)}
+    norms = {n: grad[:, o : o + a].norm().item() for n, o, a in zip(layout.names, layout.offsets, layout.sizes)}
     print(f"backend {out.backend}, batch {list(logits.shape[:-1])}, heads {dict(layout.items())}")
-    print(f"loss {m['loss']:.5f} = policy {m['policy_loss']:.5f} + 0.05 * entropy {m['entropy_loss']:.5f} "
-          f"+ 0.5 * value {m['value_loss']:.5f}")
-    print(f"steps {m['steps']:.0f}  joint ratio mean {m['ratio_mean']:.4f} std {m['ratio_std']:.4f} "
-          f"[{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]  clip fraction {m['clip_fraction']:.3f}  "
-          f"approx_kl {m['approx_kl']:.5f}  explained variance {m['explained_variance']:.3f}  "
-          f"all_finite {bool(m['all_finite'])}")
+    print(
+        f"loss {m['loss']:.5f} = policy {m['policy_loss']:.5f} + 0.05 * entropy {m['entropy_loss']:.5f} "
+        f"+ 0.5 * value {m['value_loss']:.5f}"
+    )
+    print(
+        f"steps {m['steps']:.0f}  joint ratio mean {m['ratio_mean']:.4f} std {m['ratio_std']:.4f} "
+        f"[{m['ratio_min']:.3f}, {m['ratio_max']:.3f}]  clip fraction {m['clip_fraction']:.3f}  "
+        f"approx_kl {m['approx_kl']:.5f}  explained variance {m['explained_variance']:.3f}  "
+        f"all_finite {bool(m['all_finite'])}"
+    )
     print(head_table(m, layout.names, norms))
     if values.grad is not None:
         print(f"value gradient norm {values.grad.norm().item():.4f}")

@@ -11,8 +11,11 @@ from .backends import available_backends
 
 
 def info_text() -> str:
-    lines = [f"esper_kernels {__version__}", f"python {platform.python_version()} ({platform.machine()})",
-             f"torch {torch.__version__}"]
+    lines = [
+        f"esper_kernels {__version__}",
+        f"python {platform.python_version()} ({platform.machine()})",
+        f"torch {torch.__version__}",
+    ]
     try:
         import triton
 
@@ -23,8 +26,10 @@ def info_text() -> str:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                         f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")
+            lines.append(
+                f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                f"{p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+            )
     else:
         lines.append("cuda: no CUDA device")
     lines.append("")

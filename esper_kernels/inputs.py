@@ -129,8 +129,17 @@ def _flat(t: torch.Tensor, batch_ndim: int) -> torch.Tensor:
     return t.reshape((-1,) + tuple(t.shape[batch_ndim:]))
 
 
-def _per_head(name: str, value, layout: HeadLayout, batch: torch.Size, device: torch.device, dtypes: tuple,
-              what: str, packed_last: int | None, head_last) -> tuple[torch.Tensor, ...]:
+def _per_head(
+    name: str,
+    value,
+    layout: HeadLayout,
+    batch: torch.Size,
+    device: torch.device,
+    dtypes: tuple,
+    what: str,
+    packed_last: int | None,
+    head_last,
+) -> tuple[torch.Tensor, ...]:
     """A per-head input -> one tensor [..., packed_last] (given packed) or H per-head tensors."""
     h_count = layout.num_heads
     if isinstance(value, torch.Tensor):
@@ -141,17 +150,21 @@ def _per_head(name: str, value, layout: HeadLayout, batch: torch.Size, device: t
         missing = [n for n in layout.names if n not in value]
         extra = [k for k in value if k not in layout.names]
         if missing or extra:
-            raise ValueError(f"{name}: expected one entry per head {list(layout.names)}; "
-                             f"missing {missing}, unknown {extra}")
+            raise ValueError(
+                f"{name}: expected one entry per head {list(layout.names)}; missing {missing}, unknown {extra}"
+            )
         items = [value[n] for n in layout.names]
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != h_count:
-            raise ValueError(f"{name}: expected {h_count} per-head tensors (layout order {list(layout.names)}), "
-                             f"got {len(value)}")
+            raise ValueError(
+                f"{name}: expected {h_count} per-head tensors (layout order {list(layout.names)}), got {len(value)}"
+            )
         items = list(value)
     else:
-        raise TypeError(f"{name}: expected a tensor, a mapping by head name or a sequence of per-head tensors, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{name}: expected a tensor, a mapping by head name or a sequence of per-head tensors, "
+            f"got {type(value).__name__}"
+        )
     out = []
     for h, (hname, t) in enumerate(zip(layout.names, items)):
         shape = tuple(batch) + head_last(h)
@@ -159,10 +172,23 @@ def _per_head(name: str, value, layout: HeadLayout, batch: torch.Size, device: t
     return tuple(out)
 
 
-def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_probs, advantages, *,
-                   head_relevance=None, weights=None, values=None, returns=None, old_values=None,
-                   value_weights=None, per_head_advantages_allowed: bool = False,
-                   value_clip: bool = False) -> PPOInputs:
+def prepare_inputs(
+    layout: HeadLayout,
+    logits,
+    action_masks,
+    actions,
+    old_log_probs,
+    advantages,
+    *,
+    head_relevance=None,
+    weights=None,
+    values=None,
+    returns=None,
+    old_values=None,
+    value_weights=None,
+    per_head_advantages_allowed: bool = False,
+    value_clip: bool = False,
+) -> PPOInputs:
     """Check every input's type, shape, dtype and device against the layout; flatten to N rows."""
     if not isinstance(layout, HeadLayout):
         raise TypeError(f"layout: expected an esper_kernels.HeadLayout, got {type(layout).__name__}")
@@ -172,46 +198,65 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
         raise _not_a_tensor("logits", logits, f"[*batch, {S}] or per-head tensors [*batch, A_h]")
     if isinstance(logits, torch.Tensor):
         if logits.dim() < 2:
-            raise ValueError(f"logits: expected shape [*batch, {S}] (S = sum of head sizes), "
-                             f"got {_shape(logits.shape)}")
+            raise ValueError(
+                f"logits: expected shape [*batch, {S}] (S = sum of head sizes), got {_shape(logits.shape)}"
+            )
         batch, device = logits.shape[:-1], logits.device
     else:
-        first = next(iter(logits.values())) if isinstance(logits, Mapping) and logits else (
-            logits[0] if isinstance(logits, Sequence) and len(logits) else None)
+        first = (
+            next(iter(logits.values()))
+            if isinstance(logits, Mapping) and logits
+            else (logits[0] if isinstance(logits, Sequence) and len(logits) else None)
+        )
         if not isinstance(first, torch.Tensor) or first.dim() < 2:
-            raise ValueError(f"logits: expected [*batch, {S}] or per-head tensors [*batch, A_h] for heads "
-                             f"{layout.items()}, got {type(logits).__name__}")
+            raise ValueError(
+                f"logits: expected [*batch, {S}] or per-head tensors [*batch, A_h] for heads "
+                f"{layout.items()}, got {type(logits).__name__}"
+            )
         batch, device = first.shape[:-1], first.device
     bnd = len(batch)
     if bnd == 0:
         raise ValueError("logits: expected at least one batch dim")
     sizes = layout.sizes
-    lg = _per_head("logits", logits, layout, batch, device, LOGIT_DTYPES,
-                              f"*batch, S = {S}" if isinstance(logits, torch.Tensor) else "*batch, A_h",
-                              S, lambda h: (sizes[h],))
+    lg = _per_head(
+        "logits",
+        logits,
+        layout,
+        batch,
+        device,
+        LOGIT_DTYPES,
+        f"*batch, S = {S}" if isinstance(logits, torch.Tensor) else "*batch, A_h",
+        S,
+        lambda h: (sizes[h],),
+    )
     dtypes = {t.dtype for t in lg}
     if len(dtypes) > 1:
         raise TypeError(f"logits: expected one dtype for every head, got {sorted(str(d) for d in dtypes)}")
     masks = None
     if action_masks is not None:
-        masks = _per_head("action_masks", action_masks, layout, batch, device, MASK_DTYPES,
-                          "like logits", S, lambda h: (sizes[h],))
-    acts = _per_head("actions", actions, layout, batch, device, ACTION_DTYPES,
-                      f"*batch, H = {H}", H, lambda h: ())
-    olp = _per_head("old_log_probs", old_log_probs, layout, batch, device, FLOAT_DTYPES,
-                     f"*batch, H = {H}", H, lambda h: ())
+        masks = _per_head(
+            "action_masks", action_masks, layout, batch, device, MASK_DTYPES, "like logits", S, lambda h: (sizes[h],)
+        )
+    acts = _per_head("actions", actions, layout, batch, device, ACTION_DTYPES, f"*batch, H = {H}", H, lambda h: ())
+    olp = _per_head(
+        "old_log_probs", old_log_probs, layout, batch, device, FLOAT_DTYPES, f"*batch, H = {H}", H, lambda h: ()
+    )
     rel = None
     if head_relevance is not None:
-        rel = _per_head("head_relevance", head_relevance, layout, batch, device, MASK_DTYPES,
-                         f"*batch, H = {H}", H, lambda h: ())
+        rel = _per_head(
+            "head_relevance", head_relevance, layout, batch, device, MASK_DTYPES, f"*batch, H = {H}", H, lambda h: ()
+        )
 
     if not isinstance(advantages, torch.Tensor):
         raise _not_a_tensor("advantages", advantages, f"of shape {_shape(batch)}")
     if per_head_advantages_allowed and tuple(advantages.shape) == tuple(batch) + (H,) and H > 0:
         _expect("advantages", advantages, tuple(batch) + (H,), "per-head advantages", FLOAT_DTYPES, device)
     else:
-        what = "*batch" + (", or [*batch, H] per head" if per_head_advantages_allowed else
-                           "; per-head advantages [*batch, H] need surrogate='per_head'")
+        what = "*batch" + (
+            ", or [*batch, H] per head"
+            if per_head_advantages_allowed
+            else "; per-head advantages [*batch, H] need surrogate='per_head'"
+        )
         _expect("advantages", advantages, tuple(batch), what, FLOAT_DTYPES, device)
 
     def step(name: str, t, dtypes=FLOAT_DTYPES):
@@ -223,13 +268,15 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
     vw = step("value_weights", value_weights, FLOAT_DTYPES + (torch.bool,))
     v, R, vo = step("values", values), step("returns", returns), step("old_values", old_values)
     if (v is None) != (R is None):
-        raise ValueError("values, returns: expected both or neither, got "
-                         f"{'values' if v is not None else 'returns'} only")
+        raise ValueError(
+            f"values, returns: expected both or neither, got {'values' if v is not None else 'returns'} only"
+        )
     if v is None and (vo is not None or vw is not None):
         raise ValueError("old_values, value_weights: given without values and returns")
     if value_clip and v is not None and vo is None:
-        raise ValueError("old_values: config.value_clip is set, so old_values [*batch] are required "
-                         "for the clipped value loss")
+        raise ValueError(
+            "old_values: config.value_clip is set, so old_values [*batch] are required for the clipped value loss"
+        )
 
     def flat_logits(ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         out = []
@@ -256,11 +303,20 @@ def prepare_inputs(layout: HeadLayout, logits, action_masks, actions, old_log_pr
         return tuple(_flat(t, bnd) if bnd > 1 else t for t in ts)
 
     return PPOInputs(
-        layout=layout, batch_shape=torch.Size(batch), n=n, device=device,
-        logits=lg, masks=masks,
+        layout=layout,
+        batch_shape=torch.Size(batch),
+        n=n,
+        device=device,
+        logits=lg,
+        masks=masks,
         actions=heads_1d("actions", acts, isinstance(actions, torch.Tensor)),
         old_log_probs=heads_1d("old_log_probs", olp, isinstance(old_log_probs, torch.Tensor)),
         advantages=_flat(advantages, bnd),
         relevance=None if rel is None else heads_1d("relevance", rel, isinstance(head_relevance, torch.Tensor)),
-        weights=w, values=v, returns=R, old_values=vo, value_weights=vw, packed_steps=packed_steps,
+        weights=w,
+        values=v,
+        returns=R,
+        old_values=vo,
+        value_weights=vw,
+        packed_steps=packed_steps,
     )

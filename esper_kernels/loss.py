@@ -41,8 +41,10 @@ def check_data(metrics: PPOMetrics) -> None:
         base = GLOBAL_SIZE + h * HEAD_SIZE
         bad = int(s[base + HD.INVALID_ACTION])
         if bad:
-            problems.append(f"head {name!r}: action out of range [0, {metrics.layout.sizes[h]}) or masked out "
-                            f"at {bad} present step(s)")
+            problems.append(
+                f"head {name!r}: action out of range [0, {metrics.layout.sizes[h]}) or masked out "
+                f"at {bad} present step(s)"
+            )
         empty = int(s[base + HD.EMPTY_MASK])
         if empty:
             problems.append(f"head {name!r}: no valid action (empty mask) at {empty} present step(s)")
@@ -51,20 +53,34 @@ def check_data(metrics: PPOMetrics) -> None:
     if s[G.BAD_VALUE_WEIGHTS]:
         problems.append(f"value_weights: negative or non-finite at {int(s[G.BAD_VALUE_WEIGHTS])} step(s)")
     if problems:
-        raise ValueError("ppo_loss: invalid data (pass validate=False to count these in the metrics "
-                         "instead):\n  " + "\n  ".join(problems))
+        raise ValueError(
+            "ppo_loss: invalid data (pass validate=False to count these in the metrics "
+            "instead):\n  " + "\n  ".join(problems)
+        )
 
 
 #: a per-head input: one tensor ([..., S] or [..., H]), a mapping by head name, or a sequence in layout order
 PerHead = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
-def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, old_log_probs: PerHead,
-             advantages: torch.Tensor, *, layout: HeadLayout, head_relevance: PerHead | None = None,
-             weights: torch.Tensor | None = None, values: torch.Tensor | None = None,
-             returns: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
-             value_weights: torch.Tensor | None = None, config: PPOLossConfig | None = None,
-             backend: str = "auto", validate: bool = True) -> PPOLossOutput:
+def ppo_loss(
+    logits: PerHead,
+    action_masks: PerHead | None,
+    actions: PerHead,
+    old_log_probs: PerHead,
+    advantages: torch.Tensor,
+    *,
+    layout: HeadLayout,
+    head_relevance: PerHead | None = None,
+    weights: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    value_weights: torch.Tensor | None = None,
+    config: PPOLossConfig | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> PPOLossOutput:
     """The factored PPO loss of docs/semantics.md section 2, its per-step outputs and its metrics, in one call.
 
     Inputs (leading batch dims ``...`` of any shape): ``logits`` [..., S] or per-head [..., A_h] (mapping by
@@ -85,9 +101,21 @@ def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, ol
         raise TypeError(f"layout: expected an esper_kernels.HeadLayout, got {type(layout).__name__}")
     cfg = config.resolve(layout)
     inputs = prepare_inputs(
-        layout, logits, action_masks, actions, old_log_probs, advantages, head_relevance=head_relevance,
-        weights=weights, values=values, returns=returns, old_values=old_values, value_weights=value_weights,
-        per_head_advantages_allowed=cfg.per_head, value_clip=config.value_clip is not None)
+        layout,
+        logits,
+        action_masks,
+        actions,
+        old_log_probs,
+        advantages,
+        head_relevance=head_relevance,
+        weights=weights,
+        values=values,
+        returns=returns,
+        old_values=old_values,
+        value_weights=value_weights,
+        per_head_advantages_allowed=cfg.per_head,
+        value_clip=config.value_clip is not None,
+    )
     impl = select_backend(backend, inputs, cfg)
     raw = impl.forward(inputs, cfg)
     batch = inputs.batch_shape
@@ -101,16 +129,24 @@ def ppo_loss(logits: PerHead, action_masks: PerHead | None, actions: PerHead, ol
         log_probs, entropy = raw.log_probs.reshape(tuple(batch) + (H,)), raw.entropy.reshape(tuple(batch) + (H,))
         joint_ratio = raw.joint_ratio.reshape(batch)
     return PPOLossOutput(
-        loss=raw.loss, policy_loss=raw.policy_loss, entropy_loss=raw.entropy_loss, value_loss=raw.value_loss,
-        log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio, metrics=metrics, backend=impl.name,
+        loss=raw.loss,
+        policy_loss=raw.policy_loss,
+        entropy_loss=raw.entropy_loss,
+        value_loss=raw.value_loss,
+        log_probs=log_probs,
+        entropy=entropy,
+        joint_ratio=joint_ratio,
+        metrics=metrics,
+        backend=impl.name,
     )
 
 
 class FactoredPPOLoss(torch.nn.Module):
     """``ppo_loss`` as a module: ``FactoredPPOLoss(layout, config)(logits, masks, actions, old_lp, adv, ...)``."""
 
-    def __init__(self, layout: HeadLayout, config: PPOLossConfig | None = None, backend: str = "auto",
-                 validate: bool = True):
+    def __init__(
+        self, layout: HeadLayout, config: PPOLossConfig | None = None, backend: str = "auto", validate: bool = True
+    ):
         super().__init__()
         if not isinstance(layout, HeadLayout):
             layout = HeadLayout(layout)
@@ -120,12 +156,20 @@ class FactoredPPOLoss(torch.nn.Module):
         self.backend = backend
         self.validate = validate
 
-    def forward(self, logits: PerHead, action_masks: PerHead | None, actions: PerHead, old_log_probs: PerHead,
-                advantages: torch.Tensor, **kwargs) -> PPOLossOutput:
+    def forward(
+        self,
+        logits: PerHead,
+        action_masks: PerHead | None,
+        actions: PerHead,
+        old_log_probs: PerHead,
+        advantages: torch.Tensor,
+        **kwargs,
+    ) -> PPOLossOutput:
         kwargs.setdefault("backend", self.backend)
         kwargs.setdefault("validate", self.validate)
-        return ppo_loss(logits, action_masks, actions, old_log_probs, advantages, layout=self.layout,
-                        config=self.config, **kwargs)
+        return ppo_loss(
+            logits, action_masks, actions, old_log_probs, advantages, layout=self.layout, config=self.config, **kwargs
+        )
 
     def extra_repr(self) -> str:
         return f"layout={self.layout!r}, config={self.config!r}, backend={self.backend!r}"

@@ -151,13 +151,18 @@ def _derive_table(s, num_heads: int, cfg: ResolvedConfig, has_values: bool, xp=_
         "invalid_value_weights": (s[G.BAD_VALUE_WEIGHTS], one, one if has_values else zero),
     }
     over = {Over.ONE: one, Over.WEIGHT: W, Over.STEPS: steps, Over.VALUE_WEIGHT: VW}
-    rows = [special[m.name] if m.form == Form.SPECIAL else
-            _row(m, schema.GLOBAL_STATS, s[getattr(G, m.stat)], over[m.over], one, xp)
-            for m in schema.GLOBAL_METRICS]
+    rows = [
+        special[m.name]
+        if m.form == Form.SPECIAL
+        else _row(m, schema.GLOBAL_STATS, s[getattr(G, m.stat)], over[m.over], one, xp)
+        for m in schema.GLOBAL_METRICS
+    ]
     over_h = {o: xp.expand(v, H) for o, v in over.items()}
     over_h[Over.REL_WEIGHT] = rel_w
-    heads = [_row(m, schema.HEAD_STATS, hs[:, getattr(HD, m.stat)], over_h[m.over], over_h[Over.ONE], xp)
-             for m in schema.HEAD_METRICS]
+    heads = [
+        _row(m, schema.HEAD_STATS, hs[:, getattr(HD, m.stat)], over_h[m.over], over_h[Over.ONE], xp)
+        for m in schema.HEAD_METRICS
+    ]
     num, den, gate = (xp.cat([xp.stack(g), xp.stack(h).reshape(-1)]) for g, h in zip(zip(*rows), zip(*heads)))
     return xp.f32(xp.where(gate > 0, num / den, _NAN))
 
@@ -213,8 +218,7 @@ class PPOMetrics:
     ``to_dict()`` syncs once and returns floats with per-head keys ``head_{name}_{metric}``.
     """
 
-    def __init__(self, stats: torch.Tensor, layout: HeadLayout, config: ResolvedConfig, has_values: bool,
-                 backend=None):
+    def __init__(self, stats: torch.Tensor, layout: HeadLayout, config: ResolvedConfig, has_values: bool, backend=None):
         expected = GLOBAL_SIZE + layout.num_heads * HEAD_SIZE
         if stats.shape != (expected,):
             raise ValueError(f"stats: expected shape [{expected}], got {list(stats.shape)}")
@@ -236,8 +240,7 @@ class PPOMetrics:
             if torch.compiler.is_compiling():
                 self._cache = _derive_table(s, *args)
             elif self._backend is not None:
-                self._cache = self._backend.metric_table(s.detach().float().contiguous(), self.config,
-                                                         self.has_values)
+                self._cache = self._backend.metric_table(s.detach().float().contiguous(), self.config, self.has_values)
             elif s.device.type == "cpu" and not s.requires_grad:
                 with np.errstate(all="ignore"):  # 0/0 and friends are gated to NaN on purpose
                     self._cache = torch.from_numpy(_derive_table(s.numpy(), *args, xp=_NumpyOps))
@@ -268,7 +271,7 @@ class PPOMetrics:
         """One head's metrics as floats (one host sync)."""
         self.layout.index(name)
         prefix = f"head_{name}_"
-        return {k[len(prefix):]: v for k, v in self.to_dict().items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.to_dict().items() if k.startswith(prefix)}
 
     # -- combining ------------------------------------------------------------------------------------
     @classmethod

@@ -93,7 +93,8 @@ def masked_log_softmax(z: torch.Tensor, valid: torch.Tensor, fill: float, floor:
         under = valid & (p < f)
         over = valid & ~(p < f)
         s = torch.clamp(1.0 - under.sum(-1, keepdim=True).to(z.dtype) * f, min=1e-8) / torch.clamp(
-            torch.where(over, p, 0.0).sum(-1, keepdim=True), min=1e-8)
+            torch.where(over, p, 0.0).sum(-1, keepdim=True), min=1e-8
+        )
         q = torch.where(under, f, p * s)
         zhat = torch.where(valid, torch.log(torch.clamp(q, min=1e-8)), fill)
     return _log_softmax(zhat, nonempty)
@@ -132,8 +133,9 @@ def normalize_advantages(advantages: torch.Tensor, weights: torch.Tensor | None,
     w = torch.where(present, w_raw, 0.0)
     adv = advantages.detach().to(ct)
     if adv.dim() == 2:
-        return torch.stack([_normalize(torch.where(present, adv[:, h], 0.0), w, present, cfg)
-                            for h in range(adv.shape[1])], dim=1)
+        return torch.stack(
+            [_normalize(torch.where(present, adv[:, h], 0.0), w, present, cfg) for h in range(adv.shape[1])], dim=1
+        )
     return _normalize(torch.where(present, adv, 0.0), w, present, cfg)
 
 
@@ -295,7 +297,12 @@ def reference_forward(inp: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
     stats = torch.cat([torch.stack([g[st.name] for st in GLOBAL_STATS]), head_block.reshape(-1)]).detach().float()
 
     return RawOutput(
-        loss=loss, policy_loss=policy_loss, entropy_loss=entropy_loss, value_loss=value_loss,
-        log_probs=torch.stack(log_probs, dim=1), entropy=torch.stack(entropies, dim=1),
-        joint_ratio=r.detach(), stats=stats,
+        loss=loss,
+        policy_loss=policy_loss,
+        entropy_loss=entropy_loss,
+        value_loss=value_loss,
+        log_probs=torch.stack(log_probs, dim=1),
+        entropy=torch.stack(entropies, dim=1),
+        joint_ratio=r.detach(),
+        stats=stats,
     )

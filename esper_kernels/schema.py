@@ -31,9 +31,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-__all__ = ["Kind", "Form", "Over", "Stat", "Metric", "GLOBAL_STATS", "HEAD_STATS", "GLOBAL_METRICS", "HEAD_METRICS",
-           "G", "HD", "GM", "HM", "GLOBAL_SIZE", "HEAD_SIZE", "MOMENTS", "stats_size", "kinds", "fingerprint",
-           "render_header"]
+__all__ = [
+    "Kind",
+    "Form",
+    "Over",
+    "Stat",
+    "Metric",
+    "GLOBAL_STATS",
+    "HEAD_STATS",
+    "GLOBAL_METRICS",
+    "HEAD_METRICS",
+    "G",
+    "HD",
+    "GM",
+    "HM",
+    "GLOBAL_SIZE",
+    "HEAD_SIZE",
+    "MOMENTS",
+    "stats_size",
+    "kinds",
+    "fingerprint",
+    "render_header",
+]
 
 
 class Kind(enum.IntEnum):
@@ -147,8 +166,11 @@ GLOBAL_METRICS: tuple[Metric, ...] = (
     Metric("clip_fraction_positive", M, "CLIP_POS", Over.WEIGHT),
     Metric("clip_fraction_negative", M, "CLIP_NEG", Over.WEIGHT),
     Metric("ratio_mean", V, "RATIO_MEAN", Over.WEIGHT),
-    Metric("ratio_std", S, doc="sqrt(RATIO_M2 / WEIGHT), times STEPS / (STEPS - 1) under the root when "
-                               "config.ratio_std == 'unbiased'"),
+    Metric(
+        "ratio_std",
+        S,
+        doc="sqrt(RATIO_M2 / WEIGHT), times STEPS / (STEPS - 1) under the root when config.ratio_std == 'unbiased'",
+    ),
     Metric("ratio_min", E, "RATIO_MIN", Over.STEPS),
     Metric("ratio_max", E, "RATIO_MAX", Over.STEPS),
     Metric("log_prob_min", S, doc="min over heads of LOGP_MIN (NaN propagates), gated by any relevant data"),
@@ -281,8 +303,10 @@ def render_header() -> str:
     out += lines("ESPER_GLOBAL_STATS", [f"X({s.name}, ESPER_KIND_{s.kind.name})" for s in GLOBAL_STATS])
     out += lines("ESPER_HEAD_STATS", [f"X({s.name}, ESPER_KIND_{s.kind.name})" for s in HEAD_STATS])
     out += ["// moments: X(WEIGHT, MEAN, M2) (global statistic names)"]
-    out += lines("ESPER_GLOBAL_MOMENTS", [f"X({GLOBAL_STATS[w].name}, {GLOBAL_STATS[m].name}, {GLOBAL_STATS[q].name})"
-                                          for w, m, q in MOMENTS])
+    out += lines(
+        "ESPER_GLOBAL_MOMENTS",
+        [f"X({GLOBAL_STATS[w].name}, {GLOBAL_STATS[m].name}, {GLOBAL_STATS[q].name})" for w, m, q in MOMENTS],
+    )
 
     def metric_rows(rows: tuple[Metric, ...], prefix: str) -> list[str]:
         res = []

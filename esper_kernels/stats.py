@@ -13,8 +13,19 @@ import torch
 
 from .schema import GLOBAL_SIZE, HD, HEAD_SIZE, MOMENTS, G, Kind, kinds, stats_size
 
-__all__ = ["G", "HD", "GLOBAL_SIZE", "HEAD_SIZE", "MOMENTS", "Kind", "stats_size", "kinds", "empty_stats",
-           "merge", "merge_moment"]
+__all__ = [
+    "G",
+    "HD",
+    "GLOBAL_SIZE",
+    "HEAD_SIZE",
+    "MOMENTS",
+    "Kind",
+    "stats_size",
+    "kinds",
+    "empty_stats",
+    "merge",
+    "merge_moment",
+]
 
 
 def empty_stats(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -71,10 +71,19 @@ STANDARD_CASES: dict[str, Case] = {
 }
 
 
-def make_batch(batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shape, layout: HeadLayout | None = None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
-               mask_density: float = 0.7, absent_fraction: float = 0.1, values: bool = True,
-               logit_scale: float = 2.0, old_noise: float = 0.1) -> dict:
+def make_batch(
+    batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shape,
+    layout: HeadLayout | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    mask_density: float = 0.7,
+    absent_fraction: float = 0.1,
+    values: bool = True,
+    logit_scale: float = 2.0,
+    old_noise: float = 0.1,
+) -> dict:
     """A random batch: ``ppo_loss(**make_batch(...), layout=layout)`` works.
 
     Masks keep the taken action valid and at least one action per head; esper layouts get esper's causal
@@ -90,7 +99,7 @@ def make_batch(batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shap
     for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
         act = torch.randint(0, a, batch_shape, generator=g)
         actions[..., h] = act
-        head_mask = masks[..., off:off + a]
+        head_mask = masks[..., off : off + a]
         head_mask.scatter_(-1, act.unsqueeze(-1), True)
     if set(layout.names) == set(ESPER_HEADS) and "op" in layout.names:
         op = actions[..., layout.index("op")]
@@ -104,8 +113,8 @@ def make_batch(batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shap
     with torch.no_grad():
         lp = []
         for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-            z = logits[..., off:off + a].masked_fill(~masks[..., off:off + a], -1e4)
-            lp.append(torch.log_softmax(z, -1).gather(-1, actions[..., h:h + 1]).squeeze(-1))
+            z = logits[..., off : off + a].masked_fill(~masks[..., off : off + a], -1e4)
+            lp.append(torch.log_softmax(z, -1).gather(-1, actions[..., h : h + 1]).squeeze(-1))
         old_log_probs = torch.stack(lp, -1) + old_noise * torch.randn(*batch_shape, H, generator=g)
     advantages = torch.randn(*batch_shape, generator=g)
     weights = (torch.rand(*batch_shape, generator=g) >= absent_fraction).float()
@@ -113,9 +122,15 @@ def make_batch(batch_shape: tuple[int, ...] = STANDARD_CASES["esper"].batch_shap
     logits[absent] = float("nan")
     old_log_probs[absent] = float("nan")
     advantages[absent] = float("nan")
-    out = dict(logits=logits.to(dtype).to(device), action_masks=masks.to(device), actions=actions.to(device),
-               old_log_probs=old_log_probs.to(device), advantages=advantages.to(device),
-               head_relevance=relevance.to(device), weights=weights.to(device))
+    out = dict(
+        logits=logits.to(dtype).to(device),
+        action_masks=masks.to(device),
+        actions=actions.to(device),
+        old_log_probs=old_log_probs.to(device),
+        advantages=advantages.to(device),
+        head_relevance=relevance.to(device),
+        weights=weights.to(device),
+    )
     if values:
         out["values"] = torch.randn(*batch_shape, generator=g).to(device)
         out["returns"] = (out["values"].cpu() + torch.randn(*batch_shape, generator=g)).to(device)

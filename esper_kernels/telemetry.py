@@ -33,8 +33,9 @@ class GradNorms(dict):
     gradient really holds; ``tensor`` is the [H] device tensor the 0-d values are views of.
     """
 
-    def __init__(self, values: Mapping[str, torch.Tensor], missing: Iterable[str] = (),
-                 tensor: torch.Tensor | None = None):
+    def __init__(
+        self, values: Mapping[str, torch.Tensor], missing: Iterable[str] = (), tensor: torch.Tensor | None = None
+    ):
         super().__init__(values)
         self.missing = frozenset(missing)
         self.tensor = tensor
@@ -90,7 +91,7 @@ def head_grad_norms(heads: Mapping[str, torch.nn.Module | Iterable[torch.Tensor]
     start = 0
     for got in per_head:
         if got:
-            values.append(torch.linalg.vector_norm(torch.stack(norms_flat[start:start + len(got)])))
+            values.append(torch.linalg.vector_norm(torch.stack(norms_flat[start : start + len(got)])))
         else:
             values.append(torch.full((), float("nan"), dtype=torch.float32, device=device))
         start += len(got)
@@ -105,8 +106,14 @@ def _floats(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     if not tensors:
         return {n: float(values[n]) for n in names}
     dev = tensors[0].device
-    stacked = torch.stack([v.detach().reshape(()).float().to(dev) if isinstance(v, torch.Tensor)
-                           else torch.tensor(float(v), device=dev) for v in values.values()])
+    stacked = torch.stack(
+        [
+            v.detach().reshape(()).float().to(dev)
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float(v), device=dev)
+            for v in values.values()
+        ]
+    )
     return dict(zip(names, stacked.tolist()))
 
 
@@ -126,8 +133,9 @@ def _state(norm: float, missing: bool, learnable: float | None) -> str:
     return "finite"
 
 
-def gradient_states(grad_norms: Mapping[str, torch.Tensor | float],
-                    metrics: PPOMetrics | Mapping[str, float] | None = None) -> dict[str, str]:
+def gradient_states(
+    grad_norms: Mapping[str, torch.Tensor | float], metrics: PPOMetrics | Mapping[str, float] | None = None
+) -> dict[str, str]:
     """Per head of ``grad_norms``: ``finite``, ``missing``, ``nonfinite`` or ``not_learnable``.
 
     ``missing``: no parameter of the head has a gradient (``GradNorms.missing``; for a plain mapping, a NaN
@@ -154,8 +162,11 @@ def _fmt(v: float, spec: str) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0.0 else text  # no "-0.0000"
 
 
-def head_report(metrics: PPOMetrics | Mapping[str, float], grad_norms: Mapping[str, torch.Tensor | float] | None = None,
-                heads: Iterable[str] | None = None) -> str:
+def head_report(
+    metrics: PPOMetrics | Mapping[str, float],
+    grad_norms: Mapping[str, torch.Tensor | float] | None = None,
+    heads: Iterable[str] | None = None,
+) -> str:
     """One line per head: gradient norm, learnable fraction, entropy, KL, clip fraction, non-finite count, state.
 
     ``slot: grad=0.000 (0% learnable) entropy=0.000 kl=0.0000 clip=0.000 nonfinite=0 [not_learnable]``
@@ -171,7 +182,7 @@ def head_report(metrics: PPOMetrics | Mapping[str, float], grad_norms: Mapping[s
             heads = list(grad_norms)
         else:
             suffix = "_learnable_fraction"
-            heads = [k[len("head_"):-len(suffix)] for k in metrics if k.startswith("head_") and k.endswith(suffix)]
+            heads = [k[len("head_") : -len(suffix)] for k in metrics if k.startswith("head_") and k.endswith(suffix)]
     heads = list(heads)
     m = _metric_dict(metrics)
     states = gradient_states(grad_norms, m) if grad_norms is not None else {}
@@ -185,9 +196,11 @@ def head_report(metrics: PPOMetrics | Mapping[str, float], grad_norms: Mapping[s
         learn = "no present steps" if math.isnan(lf) else f"{100.0 * lf:.0f}% learnable"
         grad = f"grad={_fmt(norms[name], '.3f')} " if name in norms else ""
         nonfinite = m[key + "nonfinite"]
-        line = (f"{name}: {grad}({learn}) entropy={_fmt(m[key + 'entropy'], '.3f')} "
-                f"kl={_fmt(m[key + 'kl'], '.4f')} clip={_fmt(m[key + 'clip_fraction'], '.3f')} "
-                f"nonfinite={_fmt(nonfinite, '.0f')}")
+        line = (
+            f"{name}: {grad}({learn}) entropy={_fmt(m[key + 'entropy'], '.3f')} "
+            f"kl={_fmt(m[key + 'kl'], '.4f')} clip={_fmt(m[key + 'clip_fraction'], '.3f')} "
+            f"nonfinite={_fmt(nonfinite, '.0f')}"
+        )
         if name in states:
             line += f" [{states[name]}]"
         lines.append(line)

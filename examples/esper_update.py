@@ -40,8 +40,16 @@ SIGMOID_ADD = 2  # esper's GerminationStyle.SIGMOID_ADD: the style forced when t
 MASKED_LOGIT_VALUE = -1e4  # esper's MASKED_LOGIT_VALUE
 
 #: esper's per-head entropy multipliers (ENTROPY_COEF_PER_HEAD in ppo_agent.py)
-ENTROPY_COEF_PER_HEAD = {"slot": 1.0, "blueprint": 1.3, "style": 1.2, "tempo": 1.3, "alpha_target": 1.2,
-                         "alpha_speed": 1.2, "alpha_curve": 1.2, "op": 1.0}
+ENTROPY_COEF_PER_HEAD = {
+    "slot": 1.0,
+    "blueprint": 1.3,
+    "style": 1.2,
+    "tempo": 1.3,
+    "alpha_target": 1.2,
+    "alpha_speed": 1.2,
+    "alpha_curve": 1.2,
+    "op": 1.0,
+}
 
 
 @dataclass
@@ -69,11 +77,14 @@ def esper_config(s: UpdateSettings) -> ek.PPOLossConfig:
     return ek.PPOLossConfig(
         clip_eps=s.clip_ratio,
         surrogate="per_head",  # sum over heads of each head's clipped surrogate, mean over its relevant steps
-        log_ratio_clamp=20.0, joint_log_ratio_clamp=30.0,  # esper's clamps
+        log_ratio_clamp=20.0,
+        joint_log_ratio_clamp=30.0,  # esper's clamps
         normalize_advantages=False,  # the rollout buffer normalised them already, once per update
         normalize_entropy=True,  # MaskedCategorical.entropy() is H / log(n_valid), 0 with one valid action
-        entropy_coef=s.entropy_coef, entropy_coef_per_head=s.entropy_coef_per_head,
-        value_coef=s.value_coef, value_clip=s.value_clip if s.clip_value else None,
+        entropy_coef=s.entropy_coef,
+        entropy_coef_per_head=s.entropy_coef_per_head,
+        value_coef=s.value_coef,
+        value_clip=s.value_clip if s.clip_value else None,
         mask_fill=MASKED_LOGIT_VALUE,
         ratio_std="unbiased",  # esper logs joint_ratio.std(): Bessel's correction
     )
@@ -82,6 +93,7 @@ def esper_config(s: UpdateSettings) -> ek.PPOLossConfig:
 # ---------------------------------------------------------------------------------------------------------
 # the network: the one change is what evaluate_actions returns
 # ---------------------------------------------------------------------------------------------------------
+
 
 def canonical_masks(masks: dict[str, torch.Tensor], op: torch.Tensor) -> dict[str, torch.Tensor]:
     """The op-canonical masks: where the op is neither GERMINATE nor SET_ALPHA_TARGET the style head is
@@ -120,8 +132,13 @@ class TamiyoStandIn(nn.Module):
     def _value(self, out, op):
         return self.value_head(torch.cat([out, nn.functional.one_hot(op, NUM_OPS).to(out.dtype)], -1)).squeeze(-1)
 
-    def evaluate_actions(self, states: torch.Tensor, actions: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                         hidden: tuple[torch.Tensor, torch.Tensor] | None = None) -> EvalOutput:
+    def evaluate_actions(
+        self,
+        states: torch.Tensor,
+        actions: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> EvalOutput:
         """Per-head logits and op-canonical masks for the stored actions (esper returned log-probs and
         entropies computed with MaskedCategorical instead)."""
         out, hidden = self._trunk(states, hidden)
@@ -154,6 +171,7 @@ class TamiyoStandIn(nn.Module):
 # a rollout with esper's shapes (what TamiyoRolloutBuffer.get_batched_sequences returns, reduced)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def causal_masks(op: torch.Tensor) -> torch.Tensor:
     """[..., H] head relevance from the (effective) op, as esper's leyline causal masks."""
     rel = torch.zeros(*op.shape, len(HEAD_NAMES), dtype=torch.bool, device=op.device)
@@ -163,8 +181,9 @@ def causal_masks(op: torch.Tensor) -> torch.Tensor:
     return rel
 
 
-def collect_rollout(net: TamiyoStandIn, n_envs: int = 12, max_steps: int = 25, seed: int = 0,
-                    state_dim: int = 32) -> dict:
+def collect_rollout(
+    net: TamiyoStandIn, n_envs: int = 12, max_steps: int = 25, seed: int = 0, state_dim: int = 32
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     states = torch.randn(n_envs, max_steps, state_dim, generator=g)
     masks = {name: torch.rand(n_envs, max_steps, a, generator=g) < 0.6 for name, a in HEADS.items()}
@@ -182,17 +201,28 @@ def collect_rollout(net: TamiyoStandIn, n_envs: int = 12, max_steps: int = 25, s
     mean, std = raw_adv[valid].mean(), raw_adv[valid].std(correction=0)
     advantages = torch.where(valid, (raw_adv - mean) / (std + 1e-8), 0.0)
     returns = torch.where(valid, values + torch.randn(n_envs, max_steps, generator=g), 0.0)
-    return dict(states=states, masks=masks, actions=actions, old_log_probs=old_log_probs, values=values,
-                advantages=advantages, returns=returns, valid_mask=valid, forced_actions=forced & valid,
-                effective_op_actions=actions["op"])
+    return dict(
+        states=states,
+        masks=masks,
+        actions=actions,
+        old_log_probs=old_log_probs,
+        values=values,
+        advantages=advantages,
+        returns=returns,
+        valid_mask=valid,
+        forced_actions=forced & valid,
+        effective_op_actions=actions["op"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # what esper computes beside the loss, from ppo_loss's outputs
 # ---------------------------------------------------------------------------------------------------------
 
-def entropy_floor_penalty(entropy: torch.Tensor, mask: torch.Tensor, floors: dict[str, float],
-                          coefs: dict[str, float]) -> torch.Tensor:
+
+def entropy_floor_penalty(
+    entropy: torch.Tensor, mask: torch.Tensor, floors: dict[str, float], coefs: dict[str, float]
+) -> torch.Tensor:
     """sum_h coef_h * max(0, floor_h - mean_h)^2, mean_h the mean of ``out.entropy[..., h]`` (normalised,
     differentiable) over ``mask[..., h]`` (esper: the causal mask, or the availability mask, on unforced valid
     steps). A head with no such step adds nothing (selected on the device, no host sync)."""
@@ -207,8 +237,14 @@ def entropy_floor_penalty(entropy: torch.Tensor, mask: torch.Tensor, floors: dic
     return torch.stack(terms).sum()
 
 
-def ratio_explosion_diagnostic(out: ek.PPOLossOutput, data: dict, present: torch.Tensor, max_threshold: float,
-                               min_threshold: float, max_exemplars: int = 100) -> dict:
+def ratio_explosion_diagnostic(
+    out: ek.PPOLossOutput,
+    data: dict,
+    present: torch.Tensor,
+    max_threshold: float,
+    min_threshold: float,
+    max_exemplars: int = 100,
+) -> dict:
     """esper's RatioExplosionDiagnostic fields from ``out.joint_ratio`` and the op head's ``out.log_probs``
     over the ``present`` steps, indices counted among them as esper counts among its valid steps (a few host
     syncs: call it only when ratio_max or ratio_min crossed a threshold)."""
@@ -221,11 +257,15 @@ def ratio_explosion_diagnostic(out: ek.PPOLossOutput, data: dict, present: torch
     idx = bad.nonzero().squeeze(-1)[:max_exemplars]
     diff = (new - old).abs()
     diff = diff[torch.isfinite(diff)]
-    return {"worst_ratio_indices": idx.tolist(), "worst_ratio_values": ratio[idx].tolist(),
-            "worst_ratio_actions": actions[idx].tolist(), "num_bad_total": int(bad.sum()),
-            "num_nonfinite": int(nonfinite.sum()),
-            "logit_diff_mean": diff.mean().item() if diff.numel() else 0.0,
-            "logit_diff_max": diff.max().item() if diff.numel() else 0.0}
+    return {
+        "worst_ratio_indices": idx.tolist(),
+        "worst_ratio_values": ratio[idx].tolist(),
+        "worst_ratio_actions": actions[idx].tolist(),
+        "num_bad_total": int(bad.sum()),
+        "num_nonfinite": int(nonfinite.sum()),
+        "logit_diff_mean": diff.mean().item() if diff.numel() else 0.0,
+        "logit_diff_max": diff.max().item() if diff.numel() else 0.0,
+    }
 
 
 def legacy_ratio_metrics(out: ek.PPOLossOutput, data: dict, clip_ratio: float) -> dict[str, float]:
@@ -237,11 +277,17 @@ def legacy_ratio_metrics(out: ek.PPOLossOutput, data: dict, clip_ratio: float) -
     lr = torch.clamp(out.log_probs.detach() - old, -20.0, 20.0)[valid]
     r = torch.exp(torch.clamp(lr.sum(-1), -30.0, 30.0))
     ent = out.entropy.detach()[valid]
-    values = {"ratio_mean": r.mean(), "ratio_max": r.max(), "ratio_min": r.min(), "ratio_std": r.std(),
-              "clip_fraction": ((r - 1.0).abs() > clip_ratio).float().mean(),
-              "clip_fraction_positive": (r > 1.0 + clip_ratio).float().mean(),
-              "clip_fraction_negative": (r < 1.0 - clip_ratio).float().mean(),
-              "log_prob_min": out.log_probs.detach()[valid].min(), "log_prob_max": out.log_probs.detach()[valid].max()}
+    values = {
+        "ratio_mean": r.mean(),
+        "ratio_max": r.max(),
+        "ratio_min": r.min(),
+        "ratio_std": r.std(),
+        "clip_fraction": ((r - 1.0).abs() > clip_ratio).float().mean(),
+        "clip_fraction_positive": (r > 1.0 + clip_ratio).float().mean(),
+        "clip_fraction_negative": (r < 1.0 - clip_ratio).float().mean(),
+        "log_prob_min": out.log_probs.detach()[valid].min(),
+        "log_prob_max": out.log_probs.detach()[valid].max(),
+    }
     values.update({f"head_{n}_entropy": ent[:, h].mean() for h, n in enumerate(HEAD_NAMES)})
     values.update({f"head_{n}_ratio_max": torch.exp(lr[:, h]).max() for h, n in enumerate(HEAD_NAMES)})
     return dict(zip(values, torch.stack(list(values.values())).tolist()))
@@ -250,6 +296,7 @@ def legacy_ratio_metrics(out: ek.PPOLossOutput, data: dict, clip_ratio: float) -
 # ---------------------------------------------------------------------------------------------------------
 # the update
 # ---------------------------------------------------------------------------------------------------------
+
 
 def ppo_update(net: TamiyoStandIn, optimizer: torch.optim.Optimizer, data: dict, s: UpdateSettings) -> dict:
     """esper's PPOAgent.update loop over recurrent_n_epochs, with one ppo_loss call per epoch."""
@@ -264,10 +311,23 @@ def ppo_update(net: TamiyoStandIn, optimizer: torch.optim.Optimizer, data: dict,
     metrics: dict = {"early_stopped": False, "epochs": []}
     for epoch in range(s.recurrent_n_epochs):
         ev = net.evaluate_actions(data["states"], data["actions"], data["masks"])
-        out = ek.ppo_loss(ev.logits, ev.masks, data["actions"], data["old_log_probs"], data["advantages"],
-                          layout=LAYOUT, head_relevance=relevance, weights=valid, values=ev.values,
-                          returns=data["returns"], old_values=data["values"] if s.clip_value else None,
-                          value_weights=value_weights, config=config, backend=s.backend, validate=False)
+        out = ek.ppo_loss(
+            ev.logits,
+            ev.masks,
+            data["actions"],
+            data["old_log_probs"],
+            data["advantages"],
+            layout=LAYOUT,
+            head_relevance=relevance,
+            weights=valid,
+            values=ev.values,
+            returns=data["returns"],
+            old_values=data["values"] if s.clip_value else None,
+            value_weights=value_weights,
+            config=config,
+            backend=s.backend,
+            validate=False,
+        )
         # one host sync: esper's KL early stop and its finiteness gate, before any backward
         approx_kl, all_finite = torch.stack([out.metrics["approx_kl"], out.metrics["all_finite"]]).tolist()
         if not all_finite:
@@ -277,8 +337,9 @@ def ppo_update(net: TamiyoStandIn, optimizer: torch.optim.Optimizer, data: dict,
             metrics["early_stopped"], metrics["early_stop_epoch"] = True, epoch
             metrics["epochs"].append(esper_names(out.metrics.to_dict(), None, None, None))
             break
-        penalty = entropy_floor_penalty(out.entropy, relevance & valid.unsqueeze(-1), s.entropy_floor,
-                                        s.entropy_floor_penalty_coef)
+        penalty = entropy_floor_penalty(
+            out.entropy, relevance & valid.unsqueeze(-1), s.entropy_floor, s.entropy_floor_penalty_coef
+        )
         optimizer.zero_grad(set_to_none=True)
         (out.loss + penalty).backward()
         grad_norms = head_grad_norms(heads)
@@ -289,7 +350,8 @@ def ppo_update(net: TamiyoStandIn, optimizer: torch.optim.Optimizer, data: dict,
         logged["head_gradient_states"] = gradient_states(grad_norms, m)
         if m["ratio_max"] > s.ratio_explosion_threshold or m["ratio_min"] < s.ratio_collapse_threshold:
             logged["ratio_diagnostic"] = ratio_explosion_diagnostic(
-                out, data, valid, s.ratio_explosion_threshold, s.ratio_collapse_threshold)
+                out, data, valid, s.ratio_explosion_threshold, s.ratio_collapse_threshold
+            )
         logged["legacy"] = legacy_ratio_metrics(out, data, s.clip_ratio)
         metrics["epochs"].append(logged)
     return metrics
@@ -297,9 +359,23 @@ def ppo_update(net: TamiyoStandIn, optimizer: torch.optim.Optimizer, data: dict,
 
 def esper_names(m: dict[str, float], grad_norms, penalty, pre_clip) -> dict:
     """ppo_loss's metrics under esper's logged names (docs/switching.md has the differences in meaning)."""
-    out = {k: m[k] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "clip_fraction_positive",
-                             "clip_fraction_negative", "ratio_mean", "ratio_max", "ratio_min", "ratio_std",
-                             "log_prob_min", "log_prob_max")}
+    out = {
+        k: m[k]
+        for k in (
+            "policy_loss",
+            "value_loss",
+            "approx_kl",
+            "clip_fraction",
+            "clip_fraction_positive",
+            "clip_fraction_negative",
+            "ratio_mean",
+            "ratio_max",
+            "ratio_min",
+            "ratio_std",
+            "log_prob_min",
+            "log_prob_max",
+        )
+    }
     out["entropy"] = -m["entropy_loss"]  # esper logs -entropy_loss: sum_h k_h E_h
     out["joint_ratio_max"] = m["ratio_max"]
     out["head_entropies"] = {h: m[f"head_{h}_entropy"] for h in HEAD_NAMES}
@@ -340,20 +416,29 @@ def main(argv: list[str] | None = None) -> dict:
     result = ppo_update(net, optimizer, data, settings)
     result["explained_variance"] = explained_variance_before_update(data)
     n_valid, n_forced = int(data["valid_mask"].sum()), int(data["forced_actions"].sum())
-    print(f"esper update: {a.envs} envs x {a.steps} steps ({n_valid} valid, {n_forced} forced), "
-          f"{a.epochs} epoch(s), backend {a.backend}")
+    print(
+        f"esper update: {a.envs} envs x {a.steps} steps ({n_valid} valid, {n_forced} forced), "
+        f"{a.epochs} epoch(s), backend {a.backend}"
+    )
     for i, e in enumerate(result["epochs"]):
-        line = " ".join(f"{k} {e[k]:.4f}" for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
-                                                      "clip_fraction", "ratio_std") if k in e)
-        print(f"epoch {i}: {line}" + (f" entropy_floor_penalty {e['entropy_floor_penalty']:.4f}"
-                                       if "entropy_floor_penalty" in e else ""))
+        line = " ".join(
+            f"{k} {e[k]:.4f}"
+            for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "ratio_std")
+            if k in e
+        )
+        print(
+            f"epoch {i}: {line}"
+            + (f" entropy_floor_penalty {e['entropy_floor_penalty']:.4f}" if "entropy_floor_penalty" in e else "")
+        )
     if result["early_stopped"]:
         print(f"early stop at epoch {result['early_stop_epoch']} (approx_kl > 1.5 * target_kl)")
     last = result["epochs"][-1] if result["epochs"] else {}
     if "head_grad_norms" in last:
         for h in HEAD_NAMES:
-            print(f"  {h:<13} grad {last['head_grad_norms'][h]:.4f}  entropy {last['head_entropies'][h]:.3f}  "
-                  f"learnable {last['head_learnable_fraction'][h]:.2f}  [{last['head_gradient_states'][h]}]")
+            print(
+                f"  {h:<13} grad {last['head_grad_norms'][h]:.4f}  entropy {last['head_entropies'][h]:.3f}  "
+                f"learnable {last['head_learnable_fraction'][h]:.2f}  [{last['head_gradient_states'][h]}]"
+            )
     if not math.isfinite(result["explained_variance"]):
         print("explained variance: no data")
     return result

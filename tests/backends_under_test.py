@@ -97,8 +97,17 @@ def emulated(max_blocks: int = 0) -> _Emulated:
 #: tiny tiles: heads of more than 8 actions are wide and stream in chunks of 16 columns, 4 rows per program for
 #: small heads, merge groups of 2 programs (two ticket levels from 3 programs on), a pre-pass of 4-row chunks
 #: over several programs, one tile per head
-TINY = dict(SMALL_MAX=8, ROWS_PER_PROGRAM=4, MAX_BLOCK_C=16, MERGE_GROUP=2, MERGE_CHUNK=2, PRE_CHUNK=4,
-            PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2, GROUP_MAX=0)
+TINY = dict(
+    SMALL_MAX=8,
+    ROWS_PER_PROGRAM=4,
+    MAX_BLOCK_C=16,
+    MERGE_GROUP=2,
+    MERGE_CHUNK=2,
+    PRE_CHUNK=4,
+    PRE_PROGRAMS=3,
+    PRE_MERGE_CHUNK=2,
+    GROUP_MAX=0,
+)
 
 
 @contextlib.contextmanager
@@ -237,24 +246,41 @@ NATIVE_EXAMPLES = int(os.environ.get("NATIVE_EXAMPLES", "60"))
 INTERPRETER_EXAMPLES = int(os.environ.get("TRITON_INTERPRET_EXAMPLES", "12"))
 
 BACKENDS: list[BackendUnderTest] = [
-    BackendUnderTest("cpu", "cpu", "cpu", marks=(pytest.mark.native,), impl=_cpu_impl, examples=NATIVE_EXAMPLES,
-                     table_examples=200),
+    BackendUnderTest(
+        "cpu", "cpu", "cpu", marks=(pytest.mark.native,), impl=_cpu_impl, examples=NATIVE_EXAMPLES, table_examples=200
+    ),
     # Triton: CUDA tensors on a GPU; without one, CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set by
     # conftest), where each kernel op is a numpy call: small batches, few examples, the tiny tiles as a variant to
     # reach on tiny batches the paths large batches take on a GPU
-    BackendUnderTest("triton", "triton", "cuda" if HAS_CUDA else "cpu",
-                     marks=(pytest.mark.gpu,) if HAS_CUDA else (pytest.mark.interpreter,),
-                     variants={"tiny": lambda: tuning(**TINY)}, impl=_triton_impl,
-                     scale=1.0 if HAS_CUDA else 0.05, examples=25 if HAS_CUDA else INTERPRETER_EXAMPLES,
-                     sweep_variants=HAS_CUDA,
-                     table_examples=30 if HAS_CUDA else 6, table_heads=9),
-    BackendUnderTest("cuda", "cuda", "cuda", marks=(pytest.mark.gpu,), impl=_cuda_impl, examples=25,
-                     on_unavailable="fail"),
+    BackendUnderTest(
+        "triton",
+        "triton",
+        "cuda" if HAS_CUDA else "cpu",
+        marks=(pytest.mark.gpu,) if HAS_CUDA else (pytest.mark.interpreter,),
+        variants={"tiny": lambda: tuning(**TINY)},
+        impl=_triton_impl,
+        scale=1.0 if HAS_CUDA else 0.05,
+        examples=25 if HAS_CUDA else INTERPRETER_EXAMPLES,
+        sweep_variants=HAS_CUDA,
+        table_examples=30 if HAS_CUDA else 6,
+        table_heads=9,
+    ),
+    BackendUnderTest(
+        "cuda", "cuda", "cuda", marks=(pytest.mark.gpu,), impl=_cuda_impl, examples=25, on_unavailable="fail"
+    ),
     # the cuda backend's one-pass kernels run block by block on the host (csrc/ppo_onepass_host.h), installed as
     # "cuda" for CPU tensors; the variant caps the grid at two main blocks (many tiles per block)
-    BackendUnderTest("cuda_host", "cuda", "cpu", marks=(pytest.mark.native,), setup=emulated,
-                     variants={"two_blocks": lambda: emulated(max_blocks=2)}, impl=_cuda_host_impl,
-                     examples=NATIVE_EXAMPLES, table_examples=50),
+    BackendUnderTest(
+        "cuda_host",
+        "cuda",
+        "cpu",
+        marks=(pytest.mark.native,),
+        setup=emulated,
+        variants={"two_blocks": lambda: emulated(max_blocks=2)},
+        impl=_cuda_host_impl,
+        examples=NATIVE_EXAMPLES,
+        table_examples=50,
+    ),
 ]
 
 

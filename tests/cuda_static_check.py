@@ -196,11 +196,17 @@ template __global__ void probe_row<1>(const __grid_constant__ PPOParams, const _
 """.replace("RV_", "op::RV")
 
 KERNEL_NAMES = [
-    (r"small_kernelILi8E", "small_kernel<8>"), (r"small_kernelILi16E", "small_kernel<16>"),
-    (r"small_kernelILi32E", "small_kernel<32>"), (r"wide_kernelILb1E", "wide_kernel<staged>"),
-    (r"wide_kernelILb0E", "wide_kernel<streamed>"), (r"prepass_kernel", "prepass_kernel"),
-    (r"metrics_kernel", "metrics_kernel"), (r"probe_rowILi0E", "probe_row<joint>"),
-    (r"probe_rowILi1E", "probe_row<per_head>"), (r"probe_stage", "probe_stage"), (r"probe_store", "probe_store"),
+    (r"small_kernelILi8E", "small_kernel<8>"),
+    (r"small_kernelILi16E", "small_kernel<16>"),
+    (r"small_kernelILi32E", "small_kernel<32>"),
+    (r"wide_kernelILb1E", "wide_kernel<staged>"),
+    (r"wide_kernelILb0E", "wide_kernel<streamed>"),
+    (r"prepass_kernel", "prepass_kernel"),
+    (r"metrics_kernel", "metrics_kernel"),
+    (r"probe_rowILi0E", "probe_row<joint>"),
+    (r"probe_rowILi1E", "probe_row<per_head>"),
+    (r"probe_stage", "probe_stage"),
+    (r"probe_store", "probe_store"),
 ]
 
 
@@ -225,8 +231,20 @@ def find_cuobjdump() -> str | None:
 
 def compile_cubin(src: Path, out: Path, include: list[Path], arch: int) -> str:
     """nvcc -cubin with -Xptxas -v; returns ptxas's report."""
-    cmd = ["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v", "-cubin",
-           *[f"-I{p}" for p in include], str(src), "-o", str(out)]
+    cmd = [
+        "nvcc",
+        "-std=c++17",
+        f"-arch=sm_{arch}",
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-Xptxas",
+        "-v",
+        "-cubin",
+        *[f"-I{p}" for p in include],
+        str(src),
+        "-o",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{r.stderr[-6000:]}")
@@ -280,8 +298,10 @@ def run(arch: int = 90) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gen = tmp / "generated"
-        subprocess.run([sys.executable, str(ROOT / "esper_kernels" / "schema.py"), "--header",
-                        str(gen / "ppo_layout.h")], check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "esper_kernels" / "schema.py"), "--header", str(gen / "ppo_layout.h")],
+            check=True,
+        )
         inc = [gen, CSRC]
         rep = compile_cubin(CSRC / "ppo_cuda.cu", tmp / "ppo_cuda.cubin", inc, arch)
         kernels = parse_ptxas(rep)
@@ -300,7 +320,7 @@ def per_row(probes: dict, surrogate: str = "joint") -> dict[str, float]:
     row = probes[f"probe_row<{surrogate}>"]["sass"]["TOTAL"] / 32.0  # one thread's row: a warp does 32 of them
     # the tile phases: per thread per 64-row tile; 2 warps per tile, so per row = per-thread count * 2 / 64
     tile = {k: probes[k]["sass"]["TOTAL"] * 2 / 64.0 for k in ("probe_stage", "probe_store")}
-    out = {"row (compute + warp statistics)": row, **{k.replace("probe_", "tile ") : v for k, v in tile.items()}}
+    out = {"row (compute + warp statistics)": row, **{k.replace("probe_", "tile "): v for k, v in tile.items()}}
     out["total"] = sum(out.values())
     return out
 
@@ -311,14 +331,44 @@ def _fmt(n) -> str:
 
 def report(res: dict, markdown: bool = False) -> str:
     lines = []
-    head = ["kernel", "regs", "stack B", "spill st/ld B", "SASS", "MUFU", "LDG", "STG", "LDS", "STS", "SHFL", "BAR",
-            "DADD/DFMA", "CALL"]  # (generic LD/ST to global memory are counted apart: LD, ST)
+    head = [
+        "kernel",
+        "regs",
+        "stack B",
+        "spill st/ld B",
+        "SASS",
+        "MUFU",
+        "LDG",
+        "STG",
+        "LDS",
+        "STS",
+        "SHFL",
+        "BAR",
+        "DADD/DFMA",
+        "CALL",
+    ]  # (generic LD/ST to global memory are counted apart: LD, ST)
     rows = []
     for name, k in res["kernels"].items():
         c = k.get("sass", Counter())
         spill = f"{k.get('spill_st', '?')}/{k.get('spill_ld', '?')}"
-        rows.append([name, k.get("regs", "?"), k.get("stack", "?"), spill, c["TOTAL"], c["MUFU"], c["LDG"], c["STG"],
-                     c["LDS"], c["STS"], c["SHFL"], c["BAR"], c["DADD"] + c["DFMA"], c["CALL"]])
+        rows.append(
+            [
+                name,
+                k.get("regs", "?"),
+                k.get("stack", "?"),
+                spill,
+                c["TOTAL"],
+                c["MUFU"],
+                c["LDG"],
+                c["STG"],
+                c["LDS"],
+                c["STS"],
+                c["SHFL"],
+                c["BAR"],
+                c["DADD"] + c["DFMA"],
+                c["CALL"],
+            ]
+        )
     if markdown:
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -331,8 +381,10 @@ def report(res: dict, markdown: bool = False) -> str:
     lines.append("")
     for s in ("joint", "per_head"):
         pr = per_row(res["probes"], s)
-        lines.append(f"SASS per row, esper heads, {s} surrogate, forward with gradient (warp-instructions): " +
-                     ", ".join(f"{k} {v:.1f}" for k, v in pr.items()))
+        lines.append(
+            f"SASS per row, esper heads, {s} surrogate, forward with gradient (warp-instructions): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in pr.items())
+        )
     probe_regs = {k: (v.get("regs"), v.get("sass", {}).get("TOTAL")) for k, v in res["probes"].items()}
     lines.append("probes (regs, SASS): " + ", ".join(f"{k} {v}" for k, v in probe_regs.items()))
     return "\n".join(lines)
@@ -346,8 +398,10 @@ def spills(res: dict) -> list[str]:
         if k is None:
             bad.append(f"{name}: not found")
         elif k.get("spill_st", 1) or k.get("spill_ld", 1) or k.get("stack", 1):
-            bad.append(f"{name}: {k.get('spill_st')} B spill stores, {k.get('spill_ld')} B spill loads, "
-                       f"{k.get('stack')} B stack")
+            bad.append(
+                f"{name}: {k.get('spill_st')} B spill stores, {k.get('spill_ld')} B spill loads, "
+                f"{k.get('stack')} B stack"
+            )
     return bad
 
 

@@ -39,8 +39,7 @@ def _grads_vs_float64(backend, batch, layout, config, grad_seed=0):
     (and one unit of the input dtype for bf16/fp16 logits)."""
     _, got = run(backend, batch, layout, config, grad_seed=grad_seed)
     _, ref32 = run("reference", batch, layout, config, upcast=True, grad_seed=grad_seed)
-    _, ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config,
-                   grad_seed=grad_seed)
+    _, ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config, grad_seed=grad_seed)
     for k, truth in ref64.items():
         if truth is None:
             assert got[k] is None, k
@@ -58,9 +57,11 @@ def assert_grad_vs_float64(name, got, ref32, ref64):
     tol = (r - t).abs() + ATOL + RTOL * t.abs() + unit
     # non-finite where the float64 truth is non-finite (docs/semantics.md section 3: NaN or +-inf)
     bad = ~((g - t).abs() <= tol) & ~(~torch.isfinite(g) & ~torch.isfinite(t))
-    assert not bad.any(), (f"{name}: {int(bad.sum())} element(s) farther from the float64 reference than "
-                           f"the float32 reference is: got {g[bad][:4].tolist()}, float64 {t[bad][:4].tolist()}, "
-                           f"float32 reference {r[bad][:4].tolist()}")
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} element(s) farther from the float64 reference than "
+        f"the float32 reference is: got {g[bad][:4].tolist()}, float64 {t[bad][:4].tolist()}, "
+        f"float32 reference {r[bad][:4].tolist()}"
+    )
 
 
 def _metrics_vs_float64(backend, batch, layout, config):
@@ -69,16 +70,19 @@ def _metrics_vs_float64(backend, batch, layout, config):
     every metric must be as close to it as the float32 reference's, plus the tolerance; counts stay exact."""
     got = run(backend, batch, layout, config, grad_seed=None)[0].metrics.to_dict()
     ref32 = run("reference", batch, layout, config, upcast=True, grad_seed=None)[0].metrics.to_dict()
-    ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config,
-                grad_seed=None)[0].metrics.to_dict()
+    ref64 = run("reference", dict(batch, logits=_to_float64(batch["logits"])), layout, config, grad_seed=None)[
+        0
+    ].metrics.to_dict()
     for k, t in ref64.items():
         g, r = got[k], ref32[k]
         if k in COUNT_KEYS or k.endswith(COUNT_SUFFIXES) or not (math.isfinite(t) and math.isfinite(r)):
             compare_metrics({k: g}, {k: r})  # exact, or the NaN/inf pattern: never re-judged
             continue
         tol = abs(r - t) + ATOL + RTOL * abs(t)
-        assert abs(g - t) <= tol, (f"metric {k}: got {g!r}, float64 reference {t!r}, float32 reference {r!r}: "
-                                   "farther from float64 than the float32 reference is")
+        assert abs(g - t) <= tol, (
+            f"metric {k}: got {g!r}, float64 reference {t!r}, float32 reference {r!r}: "
+            "farther from float64 than the float32 reference is"
+        )
 
 
 def check_arbitrated(backend, batch, layout, config=None, **kw):

@@ -46,8 +46,16 @@ def _present(batch: dict, shape) -> torch.Tensor:
     return torch.isfinite(w) & (w > 0)
 
 
-def run(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig, *, upcast: bool = False,
-        grad_seed: int | None = 0, leaf_fn=None):
+def run(
+    backend: str,
+    batch: dict,
+    layout: ek.HeadLayout,
+    config: ek.PPOLossConfig,
+    *,
+    upcast: bool = False,
+    grad_seed: int | None = 0,
+    leaf_fn=None,
+):
     """One call of ``backend`` with random incoming gradients; returns (output, {name: grad})."""
     b = dict(batch)
     make = (lambda t: t.detach().float().clone()) if upcast else (lambda t: t.detach().clone())
@@ -74,7 +82,7 @@ def run(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConf
         if b.get("values") is not None:
             wrt.append(b["values"])
         res = torch.autograd.grad([out.loss, out.log_probs, out.entropy], wrt, [gl, glp, gent], allow_unused=True)
-        for i, r in enumerate(res[:len(leaves)]):
+        for i, r in enumerate(res[: len(leaves)]):
             grads[f"logits{i}"] = r
         if b.get("values") is not None:
             grads["values"] = res[-1]
@@ -92,8 +100,14 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL, atol: float = ATOL):
-    torch.testing.assert_close(got.detach().cpu().double(), want.detach().cpu().double(), rtol=rtol, atol=atol,
-                               equal_nan=True, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        got.detach().cpu().double(),
+        want.detach().cpu().double(),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 def assert_same_non_finite(name: str, got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -104,8 +118,10 @@ def assert_same_non_finite(name: str, got: torch.Tensor, want: torch.Tensor) -> 
     bad_g, bad_w = ~torch.isfinite(g), ~torch.isfinite(w)
     if not torch.equal(bad_g, bad_w):
         i = (bad_g != bad_w).nonzero()[0].tolist()
-        raise AssertionError(f"{name}: non-finite pattern differs at {int((bad_g != bad_w).sum())} element(s); "
-                             f"first at {i}: got {g[tuple(i)].item()}, want {w[tuple(i)].item()}")
+        raise AssertionError(
+            f"{name}: non-finite pattern differs at {int((bad_g != bad_w).sum())} element(s); "
+            f"first at {i}: got {g[tuple(i)].item()}, want {w[tuple(i)].item()}"
+        )
     return bad_g
 
 
@@ -129,9 +145,11 @@ def assert_grad_close(name: str, got: torch.Tensor, want_fp32: torch.Tensor, dty
     bad = ~(err <= _ulp(want, dtype) + ATOL + RTOL * want_fp32.detach().cpu().double().abs().nan_to_num(0.0))
     if bad.any():
         i = bad.nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {int(bad.sum())} element(s) differ by more than 1 ulp of {dtype}; first at "
-                             f"{i}: got {got_d[tuple(i)].item()}, want {want_d[tuple(i)].item()} "
-                             f"(fp32 {want_fp32.detach().cpu()[tuple(i)].item()})")
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} element(s) differ by more than 1 ulp of {dtype}; first at "
+            f"{i}: got {got_d[tuple(i)].item()}, want {want_d[tuple(i)].item()} "
+            f"(fp32 {want_fp32.detach().cpu()[tuple(i)].item()})"
+        )
 
 
 def compare_metrics(got: dict[str, float], want: dict[str, float], rtol: float = RTOL, atol: float = ATOL):
@@ -148,13 +166,23 @@ def compare_metrics(got: dict[str, float], want: dict[str, float], rtol: float =
             assert abs(g - w) <= atol + rtol * abs(w), f"metric {k}: got {g!r}, want {w!r}"
 
 
-def check_backend(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig | None = None, *,
-                  grad_seed: int | None = 0, check_grads: bool = True, leaf_fn=None, check_metrics: bool = True):
+def check_backend(
+    backend: str,
+    batch: dict,
+    layout: ek.HeadLayout,
+    config: ek.PPOLossConfig | None = None,
+    *,
+    grad_seed: int | None = 0,
+    check_grads: bool = True,
+    leaf_fn=None,
+    check_metrics: bool = True,
+):
     """Assert ``backend`` equals the reference (float32 on upcast inputs) on ``batch``; returns both outputs."""
     config = config or ek.PPOLossConfig()
     out, grads = run(backend, batch, layout, config, grad_seed=grad_seed if check_grads else None, leaf_fn=leaf_fn)
-    ref, ref_grads = run("reference", batch, layout, config, upcast=True,
-                         grad_seed=grad_seed if check_grads else None, leaf_fn=leaf_fn)
+    ref, ref_grads = run(
+        "reference", batch, layout, config, upcast=True, grad_seed=grad_seed if check_grads else None, leaf_fn=leaf_fn
+    )
     assert out.backend == backend
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss"):
         got = getattr(out, k)
@@ -177,8 +205,9 @@ def check_backend(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.P
             g = grads[f"logits{i}"]
             if g is not None:
                 absent = ~present.reshape(tuple(present.shape) + (1,) * (g.dim() - present.dim()))
-                assert (g.detach().cpu()[absent.expand_as(g.cpu())] == 0).all(), \
+                assert (g.detach().cpu()[absent.expand_as(g.cpu())] == 0).all(), (
                     f"grad logits{i}: absent steps must get exactly 0"
+                )
         if "values" in grads:
             assert_close("grad values", grads["values"], ref_grads["values"])
     return out, ref

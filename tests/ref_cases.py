@@ -35,10 +35,24 @@ def layout_of(sizes) -> ek.HeadLayout:
     return ek.HeadLayout({f"h{i}": int(a) for i, a in enumerate(sizes)})
 
 
-def random_batch(sizes, batch_shape=(6,), seed=0, *, dtype=torch.float32, mask_density: float | None = 0.6,
-                 relevance: bool = True, weights: str = "float", old_noise: float = 0.3, per_head_adv: bool = False,
-                 values: bool = False, old_values: bool = False, value_weights: bool = False,
-                 logit_scale: float = 2.0, messy: bool = False, garbage: bool = True) -> dict:
+def random_batch(
+    sizes,
+    batch_shape=(6,),
+    seed=0,
+    *,
+    dtype=torch.float32,
+    mask_density: float | None = 0.6,
+    relevance: bool = True,
+    weights: str = "float",
+    old_noise: float = 0.3,
+    per_head_adv: bool = False,
+    values: bool = False,
+    old_values: bool = False,
+    value_weights: bool = False,
+    logit_scale: float = 2.0,
+    messy: bool = False,
+    garbage: bool = True,
+) -> dict:
     """A packed-form batch. ``weights``: "none", "ones", "bool" or "float" (zeros and fractions).
 
     ``messy`` adds data errors (actions out of range or masked out, empty masks, negative/NaN weights);
@@ -61,7 +75,7 @@ def random_batch(sizes, batch_shape=(6,), seed=0, *, dtype=torch.float32, mask_d
     if mask_density is not None:
         masks = rand(*bs, S) < mask_density
         for h, (off, a) in enumerate(zip(offsets, sizes)):
-            masks[..., off:off + a].scatter_(-1, actions[..., h:h + 1], True)
+            masks[..., off : off + a].scatter_(-1, actions[..., h : h + 1], True)
     if weights == "none":
         w = None
     elif weights == "ones":
@@ -77,10 +91,10 @@ def random_batch(sizes, batch_shape=(6,), seed=0, *, dtype=torch.float32, mask_d
     with torch.no_grad():
         lp = []
         for h, (off, a) in enumerate(zip(offsets, sizes)):
-            z = logits[..., off:off + a]
+            z = logits[..., off : off + a]
             if masks is not None:
-                z = z.masked_fill(~masks[..., off:off + a], -1e4)
-            lp.append(torch.log_softmax(z, -1).gather(-1, actions[..., h:h + 1]).squeeze(-1))
+                z = z.masked_fill(~masks[..., off : off + a], -1e4)
+            lp.append(torch.log_softmax(z, -1).gather(-1, actions[..., h : h + 1]).squeeze(-1))
         old = torch.stack(lp, -1) + old_noise * randn(*bs, H)
     adv = randn(*bs, H) * 2.0 if per_head_adv else randn(*bs) * 2.0
 
@@ -94,15 +108,22 @@ def random_batch(sizes, batch_shape=(6,), seed=0, *, dtype=torch.float32, mask_d
         if masks is not None:
             flat_m = masks.reshape(n_el, S)
             for off, a in zip(offsets, sizes):
-                flat_m[:, off:off + a] &= (rand(n_el, 1) > 0.15)  # some empty masks
-                flat_m[:, off:off + a] &= (rand(n_el, a) > 0.1)  # some taken actions masked out
+                flat_m[:, off : off + a] &= rand(n_el, 1) > 0.15  # some empty masks
+                flat_m[:, off : off + a] &= rand(n_el, a) > 0.1  # some taken actions masked out
         if w is not None and w.dtype != torch.bool:
             flat_w = w.reshape(n_el)
             u = rand(n_el)
             flat_w[:] = torch.where(u < 0.1, -0.5, torch.where(u < 0.15, NAN, flat_w))
 
-    out = dict(logits=logits, action_masks=masks, actions=actions, old_log_probs=old, advantages=adv,
-               head_relevance=rel, weights=w)
+    out = dict(
+        logits=logits,
+        action_masks=masks,
+        actions=actions,
+        old_log_probs=old,
+        advantages=adv,
+        head_relevance=rel,
+        weights=w,
+    )
     vw = None
     if values:
         v = randn(*bs)
@@ -242,15 +263,16 @@ def strided_rows_case():
     b = random_batch(sizes, (2, 5), seed=8, values=True)
     S = layout.total
     wide = torch.full((2, 5, S + 7), float("nan"))
-    wide[..., 3:3 + S] = b["logits"]
+    wide[..., 3 : 3 + S] = b["logits"]
     mwide = torch.zeros((2, 5, S + 5), dtype=torch.bool)
-    mwide[..., 1:1 + S] = b["action_masks"]
+    mwide[..., 1 : 1 + S] = b["action_masks"]
     acts = torch.zeros((2, 5, 2 * len(sizes)), dtype=torch.int64)
     acts[..., ::2] = b["actions"]
     vals = torch.zeros((2, 5, 3))
     vals[..., 1] = b["values"]
-    batch = dict(b, logits=wide[..., 3:3 + S], action_masks=mwide[..., 1:1 + S], actions=acts[..., ::2],
-                 values=vals[..., 1])
+    batch = dict(
+        b, logits=wide[..., 3 : 3 + S], action_masks=mwide[..., 1 : 1 + S], actions=acts[..., ::2], values=vals[..., 1]
+    )
     assert batch["logits"].stride(-2) == S + 7
     return batch, layout
 
@@ -275,9 +297,12 @@ def stats_cases(draw, max_heads: int = 5):
     s = torch.where(pick, torch.tensor(_SPECIAL)[idx], s)
     layout = ek.HeadLayout({f"h{i}": 2 for i in range(heads)})
     coefs = draw(st.booleans())
-    cfg = ek.PPOLossConfig(surrogate=draw(st.sampled_from(["joint", "per_head"])),
-                           value_clip=draw(st.sampled_from([None, 0.2])), entropy_coef=0.1,
-                           entropy_coef_per_head=[0.5 + i for i in range(heads)] if coefs else None)
+    cfg = ek.PPOLossConfig(
+        surrogate=draw(st.sampled_from(["joint", "per_head"])),
+        value_clip=draw(st.sampled_from([None, 0.2])),
+        entropy_coef=0.1,
+        entropy_coef_per_head=[0.5 + i for i in range(heads)] if coefs else None,
+    )
     return s, heads, cfg.resolve(layout), draw(st.booleans())
 
 

@@ -88,7 +88,7 @@ def _var_w(pairs: list[tuple[float, float]]) -> float:
         return INF if all(x == bad[0] for x in bad) and not math.isnan(bad[0]) else NAN
     total = 0.0
     for i, (wi, xi) in enumerate(pairs):
-        for wj, xj in pairs[i + 1:]:
+        for wj, xj in pairs[i + 1 :]:
             total += wi * wj * (xi - xj) ** 2
     return total / (den * den)
 
@@ -209,8 +209,8 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
             continue  # absent: per-step outputs unspecified, nothing used
         for h in range(H):
             A_h, off = sizes[h], offsets[h]
-            z = Z[i][off:off + A_h]
-            valid = [True] * A_h if M is None else [bool(x) for x in M[i][off:off + A_h]]
+            z = Z[i][off : off + A_h]
+            valid = [True] * A_h if M is None else [bool(x) for x in M[i][off : off + A_h]]
             n = sum(valid)
             nvalid[i][h] = n
             zhat = [z[j] if valid[j] else F for j in range(A_h)]
@@ -367,8 +367,10 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
     head: dict[str, list[float]] = {
         "entropy": E,
         "kl": [_mean_w(kl_h[h], NAN) for h in range(H)],
-        "clip_fraction": [_mean_w([(w[i], 1.0 if any(clipped(_exp(lr[i][h]))) else 0.0)
-                                   for i in range(N) if relevant(i, h)], NAN) for h in range(H)],
+        "clip_fraction": [
+            _mean_w([(w[i], 1.0 if any(clipped(_exp(lr[i][h]))) else 0.0) for i in range(N) if relevant(i, h)], NAN)
+            for h in range(H)
+        ],
         "ratio_max": [_max_ignore_nan([_exp(lr[i][h]) for i in range(N) if relevant(i, h)]) for h in range(H)],
         "nonfinite": [float(x) for x in nonfinite],
         "empty_mask": [float(sum(1 for i in pres if nvalid[i][h] == 0)) for h in range(H)],
@@ -385,6 +387,13 @@ def spec_loss(batch: dict, names: tuple[str, ...], sizes: tuple[int, ...], confi
             m[f"head_{hname}_{name}"] = vals[h]
 
     return {
-        "loss": loss, "policy_loss": PL, "entropy_loss": EL, "value_loss": VL,
-        "log_probs": ell, "entropy": ent, "joint_ratio": r, "present": present, "metrics": m,
+        "loss": loss,
+        "policy_loss": PL,
+        "entropy_loss": EL,
+        "value_loss": VL,
+        "log_probs": ell,
+        "entropy": ent,
+        "joint_ratio": r,
+        "present": present,
+        "metrics": m,
     }

@@ -38,9 +38,21 @@ class Policy(torch.nn.Module):
 def step(policy, obs, batch, backend):
     """A training step's forward: the policy, then the loss with per-head logits (no host sync anywhere)."""
     logits, values = policy(obs)
-    out = ek.ppo_loss(logits, batch["action_masks"], batch["actions"], batch["old_log_probs"], batch["advantages"],
-                      layout=LAYOUT, head_relevance=batch["head_relevance"], weights=batch["weights"],
-                      values=values, returns=batch["returns"], config=CONFIG, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        logits,
+        batch["action_masks"],
+        batch["actions"],
+        batch["old_log_probs"],
+        batch["advantages"],
+        layout=LAYOUT,
+        head_relevance=batch["head_relevance"],
+        weights=batch["weights"],
+        values=values,
+        returns=batch["returns"],
+        config=CONFIG,
+        backend=backend,
+        validate=False,
+    )
     return out.loss, out.log_probs, out.metrics.stats, out.metrics["clip_fraction"]
 
 
@@ -110,12 +122,35 @@ def _op_args(name: str, device: str):
     b["logits"].requires_grad_(True)
     b["values"].requires_grad_(True)
     cfg = CONFIG.resolve(LAYOUT)
-    inp = prepare_inputs(LAYOUT, b["logits"], b["action_masks"], b["actions"], b["old_log_probs"], b["advantages"],
-                         head_relevance=b["head_relevance"], weights=b["weights"], values=b["values"],
-                         returns=b["returns"], per_head_advantages_allowed=cfg.per_head)
-    return (name, list(inp.logits), list(inp.masks), list(inp.actions), list(inp.old_log_probs), inp.advantages,
-            list(inp.relevance), inp.weights, inp.values, inp.returns, inp.old_values, inp.value_weights,
-            list(LAYOUT.sizes), cfg_to_list(cfg))
+    inp = prepare_inputs(
+        LAYOUT,
+        b["logits"],
+        b["action_masks"],
+        b["actions"],
+        b["old_log_probs"],
+        b["advantages"],
+        head_relevance=b["head_relevance"],
+        weights=b["weights"],
+        values=b["values"],
+        returns=b["returns"],
+        per_head_advantages_allowed=cfg.per_head,
+    )
+    return (
+        name,
+        list(inp.logits),
+        list(inp.masks),
+        list(inp.actions),
+        list(inp.old_log_probs),
+        inp.advantages,
+        list(inp.relevance),
+        inp.weights,
+        inp.values,
+        inp.returns,
+        inp.old_values,
+        inp.value_weights,
+        list(LAYOUT.sizes),
+        cfg_to_list(cfg),
+    )
 
 
 @pytest.mark.parametrize("name", ["cpu", "triton"])
@@ -127,8 +162,12 @@ def test_opcheck_fused_ops(name):
         out = torch.ops.esper_kernels.fused_forward(*args)
     g = torch.Generator().manual_seed(0)
     n, H = out[1].shape
-    grads = (torch.randn(4, generator=g).to(device), torch.randn(n, H, generator=g).to(device),
-             torch.randn(n, H, generator=g).to(device))
+    grads = (
+        torch.randn(4, generator=g).to(device),
+        torch.randn(n, H, generator=g).to(device),
+        torch.randn(n, H, generator=g).to(device),
+    )
+
     def detach(a):
         if isinstance(a, list):
             return [detach(t) for t in a]

@@ -83,11 +83,19 @@ def test_equals_reference_hypothesis(backend):
     default configuration of the backend or one of its variants."""
     contexts = backend.drawn_contexts()
 
-    @settings(max_examples=backend.examples, deadline=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate],  # no shrinking: an interpreted example costs seconds
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(case=cases(messy=None), dtype=st.sampled_from(backend.hypothesis_dtypes),
-           form=st.sampled_from(["packed", "sequence", "mapping"]), variant=st.sampled_from(range(len(contexts))))
+    @settings(
+        max_examples=backend.examples,
+        deadline=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: an interpreted example costs seconds
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        case=cases(messy=None),
+        dtype=st.sampled_from(backend.hypothesis_dtypes),
+        form=st.sampled_from(["packed", "sequence", "mapping"]),
+        variant=st.sampled_from(range(len(contexts))),
+    )
     def example(case, dtype, form, variant):
         sizes, kw, config = case
         if dtype != torch.float32:
@@ -109,13 +117,32 @@ def test_equals_reference_hypothesis(backend):
 # -- fixed cases -------------------------------------------------------------------------------------------
 ESPER_CONFIGS = {
     "joint": ek.PPOLossConfig(entropy_coef=0.01),
-    "per_head_floor": ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
-                                       clip_eps_high=0.28, prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
-                                       value_clip=0.2, entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
-    "normadv_asym": ek.PPOLossConfig(normalize_advantages=True, clip_eps=0.1, clip_eps_high=0.5,
-                                     joint_log_ratio_clamp=None, log_ratio_clamp=0.5, value_coef=1.0, mask_fill=-30.0),
-    "joint_floor": ek.PPOLossConfig(entropy_coef=0.1, normalize_entropy=True, prob_floor=[0.1] * 8,
-                                    advantage_std="unbiased", normalize_advantages=True, advantage_eps_add=True),
+    "per_head_floor": ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        clip_eps_high=0.28,
+        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
+        value_clip=0.2,
+        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
+    ),
+    "normadv_asym": ek.PPOLossConfig(
+        normalize_advantages=True,
+        clip_eps=0.1,
+        clip_eps_high=0.5,
+        joint_log_ratio_clamp=None,
+        log_ratio_clamp=0.5,
+        value_coef=1.0,
+        mask_fill=-30.0,
+    ),
+    "joint_floor": ek.PPOLossConfig(
+        entropy_coef=0.1,
+        normalize_entropy=True,
+        prob_floor=[0.1] * 8,
+        advantage_std="unbiased",
+        normalize_advantages=True,
+        advantage_eps_add=True,
+    ),
 }
 
 
@@ -158,10 +185,16 @@ def test_wide_head(backend, width, floor, dtype):
     probabilities is ill-conditioned in float32: the reference itself is ~1e-5 off its float64 gradient)."""
     backend.skip_unless_supported(dtype=dtype)
     layout = ek.HeadLayout({"a": 3, "wide": width, "b": 5})
-    batch = random_batch(list(layout.sizes), (6,), seed=11, mask_density=0.5, values=True, old_values=True,
-                         logit_scale=3.0, dtype=dtype)
-    config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
-                              prob_floor=None if floor is None else {"wide": floor, "a": 0.1})
+    batch = random_batch(
+        list(layout.sizes), (6,), seed=11, mask_density=0.5, values=True, old_values=True, logit_scale=3.0, dtype=dtype
+    )
+    config = ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.1,
+        value_clip=0.5,
+        prob_floor=None if floor is None else {"wide": floor, "a": 0.1},
+    )
     check(backend, batch, layout, config)
 
 
@@ -198,10 +231,10 @@ def test_garbage_in_absent_steps_and_masked_positions(backend):
     """NaN/Inf logits at masked positions and in absent steps, NaN old log-probs where irrelevant: nothing leaks."""
     sizes = [4, 6, 3]
     layout = layout_of(sizes)
-    b = random_batch(sizes, (backend.rows(50),), seed=17, garbage=True, weights="float", values=True,
-                     value_weights=True)
-    out, _ = check(backend, b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.3,
-                                                         normalize_entropy=True))
+    b = random_batch(
+        sizes, (backend.rows(50),), seed=17, garbage=True, weights="float", values=True, value_weights=True
+    )
+    out, _ = check(backend, b, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.3, normalize_entropy=True))
     assert torch.isfinite(out.loss)
 
 
@@ -294,9 +327,15 @@ def test_deterministic_repeated_calls(backend):
 # -- the backward: fast path, rescale, recompute, two backwards, accumulation, no autograd -----------------------
 PATH_CONFIGS = {
     "joint": ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
-    "per_head_floor_norm": ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
-                                            clip_eps_high=0.28, prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
-                                            normalize_advantages=True, entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
+    "per_head_floor_norm": ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        clip_eps_high=0.28,
+        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
+        normalize_advantages=True,
+        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
+    ),
 }
 
 
@@ -352,8 +391,11 @@ def test_backward_fast_path(backend, config, dtype):
     _same_grads(backend, _esper_batch(backend, dtype), ESPER, config, lambda out: out.loss.backward())
 
 
-@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 2.5), (torch.float32, -0.3), (torch.float32, 0.0),
-                                              (torch.bfloat16, 1024.0)], ids=["2.5", "-0.3", "0", "bf16_1024"])
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float32, 2.5), (torch.float32, -0.3), (torch.float32, 0.0), (torch.bfloat16, 1024.0)],
+    ids=["2.5", "-0.3", "0", "bf16_1024"],
+)
 @pytest.mark.parametrize("config", list(PATH_CONFIGS.values()), ids=list(PATH_CONFIGS))
 def test_backward_rescale_path(backend, config, dtype, scale):
     """An upstream scalar other than 1 on ``loss`` only: the one-pass backends rescale the forward's gradient."""
@@ -361,14 +403,28 @@ def test_backward_rescale_path(backend, config, dtype, scale):
     # (an upstream of 1024 on bf16 logits: under a floor the fused closed form's exact zeros and the float32
     # reference's chain noise, ~1e-9 per unit upstream, differ by more than the absolute tolerance: the float64
     # reference arbitrates there, as check_arbitrated does everywhere else)
-    _same_grads(backend, _esper_batch(backend, dtype), ESPER, config,
-                lambda out: out.loss.backward(backend.tensor(scale)), arbitrate=scale == 1024.0)
+    _same_grads(
+        backend,
+        _esper_batch(backend, dtype),
+        ESPER,
+        config,
+        lambda out: out.loss.backward(backend.tensor(scale)),
+        arbitrate=scale == 1024.0,
+    )
 
 
-@pytest.mark.parametrize(("term", "dtype"), [
-    ("log_probs", torch.float32), ("entropy", torch.float32), ("policy_loss", torch.float32),
-    ("entropy_loss", torch.float32), ("value_loss", torch.float32), ("entropy", torch.bfloat16),
-], ids=["log_probs", "entropy", "policy_loss", "entropy_loss", "value_loss", "entropy_bf16"])
+@pytest.mark.parametrize(
+    ("term", "dtype"),
+    [
+        ("log_probs", torch.float32),
+        ("entropy", torch.float32),
+        ("policy_loss", torch.float32),
+        ("entropy_loss", torch.float32),
+        ("value_loss", torch.float32),
+        ("entropy", torch.bfloat16),
+    ],
+    ids=["log_probs", "entropy", "policy_loss", "entropy_loss", "value_loss", "entropy_bf16"],
+)
 def test_backward_recompute_path(backend, term, dtype):
     """A gradient on a per-step output or another loss term: the one-pass backends recompute."""
     backend.skip_unless_supported(dtype=dtype)
@@ -396,8 +452,15 @@ def test_backward_recompute_path_for_per_step_outputs_with_loss(backend):
     n = b["weights"].numel()
     g = torch.Generator().manual_seed(4)
     glp, gent = (backend.to(torch.randn(n, ESPER.num_heads, generator=g)) for _ in range(2))
-    _same_grads(backend, b, ESPER, PATH_CONFIGS["per_head_floor_norm"], lambda out: torch.autograd.backward(
-        [out.loss, out.log_probs.reshape(n, -1), out.entropy.reshape(n, -1)], [backend.tensor(1.0), glp, gent]))
+    _same_grads(
+        backend,
+        b,
+        ESPER,
+        PATH_CONFIGS["per_head_floor_norm"],
+        lambda out: torch.autograd.backward(
+            [out.loss, out.log_probs.reshape(n, -1), out.entropy.reshape(n, -1)], [backend.tensor(1.0), glp, gent]
+        ),
+    )
 
 
 def test_two_backward_calls_with_retain_graph(backend):
@@ -409,10 +472,10 @@ def test_two_backward_calls_with_retain_graph(backend):
         for name in (backend.name, "reference"):
             lb = _leaf_batch(b)
             out = ek.ppo_loss(**lb, layout=ESPER, config=config, backend=name, validate=False)
-            g1, = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(1.0), retain_graph=True)
-            g2, = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(-3.0), retain_graph=True)
-            g3, = torch.autograd.grad(2.0 * out.loss, lb["logits"], retain_graph=True)
-            g4, = torch.autograd.grad(out.loss * 2.0 + out.entropy_loss, lb["logits"])
+            (g1,) = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(1.0), retain_graph=True)
+            (g2,) = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(-3.0), retain_graph=True)
+            (g3,) = torch.autograd.grad(2.0 * out.loss, lb["logits"], retain_graph=True)
+            (g4,) = torch.autograd.grad(out.loss * 2.0 + out.entropy_loss, lb["logits"])
             outs[name] = (g1, g2, g3, g4)
         for got, want in zip(outs[backend.name], outs["reference"]):
             torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, equal_nan=True)
@@ -474,8 +537,9 @@ def test_values_only_require_grad(backend):
     for name in (backend.name, "reference"):
         v = b["values"].clone().requires_grad_(True)
         logits = b["logits"].clone()
-        out = ek.ppo_loss(**dict(b, values=v, logits=logits), layout=ESPER, config=PATH_CONFIGS["joint"],
-                          backend=name, validate=False)
+        out = ek.ppo_loss(
+            **dict(b, values=v, logits=logits), layout=ESPER, config=PATH_CONFIGS["joint"], backend=name, validate=False
+        )
         out.loss.backward()
         assert logits.grad is None
         grads[name] = v.grad
@@ -490,8 +554,12 @@ def test_metric_table_equals_the_torch_derivation(backend):
     if not getattr(impl, "has_metric_table", False):
         pytest.skip(f"{backend.id} has no metric-table kernel (has_metric_table is False)")
 
-    @settings(max_examples=backend.table_examples, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=backend.table_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(case=stats_cases(max_heads=backend.table_heads))
     def example(case):
         check_metric_table(lambda s, cfg, hv: impl.metric_table(backend.to(s), cfg, hv), case)
@@ -502,10 +570,12 @@ def test_metric_table_equals_the_torch_derivation(backend):
 def test_merged_metrics_equal_the_reference(backend):
     """PPOMetrics.merge of two calls' statistics (the metric table then comes from the table kernel)."""
     b1, b2 = (backend.to(make_batch((backend.rows(n, keep=8),), ESPER, seed=s)) for n, s in ((40, 1), (30, 2)))
-    m = ek.PPOMetrics.merge([ek.ppo_loss(**b, layout=ESPER, backend=backend.name, validate=False).metrics
-                             for b in (b1, b2)])
-    r = ek.PPOMetrics.merge([ek.ppo_loss(**b, layout=ESPER, backend="reference", validate=False).metrics
-                             for b in (b1, b2)])
+    m = ek.PPOMetrics.merge(
+        [ek.ppo_loss(**b, layout=ESPER, backend=backend.name, validate=False).metrics for b in (b1, b2)]
+    )
+    r = ek.PPOMetrics.merge(
+        [ek.ppo_loss(**b, layout=ESPER, backend="reference", validate=False).metrics for b in (b1, b2)]
+    )
     got, want = m.to_dict(), r.to_dict()
     for k, w in want.items():
         g = got[k]

@@ -118,12 +118,14 @@ def test_the_check_sees_a_shared_inline_function(tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler")
     src = tmp_path / "avx512_small.cpp"
-    src.write_text("inline float shared(float x) { return x * 2.f; }\n"
-                   "static inline float own(float x) { return x + 1.f; }\n"
-                   "namespace esper { namespace cpu { namespace avx512 {\n"
-                   "float entry(float x) { return shared(x) + own(x); }\n"
-                   "} } }\n"
-                   "float helper(float x) { return x; }\n")
+    src.write_text(
+        "inline float shared(float x) { return x * 2.f; }\n"
+        "static inline float own(float x) { return x + 1.f; }\n"
+        "namespace esper { namespace cpu { namespace avx512 {\n"
+        "float entry(float x) { return shared(x) + own(x); }\n"
+        "} } }\n"
+        "float helper(float x) { return x; }\n"
+    )
     obj = tmp_path / "avx512_small.cpp.o"
     subprocess.run([cxx, "-O0", "-c", str(src), "-o", str(obj)], check=True)
     found = shared_symbols(obj)

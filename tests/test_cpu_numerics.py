@@ -76,8 +76,9 @@ def _path(name: str):
     return layout, floor, cpu_path(vectorise, avx512)
 
 
-def _batch(n: int, layout: ek.HeadLayout, *, offset: float = 0.0, dtype=torch.float32, seed: int = 2,
-           scale: float = 2.0) -> dict:
+def _batch(
+    n: int, layout: ek.HeadLayout, *, offset: float = 0.0, dtype=torch.float32, seed: int = 2, scale: float = 2.0
+) -> dict:
     """Logits exact in float32 (multiples of 1/256) plus ``offset``; masks with the taken action valid."""
     g = torch.Generator().manual_seed(seed)
     S, H = layout.total, layout.num_heads
@@ -85,9 +86,15 @@ def _batch(n: int, layout: ek.HeadLayout, *, offset: float = 0.0, dtype=torch.fl
     masks = torch.rand(n, S, generator=g) < 0.7
     actions = torch.stack([torch.randint(0, a, (n,), generator=g) for a in layout.sizes], -1)
     for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-        masks[:, off:off + a].scatter_(-1, actions[:, h:h + 1], True)
-    return dict(logits=z, action_masks=masks, actions=actions, old_log_probs=-torch.rand(n, H, generator=g) * 2.0,
-                advantages=torch.randn(n, generator=g), weights=(torch.rand(n, generator=g) > 0.1).float())
+        masks[:, off : off + a].scatter_(-1, actions[:, h : h + 1], True)
+    return dict(
+        logits=z,
+        action_masks=masks,
+        actions=actions,
+        old_log_probs=-torch.rand(n, H, generator=g) * 2.0,
+        advantages=torch.randn(n, generator=g),
+        weights=(torch.rand(n, generator=g) > 0.1).float(),
+    )
 
 
 def _config(layout: ek.HeadLayout, floor: float | None, **kw) -> ek.PPOLossConfig:
@@ -134,9 +141,13 @@ def test_huge_equal_logits(path, dtype):
     big = 3e4 if dtype == torch.float16 else 1e8
     n = 5
     H = layout.num_heads
-    batch = dict(logits=torch.full((n, layout.total), big).to(dtype), action_masks=None,
-                 actions=torch.zeros(n, H, dtype=torch.long), old_log_probs=torch.zeros(n, H),
-                 advantages=torch.zeros(n))
+    batch = dict(
+        logits=torch.full((n, layout.total), big).to(dtype),
+        action_masks=None,
+        actions=torch.zeros(n, H, dtype=torch.long),
+        old_log_probs=torch.zeros(n, H),
+        advantages=torch.zeros(n),
+    )
     with ctx:
         out = ek.ppo_loss(**batch, layout=layout, config=_config(layout, floor), backend="cpu", validate=False)
     sizes = torch.tensor(layout.sizes, dtype=torch.float64)
@@ -181,8 +192,13 @@ def test_exclusion_is_shift_invariant_far_below_the_fill(path, dtype):
     with ctx:
         a, ga = _loss_and_grad("cpu", batch, layout, config, batch["logits"])
         b, gb = _loss_and_grad("cpu", batch, layout, config, low)
-        filled = ek.ppo_loss(**dict(batch, logits=low), layout=layout, validate=False, backend="cpu",
-                             config=_config(layout, floor, mask_fill=-1e4))
+        filled = ek.ppo_loss(
+            **dict(batch, logits=low),
+            layout=layout,
+            validate=False,
+            backend="cpu",
+            config=_config(layout, floor, mask_fill=-1e4),
+        )
     assert torch.equal(a.log_probs[p], b.log_probs[p]) and torch.equal(a.entropy[p], b.entropy[p])
     assert torch.equal(a.loss, b.loss) and torch.equal(ga, gb)
     if dtype == torch.float32:  # (bf16 logits exact at this scale are too coarse to tell the fill apart)
@@ -282,14 +298,15 @@ def test_non_finite_upstream_gives_nan_at_every_valid_action(path):
         with ctx if backend == "cpu" else contextlib.nullcontext():
             z = batch["logits"].clone().requires_grad_(True)
             out = ek.ppo_loss(**dict(batch, logits=z), layout=layout, config=config, backend=backend, validate=False)
-            (grads[backend],) = torch.autograd.grad([out.loss, out.log_probs, out.entropy], [z],
-                                                    [torch.ones(()), glp, gent])
+            (grads[backend],) = torch.autograd.grad(
+                [out.loss, out.log_probs, out.entropy], [z], [torch.ones(()), glp, gent]
+            )
     got, want = grads["cpu"], grads["reference"]
     valid = batch["action_masks"]
     bad_rows = {(1, 1), (2, 0)} | {(5, h) for h in range(1, H)}
     for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
         for i in range(n):
-            row, v = got[i, off:off + a], valid[i, off:off + a]
+            row, v = got[i, off : off + a], valid[i, off : off + a]
             if (i, h) in bad_rows:
                 assert torch.isnan(row[v]).all(), (i, h, row)
                 assert (row[~v] == 0).all(), (i, h, row)
@@ -316,8 +333,15 @@ def test_overflowed_joint_ratio_and_infinite_returns(where, vectorise, threads):
     v = torch.linspace(-1.0, 1.0, n)
     returns = v + 0.5
     returns[(where + 500) % n] = math.inf
-    batch = dict(logits=torch.zeros(n, 12), action_masks=None, actions=torch.zeros(n, 6, dtype=torch.long),
-                 old_log_probs=old, advantages=torch.ones(n), values=v, returns=returns)
+    batch = dict(
+        logits=torch.zeros(n, 12),
+        action_masks=None,
+        actions=torch.zeros(n, 6, dtype=torch.long),
+        old_log_probs=old,
+        advantages=torch.ones(n),
+        values=v,
+        returns=returns,
+    )
     config = ek.PPOLossConfig(joint_log_ratio_clamp=None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -326,8 +350,9 @@ def test_overflowed_joint_ratio_and_infinite_returns(where, vectorise, threads):
             out = ek.ppo_loss(**batch, layout=layout, config=config, backend="cpu", validate=False)
             returns2 = returns.clone()
             returns2[(where + 700) % n] = -math.inf
-            out2 = ek.ppo_loss(**dict(batch, returns=returns2), layout=layout, config=config, backend="cpu",
-                               validate=False)
+            out2 = ek.ppo_loss(
+                **dict(batch, returns=returns2), layout=layout, config=config, backend="cpu", validate=False
+            )
     finally:
         torch.set_num_threads(before)
     m = out.metrics.to_dict()
@@ -339,7 +364,8 @@ def test_overflowed_joint_ratio_and_infinite_returns(where, vectorise, threads):
     for k in ("RATIO_MEAN", "RATIO_M2", "RETURN_MEAN", "RETURN_M2", "RESID_MEAN", "RESID_M2"):
         i = getattr(G, k)
         assert torch.equal(s[i].isnan(), ref.metrics.stats[i].isnan()) and (
-            s[i] == ref.metrics.stats[i] or not torch.isfinite(ref.metrics.stats[i])), k
+            s[i] == ref.metrics.stats[i] or not torch.isfinite(ref.metrics.stats[i])
+        ), k
 
 
 # -- many heads ---------------------------------------------------------------------------------------------------
@@ -371,8 +397,14 @@ def test_normalized_advantages_equal_the_reference(path, per_head_adv, eps_add, 
     if per_head_adv:
         batch["advantages"] = torch.randn(n, layout.num_heads, generator=g) * 3 + 1
     batch["advantages"][batch["weights"] == 0] = math.nan
-    config = ek.PPOLossConfig(normalize_advantages=True, advantage_std=std, advantage_eps_add=eps_add,
-                              surrogate=surrogate, entropy_coef=0.1, advantage_eps=1e-3 if eps_add else 1e-8)
+    config = ek.PPOLossConfig(
+        normalize_advantages=True,
+        advantage_std=std,
+        advantage_eps_add=eps_add,
+        surrogate=surrogate,
+        entropy_coef=0.1,
+        advantage_eps=1e-3 if eps_add else 1e-8,
+    )
     with ctx:
         check_backend("cpu", batch, layout, config)
         const = dict(batch, advantages=torch.where(batch["advantages"].isnan(), math.nan, 0.7))
@@ -393,8 +425,9 @@ def test_the_cpu_backend_normalizes_without_torch_ops(monkeypatch):
     monkeypatch.setattr(fused, "normalize_advantages", refuse)
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     b = make_batch((64,), layout, seed=1)
-    out = ek.ppo_loss(**b, layout=layout, config=ek.PPOLossConfig(normalize_advantages=True), backend="cpu",
-                      validate=False)
+    out = ek.ppo_loss(
+        **b, layout=layout, config=ek.PPOLossConfig(normalize_advantages=True), backend="cpu", validate=False
+    )
     assert torch.isfinite(out.loss)
 
 

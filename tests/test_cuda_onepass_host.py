@@ -62,11 +62,21 @@ def _params(layout, n=5, dtype=torch.float32, packed=True, mask=True):
     b = make_batch((n,), layout, dtype=dtype, seed=0)
     if not packed:
         b["logits"] = [t.clone() for t in per_head(b["logits"], layout)]
-    call = fused.FusedCall([b["logits"]] if packed else b["logits"],
-                           [b["action_masks"]] if mask else [], [b["actions"][:, h] for h in range(layout.num_heads)],
-                           [b["old_log_probs"][:, h] for h in range(layout.num_heads)], b["advantages"], [],
-                           b["weights"], None, None, None, None, layout.sizes,
-                           ek.PPOLossConfig().resolve(layout))
+    call = fused.FusedCall(
+        [b["logits"]] if packed else b["logits"],
+        [b["action_masks"]] if mask else [],
+        [b["actions"][:, h] for h in range(layout.num_heads)],
+        [b["old_log_probs"][:, h] for h in range(layout.num_heads)],
+        b["advantages"],
+        [],
+        b["weights"],
+        None,
+        None,
+        None,
+        None,
+        layout.sizes,
+        ek.PPOLossConfig().resolve(layout),
+    )
     return native._input_params(call), b
 
 
@@ -95,19 +105,33 @@ def test_plan_paths_and_shapes():
 
 
 # -- equal to the reference --------------------------------------------------------------------------------
-@pytest.mark.parametrize("sizes,n", [([1024, 1024], 7), ([3, 1000, 33, 5], 9), ([9000], 3), ([40000], 2),
-                                     ([33], 40), ([2, 64, 3], 17)],
-                         ids=["wide", "mixed", "vocab_split", "stream", "just_over_32", "two_small_one_wide"])
+@pytest.mark.parametrize(
+    "sizes,n",
+    [([1024, 1024], 7), ([3, 1000, 33, 5], 9), ([9000], 3), ([40000], 2), ([33], 40), ([2, 64, 3], 17)],
+    ids=["wide", "mixed", "vocab_split", "stream", "just_over_32", "two_small_one_wide"],
+)
 @pytest.mark.parametrize("floor", [None, 0.02])
 def test_wide_rows(emu, sizes, n, floor):
     """Rows with a head over 32 actions: a cluster of blocks per row (chunks of 4,096 columns, several ranks for
     9,000 and 40,000), staged in shared memory or re-read (40,000); floors, value clipping, messy data."""
     layout = layout_of(sizes)
-    b = random_batch(sizes, (n,), seed=11, mask_density=0.5, values=True, old_values=True, value_weights=True,
-                     logit_scale=3.0, messy=True)
+    b = random_batch(
+        sizes,
+        (n,),
+        seed=11,
+        mask_density=0.5,
+        values=True,
+        old_values=True,
+        value_weights=True,
+        logit_scale=3.0,
+        messy=True,
+    )
     fl = None if floor is None else [floor] * len(sizes)
-    check(b, layout, ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
-                                      prob_floor=fl))
+    check(
+        b,
+        layout,
+        ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5, prob_floor=fl),
+    )
     check(b, layout, ek.PPOLossConfig(entropy_coef=0.1, normalize_advantages=True, prob_floor=fl, mask_fill=-1e4))
 
 
@@ -302,9 +326,11 @@ def test_launches_per_step(emu1):
     """One forward entry (pre-pass + main kernel) and one fix-up launch: three kernels a step."""
     b = _leaf_batch()
     calls = []
-    with mock.patch.object(emu1.emu, "_launch_forward", wraps=emu1.emu._launch_forward) as f, \
-            mock.patch.object(emu1.emu, "_launch_backward", wraps=emu1.emu._launch_backward) as g, \
-            mock.patch.object(emu1.emu, "_table_kernel", wraps=emu1.emu._table_kernel) as t:
+    with (
+        mock.patch.object(emu1.emu, "_launch_forward", wraps=emu1.emu._launch_forward) as f,
+        mock.patch.object(emu1.emu, "_launch_backward", wraps=emu1.emu._launch_backward) as g,
+        mock.patch.object(emu1.emu, "_table_kernel", wraps=emu1.emu._table_kernel) as t,
+    ):
         out = ek.ppo_loss(**b, layout=ESPER, config=CFG, backend="cuda", validate=False)
         out.loss.backward()
         out.metrics.tensors()

@@ -23,8 +23,15 @@ def test_small_head_kernels_do_not_spill():
     bad = spills(res)
     assert not bad, "register spills or stack in the small-head kernels:\n" + "\n".join(bad) + "\n" + report(res)
     # every kernel of ppo_cuda.cu was found and measured
-    assert {"small_kernel<8>", "small_kernel<16>", "small_kernel<32>", "wide_kernel<staged>", "wide_kernel<streamed>",
-            "prepass_kernel", "metrics_kernel"} <= set(res["kernels"])
+    assert {
+        "small_kernel<8>",
+        "small_kernel<16>",
+        "small_kernel<32>",
+        "wide_kernel<staged>",
+        "wide_kernel<streamed>",
+        "prepass_kernel",
+        "metrics_kernel",
+    } <= set(res["kernels"])
     # no float64 arithmetic anywhere in the hot kernels
     for name in ("small_kernel<16>", "wide_kernel<staged>", "prepass_kernel"):
         c = res["kernels"][name]["sass"]

@@ -43,8 +43,9 @@ def _random_valid_actions(env: SeedSlotEnv, g: torch.Generator) -> tuple[torch.T
     """Uniform actions among the valid ones: the op first, then every head under the op's masks."""
     op = torch.multinomial(env.op_mask().float(), 1, generator=g).squeeze(-1)
     masks = env.masks(op)
-    acts = [op if n == "op" else torch.multinomial(masks[n].float(), 1, generator=g).squeeze(-1)
-            for n in env.layout.names]
+    acts = [
+        op if n == "op" else torch.multinomial(masks[n].float(), 1, generator=g).squeeze(-1) for n in env.layout.names
+    ]
     return torch.stack(acts, -1), masks
 
 
@@ -59,22 +60,26 @@ def test_env_masks_and_relevance_follow_the_state():
         op = actions[:, env.layout.index("op")]
         seen_ops.update(op.tolist())
         assert masks["op"][:, WAIT].all()
-        want_slots = {GERMINATE: stage == EMPTY, SET_ALPHA_TARGET: stage == BLENDING,
-                      PRUNE: (stage == TRAINING) | (stage == BLENDING), FOSSILIZE: env._reached(),
-                      ADVANCE: env._ready()}
+        want_slots = {
+            GERMINATE: stage == EMPTY,
+            SET_ALPHA_TARGET: stage == BLENDING,
+            PRUNE: (stage == TRAINING) | (stage == BLENDING),
+            FOSSILIZE: env._reached(),
+            ADVANCE: env._ready(),
+        }
         for code, want in want_slots.items():
             rows = op == code
             assert torch.equal(masks["slot"][rows], want[rows]), f"slot mask for op {code}"
             assert torch.equal(masks["op"][:, code], want.any(-1)), f"op mask for op {code}"
-        assert all(m.gather(-1, actions[:, h:h + 1]).all() for h, m in enumerate(masks.values()))
+        assert all(m.gather(-1, actions[:, h : h + 1]).all() for h, m in enumerate(masks.values()))
         rel = env.relevance(op)
         for code, names in ESPER_RELEVANCE.items():
             want = torch.tensor([n in names for n in env.layout.names])
             assert (rel[op == code] == want).all()
-        acted = stage.gather(1, actions[:, slot:slot + 1]).squeeze(1)
+        acted = stage.gather(1, actions[:, slot : slot + 1]).squeeze(1)
         _obs, reward, _done = env.step(actions)
         assert torch.isfinite(reward).all()
-        after = env.stage.gather(1, actions[:, slot:slot + 1]).squeeze(1) if env.t else None
+        after = env.stage.gather(1, actions[:, slot : slot + 1]).squeeze(1) if env.t else None
         if after is not None:  # not the reset step
             assert (after[op == GERMINATE] == TRAINING).all() and (acted[op == GERMINATE] == EMPTY).all()
             assert (after[op == PRUNE] == EMPTY).all()
@@ -99,8 +104,27 @@ def test_env_is_deterministic():
 
 def test_short_run_prints_report_and_final_line(tmp_path, capsys):
     plot = tmp_path / "demo.png"
-    assert main(["--updates", "3", "--envs", "16", "--horizon", "10", "--backend", "reference", "--device", "cpu",
-                 "--report-every", "2", "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "--updates",
+                "3",
+                "--envs",
+                "16",
+                "--horizon",
+                "10",
+                "--backend",
+                "reference",
+                "--device",
+                "cpu",
+                "--report-every",
+                "2",
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"final mean return -?\d+\.\d{3} \(first -?\d+\.\d{3}\)", lines[-1]), lines[-1]
     assert any(line.startswith("[") and "3/3" in line for line in lines)  # the progress bar
@@ -130,8 +154,9 @@ def _compare_curves(fused: str, device: str):
         assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-5), f"update {i}: return {x} vs reference {y}"
     for name in ref.entropy:
         for i, (x, y) in enumerate(zip(got.entropy[name], ref.entropy[name])):
-            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5), \
+            assert (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5), (
                 f"update {i}: head {name} entropy {x} vs reference {y}"
+            )
     for i, (x, y) in enumerate(zip(got.losses, ref.losses)):
         assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-5), f"update {i}: loss {x} vs reference {y}"
 
@@ -152,6 +177,13 @@ def test_masked_log_softmax_matches_the_loss():
     m = torch.rand(5, 4) < 0.6
     m[:, 0] = True
     lp = masked_log_softmax(z, m)
-    out = ek.ppo_loss(z, m, torch.zeros(5, 1, dtype=torch.long), lp[:, :1], torch.ones(5),
-                      layout=ek.HeadLayout({"a": 4}), backend="reference")
+    out = ek.ppo_loss(
+        z,
+        m,
+        torch.zeros(5, 1, dtype=torch.long),
+        lp[:, :1],
+        torch.ones(5),
+        layout=ek.HeadLayout({"a": 4}),
+        backend="reference",
+    )
     torch.testing.assert_close(out.log_probs[:, 0], lp[:, 0])

@@ -28,7 +28,7 @@ def _batch(case: int) -> dict:
     w = torch.rand(37, generator=g) * 2.0  # float weights
     w[torch.rand(37, generator=g) < 0.15] = 0.0
     if case == 1:
-        w[:SPLITS[case][0]] = 0.0
+        w[: SPLITS[case][0]] = 0.0
     b["weights"] = w
     b["old_values"] = b["values"] + 0.3 * torch.randn(37, generator=g)
     b["value_weights"] = torch.rand(37, generator=g)
@@ -47,8 +47,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         results = []
         for case, (n0, _n1) in enumerate(SPLITS):

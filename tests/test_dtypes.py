@@ -23,8 +23,14 @@ pytestmark = pytest.mark.reference
 SIZES = [3, 13, 1, 6]
 CONFIGS = {
     "default": ek.PPOLossConfig(),
-    "per_head_all": ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True,
-                                     prob_floor=[0.05, 0.01, None, 0.1], value_clip=0.2, normalize_advantages=True),
+    "per_head_all": ek.PPOLossConfig(
+        surrogate="per_head",
+        entropy_coef=0.1,
+        normalize_entropy=True,
+        prob_floor=[0.05, 0.01, None, 0.1],
+        value_clip=0.2,
+        normalize_advantages=True,
+    ),
     "joint_entropy_floor": ek.PPOLossConfig(entropy_coef=0.05, prob_floor={"h1": 0.02}, clip_eps_high=0.28),
 }
 
@@ -35,8 +41,16 @@ CONFIGS = {
 def test_half_logits_equal_float32_of_upcast_inputs(dtype, config_name, shape):
     config = CONFIGS[config_name]
     layout = layout_of(SIZES)
-    batch = random_batch(SIZES, shape, seed=3, dtype=dtype, values=True, old_values=True, logit_scale=3.0,
-                         per_head_adv=config.surrogate == "per_head")
+    batch = random_batch(
+        SIZES,
+        shape,
+        seed=3,
+        dtype=dtype,
+        values=True,
+        old_values=True,
+        logit_scale=3.0,
+        per_head_adv=config.surrogate == "per_head",
+    )
     out, _ = check_backend("reference", batch, layout, config)
     assert out.loss.dtype == torch.float32 and out.log_probs.dtype == torch.float32
     assert out.entropy.dtype == torch.float32 and out.joint_ratio.dtype == torch.float32
@@ -91,8 +105,16 @@ def test_fp16_large_logits_do_not_overflow():
     """fp16 logits near its range (6e4) are fine once upcast: a float16 softmax would overflow."""
     layout = ek.HeadLayout({"a": 3})
     logits = torch.tensor([[60000.0, 59968.0, -60000.0], [-60000.0, 0.0, 60000.0]], dtype=torch.float16)
-    out = ek.ppo_loss(logits, None, torch.tensor([[0], [2]]), torch.zeros(2, 1), torch.ones(2), layout=layout,
-                      backend="reference", config=ek.PPOLossConfig(entropy_coef=0.1))
+    out = ek.ppo_loss(
+        logits,
+        None,
+        torch.tensor([[0], [2]]),
+        torch.zeros(2, 1),
+        torch.ones(2),
+        layout=layout,
+        backend="reference",
+        config=ek.PPOLossConfig(entropy_coef=0.1),
+    )
     m = out.metrics.to_dict()
     assert m["all_finite"] == 1.0 and torch.isfinite(out.log_probs).all()
     assert out.log_probs[0, 0].item() == pytest.approx(-math.exp(-32.0), abs=1e-7)
@@ -112,8 +134,15 @@ def test_mixed_logit_dtypes_across_heads_raise():
     layout = ek.HeadLayout({"a": 2, "b": 3})
     logits = [torch.zeros(4, 2), torch.zeros(4, 3, dtype=torch.bfloat16)]
     with pytest.raises(TypeError, match="logits: expected one dtype for every head"):
-        ek.ppo_loss(logits, None, torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2), torch.zeros(4),
-                    layout=layout, backend="reference")
+        ek.ppo_loss(
+            logits,
+            None,
+            torch.zeros(4, 2, dtype=torch.long),
+            torch.zeros(4, 2),
+            torch.zeros(4),
+            layout=layout,
+            backend="reference",
+        )
 
 
 def test_harness_catches_a_half_gradient_off_by_more_than_one_ulp():

@@ -46,8 +46,13 @@ def _close(name, got, want):
     key = name.split(" ")[0] if name.startswith(("log_probs ", "entropy ")) else name
     key = "d loss / d logits" if key.startswith("d loss") and not key.endswith("values") else key
     MEASURED[key] = max(MEASURED.get(key, 0.0), (got.double() - want.double()).abs().max().item())
-    torch.testing.assert_close(torch.as_tensor(got).double(), torch.as_tensor(want).double(), rtol=RTOL, atol=ATOL,
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        torch.as_tensor(got).double(),
+        torch.as_tensor(want).double(),
+        rtol=RTOL,
+        atol=ATOL,
+        msg=lambda m: f"{name}: {m}",
+    )
 
 
 def _masked_categorical(z: torch.Tensor, m: torch.Tensor, a: torch.Tensor):
@@ -98,8 +103,17 @@ def _esper_losses(ex, logits, masks, data, values, s):
         kl_sum = kl_sum + nv / T * (k3 * causal[:, h]).sum() / nv
         w_sum = w_sum + nv / T
     joint = torch.exp(torch.clamp(torch.stack([log_ratio[n] for n in ex.HEAD_NAMES]).sum(0), -30.0, 30.0))
-    return dict(policy=policy, value=value_loss, entropy=entropy_loss, penalty=penalty, total=total,
-                approx_kl=kl_sum / w_sum.clamp(min=1e-8), joint_ratio=joint, entropy_per_head=ent, log_probs=lp)
+    return dict(
+        policy=policy,
+        value=value_loss,
+        entropy=entropy_loss,
+        penalty=penalty,
+        total=total,
+        approx_kl=kl_sum / w_sum.clamp(min=1e-8),
+        joint_ratio=joint,
+        entropy_per_head=ent,
+        log_probs=lp,
+    )
 
 
 def test_esper_update_runs_and_logs_esper_names(ex, capsys):
@@ -107,9 +121,24 @@ def test_esper_update_runs_and_logs_esper_names(ex, capsys):
     assert "esper update:" in capsys.readouterr().out
     assert not result["early_stopped"] and len(result["epochs"]) == 2
     for e in result["epochs"]:
-        for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "clip_fraction_positive",
-                    "clip_fraction_negative", "ratio_mean", "ratio_max", "ratio_min", "ratio_std", "log_prob_min",
-                    "log_prob_max", "joint_ratio_max", "entropy_floor_penalty", "pre_clip_grad_norm"):
+        for key in (
+            "policy_loss",
+            "value_loss",
+            "entropy",
+            "approx_kl",
+            "clip_fraction",
+            "clip_fraction_positive",
+            "clip_fraction_negative",
+            "ratio_mean",
+            "ratio_max",
+            "ratio_min",
+            "ratio_std",
+            "log_prob_min",
+            "log_prob_max",
+            "joint_ratio_max",
+            "entropy_floor_penalty",
+            "pre_clip_grad_norm",
+        ):
             assert math.isfinite(e[key]), key
         assert set(e["head_grad_norms"]) == set(ex.HEAD_NAMES) | {"value"}
         assert all(math.isfinite(v) and v > 0 for v in e["head_grad_norms"].values())
@@ -141,8 +170,9 @@ def test_esper_config_reproduces_esper_losses(ex, clip_value):
     with torch.no_grad():  # move the policy off the rollout one so the ratios, KL and clipping are not trivial
         for p in net.heads.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    s = ex.UpdateSettings(clip_value=clip_value, value_clip=0.2,
-                          entropy_floor={h: 0.9 for h in ex.HEAD_NAMES})  # floors high enough to bind
+    s = ex.UpdateSettings(
+        clip_value=clip_value, value_clip=0.2, entropy_floor={h: 0.9 for h in ex.HEAD_NAMES}
+    )  # floors high enough to bind
     ev = net.evaluate_actions(data["states"], data["actions"], data["masks"])
     leaves = {n: z.detach().clone().requires_grad_(True) for n, z in ev.logits.items()}
     leaves_e = {n: z.detach().clone().requires_grad_(True) for n, z in ev.logits.items()}
@@ -150,13 +180,25 @@ def test_esper_config_reproduces_esper_losses(ex, clip_value):
 
     valid, forced = data["valid_mask"], data["forced_actions"]
     relevance = ex.causal_masks(data["effective_op_actions"]) & ~forced.unsqueeze(-1)
-    out = ek.ppo_loss(leaves, ev.masks, data["actions"], data["old_log_probs"], data["advantages"], layout=ex.LAYOUT,
-                      head_relevance=relevance, weights=valid, values=values, returns=data["returns"],
-                      old_values=data["values"] if clip_value else None,
-                      value_weights=torch.where(valid, torch.where(forced, 0.2, 1.0), 0.0),
-                      config=ex.esper_config(s), backend="reference")
-    penalty = ex.entropy_floor_penalty(out.entropy, relevance & valid.unsqueeze(-1), s.entropy_floor,
-                                       s.entropy_floor_penalty_coef)
+    out = ek.ppo_loss(
+        leaves,
+        ev.masks,
+        data["actions"],
+        data["old_log_probs"],
+        data["advantages"],
+        layout=ex.LAYOUT,
+        head_relevance=relevance,
+        weights=valid,
+        values=values,
+        returns=data["returns"],
+        old_values=data["values"] if clip_value else None,
+        value_weights=torch.where(valid, torch.where(forced, 0.2, 1.0), 0.0),
+        config=ex.esper_config(s),
+        backend="reference",
+    )
+    penalty = ex.entropy_floor_penalty(
+        out.entropy, relevance & valid.unsqueeze(-1), s.entropy_floor, s.entropy_floor_penalty_coef
+    )
     if clip_value:  # esper's clipped value loss: max of the two squared errors, over every valid step
         vw = torch.where(forced[valid], 0.2, 1.0)
         v, vo, R = values_e[valid], data["values"][valid], data["returns"][valid]
@@ -206,8 +248,17 @@ def test_esper_approx_kl_matches_without_forced_steps(ex):
     s = ex.UpdateSettings()
     causal = ex.causal_masks(data["effective_op_actions"])
     assert bool(causal[data["valid_mask"]].any(0).all()), "every head relevant on some step"
-    out = ek.ppo_loss(ev.logits, ev.masks, data["actions"], data["old_log_probs"], data["advantages"],
-                      layout=ex.LAYOUT, head_relevance=causal, weights=data["valid_mask"], config=ex.esper_config(s),
-                      backend="reference")
+    out = ek.ppo_loss(
+        ev.logits,
+        ev.masks,
+        data["actions"],
+        data["old_log_probs"],
+        data["advantages"],
+        layout=ex.LAYOUT,
+        head_relevance=causal,
+        weights=data["valid_mask"],
+        config=ex.esper_config(s),
+        backend="reference",
+    )
     e = _esper_losses(ex, ev.logits, ev.masks, data, ev.values, s)
     _close("approx_kl", out.metrics.to_dict()["approx_kl"], e["approx_kl"])

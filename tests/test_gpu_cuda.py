@@ -52,8 +52,13 @@ def states():
 
     def spy(call, grads=None, grad_values=None):
         outs = forward(call, grads, grad_values)
-        seen.append(SimpleNamespace(grads=None if grads is None else [g.data_ptr() for g in grads],
-                                    gv=None if grad_values is None else grad_values.data_ptr(), norms=outs[5]))
+        seen.append(
+            SimpleNamespace(
+                grads=None if grads is None else [g.data_ptr() for g in grads],
+                gv=None if grad_values is None else grad_values.data_ptr(),
+                norms=outs[5],
+            )
+        )
         return outs
 
     backend.kernel_forward = spy
@@ -76,8 +81,9 @@ def test_spec_sizes_equal_reference(case, dtype):
     batch, layout = _batch(case, dtype)
     config = ek.PPOLossConfig(entropy_coef=0.01)
     if case in ("esper", "wide"):  # esper's own settings on two of the cases
-        config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
-                                  clip_eps_high=0.28, value_clip=0.2)
+        config = ek.PPOLossConfig(
+            surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28, value_clip=0.2
+        )
         batch["old_values"] = batch["values"] + 0.3 * torch.randn_like(batch["values"])
     check_arbitrated("cuda", batch, layout, config)
 
@@ -114,18 +120,37 @@ def test_last_block_merge_with_many_blocks(max_blocks):
 def test_floor_wide_and_small_heads(floor):
     """Floors on a wide (cluster-per-row) head and on small heads, value clipping, per-head surrogate."""
     layout = ek.HeadLayout({"a": 3, "wide": 1000, "b": 33, "c": 5})
-    batch = random_batch(list(layout.sizes), (300,), seed=11, mask_density=0.5, values=True, old_values=True,
-                         value_weights=True, logit_scale=3.0, messy=True)
+    batch = random_batch(
+        list(layout.sizes),
+        (300,),
+        seed=11,
+        mask_density=0.5,
+        values=True,
+        old_values=True,
+        value_weights=True,
+        logit_scale=3.0,
+        messy=True,
+    )
     batch = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
-                              prob_floor=None if floor is None else {"wide": floor, "a": 0.1, "b": 0.01})
+    config = ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.1,
+        value_clip=0.5,
+        prob_floor=None if floor is None else {"wide": floor, "a": 0.1, "b": 0.01},
+    )
     check_arbitrated("cuda", batch, layout, config)
-    check_arbitrated("cuda", batch, layout, ek.PPOLossConfig(entropy_coef=0.1, normalize_advantages=True,
-                                                          prob_floor=[0.1, floor, None, 0.3]))
+    check_arbitrated(
+        "cuda",
+        batch,
+        layout,
+        ek.PPOLossConfig(entropy_coef=0.1, normalize_advantages=True, prob_floor=[0.1, floor, None, 0.3]),
+    )
 
 
-@pytest.mark.parametrize("sizes,n", [([9000], 64), ([40000], 16), ([16, 32, 8], 3000)],
-                         ids=["cluster_of_3", "streamed", "small_w32"])
+@pytest.mark.parametrize(
+    "sizes,n", [([9000], 64), ([40000], 16), ([16, 32, 8], 3000)], ids=["cluster_of_3", "streamed", "small_w32"]
+)
 def test_cluster_streamed_and_width_classes(sizes, n):
     """A row over a cluster of 3 blocks, a row too wide for shared memory (re-read through L2), the 32-wide
     small-head kernel."""
@@ -152,8 +177,8 @@ def test_per_head_tensors_strides_and_int32():
     check_arbitrated("cuda", batch, layout, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.2))
     S = layout.total
     wide = torch.full((257, S + 5), float("nan"), device="cuda", dtype=torch.bfloat16)
-    wide[:, 2:2 + S] = b["logits"]
-    check_arbitrated("cuda", dict(b, logits=wide[:, 2:2 + S]), layout, ek.PPOLossConfig(entropy_coef=0.05))
+    wide[:, 2 : 2 + S] = b["logits"]
+    check_arbitrated("cuda", dict(b, logits=wide[:, 2 : 2 + S]), layout, ek.PPOLossConfig(entropy_coef=0.05))
     # small heads only, per-head tensors and padded rows: the small path's segment loads
     small = ek.HeadLayout({"p": 6, "q": 3, "r": 4})
     s = make_batch((1000,), small, device="cuda", seed=7)
@@ -248,8 +273,9 @@ def test_three_launches_a_step():
         out.metrics.tensors()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
-    ours = [n for n in names if any(k in n for k in ("prepass_kernel", "small_kernel", "wide_kernel",
-                                                      "metrics_kernel"))]
+    ours = [
+        n for n in names if any(k in n for k in ("prepass_kernel", "small_kernel", "wide_kernel", "metrics_kernel"))
+    ]
     others = [n for n in names if n not in ours and "Memcpy" not in n and "Memset" not in n]
     assert len(ours) == 3, ours
     assert len(others) <= 3, others
@@ -291,4 +317,3 @@ def test_cuda_graph_of_a_step_is_replayable():
         assert_close("loss", loss, out.loss)
         assert_close("stats", stats, out.metrics.stats)
         assert_close("grad", grad, zz.grad)
-

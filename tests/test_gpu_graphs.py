@@ -45,9 +45,21 @@ def _data(i: int) -> dict:
 
 def _train_step(policy, opt, d: dict, backend: str, upstream: str = "plain"):
     logits, values = policy(d["obs"])
-    out = ek.ppo_loss(logits, d["action_masks"], d["actions"], d["old_log_probs"], d["advantages"], layout=LAYOUT,
-                      head_relevance=d["head_relevance"], weights=d["weights"], values=values,
-                      returns=d["returns"], config=CONFIG, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        logits,
+        d["action_masks"],
+        d["actions"],
+        d["old_log_probs"],
+        d["advantages"],
+        layout=LAYOUT,
+        head_relevance=d["head_relevance"],
+        weights=d["weights"],
+        values=values,
+        returns=d["returns"],
+        config=CONFIG,
+        backend=backend,
+        validate=False,
+    )
     if upstream == "plain":
         out.loss.backward()  # the one-pass backends' fix-up leaves the forward's gradient as it is
     elif upstream == "scaled":
@@ -60,8 +72,10 @@ def _train_step(policy, opt, d: dict, backend: str, upstream: str = "plain"):
     return out.loss.detach(), out.metrics.stats, norms
 
 
-@pytest.mark.parametrize("name,upstream", [("reference", "plain"), ("triton", "plain"), ("triton", "scaled"),
-                                           ("triton", "outputs"), ("cuda", "plain")])
+@pytest.mark.parametrize(
+    "name,upstream",
+    [("reference", "plain"), ("triton", "plain"), ("triton", "scaled"), ("triton", "outputs"), ("cuda", "plain")],
+)
 def test_cuda_graph_training_step_equals_eager(name, upstream):
     info = ek.available_backends()[name]
     if not info.available or "cuda" not in info.devices:
@@ -73,8 +87,9 @@ def test_cuda_graph_training_step_equals_eager(name, upstream):
     opt = torch.optim.Adam(policy.parameters(), lr=3e-3, capturable=True)
     opt_eager = torch.optim.Adam(policy_eager.parameters(), lr=3e-3, capturable=True)
     data = [_data(i) for i in range(REPLAYS)]
-    static = {k: ({h: m.clone() for h, m in v.items()} if isinstance(v, dict) else v.clone())
-              for k, v in data[0].items()}
+    static = {
+        k: ({h: m.clone() for h, m in v.items()} if isinstance(v, dict) else v.clone()) for k, v in data[0].items()
+    }
 
     # warm-up on a side stream (allocator, autograd, optimizer state), then capture one whole step
     s = torch.cuda.Stream()

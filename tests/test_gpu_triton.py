@@ -33,9 +33,15 @@ pytestmark = pytest.mark.gpu
 
 ESPER = ek.HeadLayout(ek.ESPER_HEADS)
 JOINT = ek.PPOLossConfig(entropy_coef=0.01)
-PER_HEAD = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
-                            prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.1}, value_clip=0.2,
-                            entropy_coef_per_head={"op": 2.0, "tempo": 0.5})
+PER_HEAD = ek.PPOLossConfig(
+    surrogate="per_head",
+    normalize_entropy=True,
+    entropy_coef=0.05,
+    clip_eps_high=0.28,
+    prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.1},
+    value_clip=0.2,
+    entropy_coef_per_head={"op": 2.0, "tempo": 0.5},
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +51,9 @@ def _triton_on_cuda():
         pytest.skip(f"triton does not run on CUDA here: {'; '.join(info.reasons) or info.devices}")
 
 
-def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 0, masks: bool = True,
-                 values: bool = True) -> dict:
+def device_batch(
+    n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 0, masks: bool = True, values: bool = True
+) -> dict:
     """A make_batch-like batch generated on the GPU (fast for wide heads): NaN garbage in absent steps."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -57,14 +64,14 @@ def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 
     if masks:
         mask = torch.rand(n, S, generator=g, device=dev) < 0.7
         for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-            mask[:, off:off + a].scatter_(-1, actions[:, h:h + 1], True)
+            mask[:, off : off + a].scatter_(-1, actions[:, h : h + 1], True)
     with torch.no_grad():
         lp = []
         for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-            z = logits[:, off:off + a]
+            z = logits[:, off : off + a]
             if mask is not None:
-                z = z.masked_fill(~mask[:, off:off + a], -1e4)
-            lp.append(torch.log_softmax(z, -1).gather(-1, actions[:, h:h + 1]).squeeze(-1))
+                z = z.masked_fill(~mask[:, off : off + a], -1e4)
+            lp.append(torch.log_softmax(z, -1).gather(-1, actions[:, h : h + 1]).squeeze(-1))
         old = torch.stack(lp, -1) + 0.1 * torch.randn(n, H, generator=g, device=dev)
     weights = (torch.rand(n, generator=g, device=dev) >= 0.1).float()
     absent = weights == 0
@@ -72,8 +79,15 @@ def device_batch(n: int, layout: ek.HeadLayout, dtype: torch.dtype, seed: int = 
     old[absent] = float("nan")
     adv = torch.randn(n, generator=g, device=dev)
     adv[absent] = float("nan")
-    out = dict(logits=logits.to(dtype), action_masks=mask, actions=actions, old_log_probs=old, advantages=adv,
-               head_relevance=torch.rand(n, H, generator=g, device=dev) < 0.7, weights=weights)
+    out = dict(
+        logits=logits.to(dtype),
+        action_masks=mask,
+        actions=actions,
+        old_log_probs=old,
+        advantages=adv,
+        head_relevance=torch.rand(n, H, generator=g, device=dev) < 0.7,
+        weights=weights,
+    )
     if values:
         out["values"] = torch.randn(n, generator=g, device=dev)
         out["returns"] = out["values"] + torch.randn(n, generator=g, device=dev)
@@ -98,8 +112,11 @@ def test_wide_fp32():
 
 def test_vocab_bf16_streaming():
     case = STANDARD_CASES["vocab"]
-    check_triton(device_batch(case.n_rows, case.layout, torch.bfloat16, seed=7), case.layout,
-                  ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True))
+    check_triton(
+        device_batch(case.n_rows, case.layout, torch.bfloat16, seed=7),
+        case.layout,
+        ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True),
+    )
 
 
 def test_more_than_2_31_logits():
@@ -121,8 +138,9 @@ def test_more_than_2_31_logits():
     assert math.isfinite(out.loss.item()) and out.metrics.to_dict()["steps"] == n
     rows = torch.cat([torch.arange(0, 16), torch.arange(n - 112, n)]).cuda()  # rows >= 16,384 start past 2^31
     sub = logits.detach()[rows].float().requires_grad_(True)
-    ref = ek.ppo_loss(sub, None, actions[rows], old[rows], adv[rows], layout=layout, backend="reference",
-                      validate=False)
+    ref = ek.ppo_loss(
+        sub, None, actions[rows], old[rows], adv[rows], layout=layout, backend="reference", validate=False
+    )
     torch.autograd.backward([ref.log_probs, ref.entropy], [g_lp[rows], g_ent[rows]])
     assert_close("log_probs", out.log_probs.detach()[rows], ref.log_probs.detach())
     assert_close("entropy", out.entropy.detach()[rows], ref.entropy.detach())
@@ -132,8 +150,9 @@ def test_more_than_2_31_logits():
 
 def test_rl_1m_bf16():
     """8,192 programs: 128 merge groups (two ticket levels) at the benchmark's largest small-head case."""
-    check_triton(make_batch((1 << 20,), ESPER, dtype=torch.bfloat16, device="cuda", seed=10), ESPER, JOINT,
-                 check_grads=False)
+    check_triton(
+        make_batch((1 << 20,), ESPER, dtype=torch.bfloat16, device="cuda", seed=10), ESPER, JOINT, check_grads=False
+    )
 
 
 def _leaf(batch):
@@ -177,7 +196,7 @@ def test_launches_and_no_gradient_without_grad():
     assert rec.names == ["_ppo_pre_kernel", "_ppo_main_kernel", "_ppo_main_kernel"]
     with Launches().recording() as rec, torch.no_grad():
         ek.ppo_loss(**b, layout=ESPER, config=JOINT, backend="triton", validate=False)
-    fwd, = rec.main(fixup=False)
+    (fwd,) = rec.main(fixup=False)
     assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"]
 
 

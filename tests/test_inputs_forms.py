@@ -25,8 +25,13 @@ from esper_kernels.inputs import prepare_inputs
 pytestmark = pytest.mark.reference
 
 SIZES = [3, 1, 5, 4]
-CONFIG = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, prob_floor=[0.05, None, 0.02, None],
-                          value_clip=0.2, normalize_advantages=True)
+CONFIG = ek.PPOLossConfig(
+    surrogate="per_head",
+    entropy_coef=0.1,
+    prob_floor=[0.05, None, 0.02, None],
+    value_clip=0.2,
+    normalize_advantages=True,
+)
 
 
 def _batch(shape=(3, 4), seed=0, **kw):
@@ -46,8 +51,11 @@ def _run(batch: dict, layout, config=CONFIG, logits_leaves=None):
     out = ek.ppo_loss(**b, values=v, layout=layout, config=config, backend="reference", validate=False)
     g = torch.Generator().manual_seed(0)
     shape = out.log_probs.shape
-    obj = (out.loss + (out.log_probs.nan_to_num(0.0) * torch.randn(shape, generator=g)).sum()
-           + (out.entropy.nan_to_num(0.0) * torch.randn(shape, generator=g)).sum())
+    obj = (
+        out.loss
+        + (out.log_probs.nan_to_num(0.0) * torch.randn(shape, generator=g)).sum()
+        + (out.entropy.nan_to_num(0.0) * torch.randn(shape, generator=g)).sum()
+    )
     grads = torch.autograd.grad(obj, list(logits_leaves) + [v])
     return out, grads[:-1], grads[-1]
 
@@ -120,9 +128,9 @@ def test_non_contiguous_logits(kind):
     base = batch["logits"]  # [3, 4, S]
     if kind == "row_slice_of_wider_buffer":
         wide = torch.full((3, 4, S + 7), float("nan"))
-        wide[..., 3:3 + S] = base
+        wide[..., 3 : 3 + S] = base
         leaf = wide.requires_grad_(True)
-        view = lambda t: t[..., 3:3 + S]
+        view = lambda t: t[..., 3 : 3 + S]
     elif kind == "strided_rows":
         wide = torch.full((3, 8, S), float("nan"))
         wide[:, ::2] = base
@@ -208,9 +216,17 @@ def test_batch_shapes_flatten_to_the_same_result(shape):
 
 # -- no copies ------------------------------------------------------------------------------------------------------
 def _prepare(batch, layout, **kw):
-    return prepare_inputs(layout, batch["logits"], batch["action_masks"], batch["actions"], batch["old_log_probs"],
-                          batch["advantages"], head_relevance=batch.get("head_relevance"),
-                          weights=batch.get("weights"), **kw)
+    return prepare_inputs(
+        layout,
+        batch["logits"],
+        batch["action_masks"],
+        batch["actions"],
+        batch["old_log_probs"],
+        batch["advantages"],
+        head_relevance=batch.get("head_relevance"),
+        weights=batch.get("weights"),
+        **kw,
+    )
 
 
 def _shares(view: torch.Tensor, base: torch.Tensor) -> bool:
@@ -239,8 +255,10 @@ def test_per_head_views_of_one_buffer_are_not_copied():
     buf = wide[..., 5:]  # non-contiguous rows: row stride S + 5
     heads = per_head(buf, layout)
     masks = per_head(batch["action_masks"], layout, as_mapping=True)
-    inp = _prepare({**batch, "logits": heads, "action_masks": masks,
-                    "actions": _split_last(batch["actions"], layout, False)}, layout)
+    inp = _prepare(
+        {**batch, "logits": heads, "action_masks": masks, "actions": _split_last(batch["actions"], layout, False)},
+        layout,
+    )
     assert not inp.packed
     for h, (off, _a) in enumerate(zip(layout.offsets, layout.sizes)):
         t = inp.logits[h]
@@ -248,7 +266,7 @@ def test_per_head_views_of_one_buffer_are_not_copied():
         assert t.stride() == (sum(SIZES) + 5, 1)
         assert inp.masks[h].data_ptr() == batch["action_masks"].data_ptr() + off
         assert inp.actions[h].data_ptr() == batch["actions"].data_ptr() + h * 8
-        assert torch.equal(inp.head_logits(h), buf.reshape(12, -1)[:, off:off + _a])
+        assert torch.equal(inp.head_logits(h), buf.reshape(12, -1)[:, off : off + _a])
 
 
 def test_views_whose_batch_cannot_flatten_are_copied_correctly():

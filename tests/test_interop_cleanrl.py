@@ -27,10 +27,19 @@ MEASURED: dict[str, float] = {}
 
 def cleanrl_config() -> ek.PPOLossConfig:
     return ek.PPOLossConfig(
-        clip_eps=CLIP_COEF, surrogate="joint",
-        normalize_advantages=True, advantage_std="unbiased", advantage_eps=1e-8, advantage_eps_add=True,
-        entropy_coef=ENT_COEF, value_coef=VF_COEF, value_clip=CLIP_COEF,  # clip_vloss reuses clip_coef
-        mask_fill=-1e8, log_ratio_clamp=80.0, joint_log_ratio_clamp=None)
+        clip_eps=CLIP_COEF,
+        surrogate="joint",
+        normalize_advantages=True,
+        advantage_std="unbiased",
+        advantage_eps=1e-8,
+        advantage_eps_add=True,
+        entropy_coef=ENT_COEF,
+        value_coef=VF_COEF,
+        value_clip=CLIP_COEF,  # clip_vloss reuses clip_coef
+        mask_fill=-1e8,
+        log_ratio_clamp=80.0,
+        joint_log_ratio_clamp=None,
+    )
 
 
 def _close(name: str, got, want) -> None:
@@ -66,8 +75,15 @@ def _cleanrl_minibatch(newlogprob, b_logprobs, b_advantages, newvalue, b_values,
     v_loss = 0.5 * torch.max(v_unclipped, v_clipped).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - ENT_COEF * entropy_loss + v_loss * VF_COEF
-    return dict(pg_loss=pg_loss, v_loss=v_loss, entropy=entropy_loss, loss=loss, old_approx_kl=old_approx_kl,
-                approx_kl=approx_kl, clipfrac=clipfrac)
+    return dict(
+        pg_loss=pg_loss,
+        v_loss=v_loss,
+        entropy=entropy_loss,
+        loss=loss,
+        old_approx_kl=old_approx_kl,
+        approx_kl=approx_kl,
+        clipfrac=clipfrac,
+    )
 
 
 def make_batch(sizes: list[int], n: int, seed: int):
@@ -78,17 +94,24 @@ def make_batch(sizes: list[int], n: int, seed: int):
     actions, old = [], []
     off = 0
     for a in sizes:
-        m = masks[:, off:off + a]
+        m = masks[:, off : off + a]
         m[torch.arange(n), torch.randint(0, a, (n,), generator=g)] = True
-        z = logits[:, off:off + a].masked_fill(~m, float("-inf"))
+        z = logits[:, off : off + a].masked_fill(~m, float("-inf"))
         act = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(-1)
         actions.append(act)
         old.append(torch.log_softmax(z, -1).gather(-1, act[:, None]).squeeze(-1) + 0.2 * torch.randn(n, generator=g))
         off += a
     values = torch.randn(n, generator=g)
-    return dict(logits=logits, masks=masks, actions=torch.stack(actions, -1), old=torch.stack(old, -1),
-                advantages=0.3 + 1.5 * torch.randn(n, generator=g), values=values,
-                old_values=values + 0.3 * torch.randn(n, generator=g), returns=2.0 * torch.randn(n, generator=g))
+    return dict(
+        logits=logits,
+        masks=masks,
+        actions=torch.stack(actions, -1),
+        old=torch.stack(old, -1),
+        advantages=0.3 + 1.5 * torch.randn(n, generator=g),
+        values=values,
+        old_values=values + 0.3 * torch.randn(n, generator=g),
+        returns=2.0 * torch.randn(n, generator=g),
+    )
 
 
 @pytest.mark.parametrize("sizes", [[5], [6, 3, 13, 4]], ids=["single_head", "multi_head"])
@@ -99,13 +122,25 @@ def test_cleanrl_ppo_masked(sizes):
     z_c = b["logits"].clone().requires_grad_(True)
     v_c = b["values"].clone().requires_grad_(True)
     head_lp, head_ent = _masked_heads(z_c, b["masks"], sizes, b["actions"])
-    c = _cleanrl_minibatch(head_lp.sum(-1), b["old"].sum(-1), b["advantages"], v_c, b["old_values"], b["returns"],
-                           head_ent.sum(-1))
+    c = _cleanrl_minibatch(
+        head_lp.sum(-1), b["old"].sum(-1), b["advantages"], v_c, b["old_values"], b["returns"], head_ent.sum(-1)
+    )
 
     z = b["logits"].clone().requires_grad_(True)
     v = b["values"].clone().requires_grad_(True)
-    out = ek.ppo_loss(z, b["masks"], b["actions"], b["old"], b["advantages"], layout=layout, values=v,
-                      returns=b["returns"], old_values=b["old_values"], config=cleanrl_config(), backend="reference")
+    out = ek.ppo_loss(
+        z,
+        b["masks"],
+        b["actions"],
+        b["old"],
+        b["advantages"],
+        layout=layout,
+        values=v,
+        returns=b["returns"],
+        old_values=b["old_values"],
+        config=cleanrl_config(),
+        backend="reference",
+    )
     m = out.metrics.to_dict()
 
     _close("pg_loss", out.policy_loss, c["pg_loss"])
@@ -118,8 +153,12 @@ def test_cleanrl_ppo_masked(sizes):
     _close("approx_kl = joint_kl_k3", m["joint_kl_k3"], c["approx_kl"])
     _close("clipfrac", m["clip_fraction"], c["clipfrac"])
     assert 0.0 < m["clip_fraction"] < 1.0 and 0.0 < m["value_clip_fraction"] < 1.0
-    for name, ours, theirs in [("pg_loss", out.policy_loss, c["pg_loss"]), ("v_loss", out.value_loss, c["v_loss"]),
-                               ("entropy", -out.entropy_loss, c["entropy"]), ("loss", out.loss, c["loss"])]:
+    for name, ours, theirs in [
+        ("pg_loss", out.policy_loss, c["pg_loss"]),
+        ("v_loss", out.value_loss, c["v_loss"]),
+        ("entropy", -out.entropy_loss, c["entropy"]),
+        ("loss", out.loss, c["loss"]),
+    ]:
         gz, gv = torch.autograd.grad(ours, (z, v), retain_graph=True, allow_unused=True)
         tz, tv = torch.autograd.grad(theirs, (z_c, v_c), retain_graph=True, allow_unused=True)
         zero_z, zero_v = torch.zeros_like(z), torch.zeros_like(v)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import esper_kernels as ek
 
-sb3_contrib = pytest.importorskip("sb3_contrib",
-                                  reason="sb3-contrib is pinned in the Makefile's DEPS: rm .venv/.deps && make test")
+sb3_contrib = pytest.importorskip(
+    "sb3_contrib", reason="sb3-contrib is pinned in the Makefile's DEPS: rm .venv/.deps && make test"
+)
 from sb3_contrib import MaskablePPO  # noqa: E402
 from sb3_contrib.common.maskable.distributions import (  # noqa: E402
     MaskableCategoricalDistribution,
@@ -56,10 +57,18 @@ MEASURED: dict[str, float] = {}
 def sb3_config() -> ek.PPOLossConfig:
     """docs/switching.md, sb3-contrib section: MaskablePPO(normalize_advantage=True, clip_range_vf=None)."""
     return ek.PPOLossConfig(
-        clip_eps=CLIP_RANGE, surrogate="joint",
-        normalize_advantages=True, advantage_std="unbiased", advantage_eps=1e-8, advantage_eps_add=True,
-        entropy_coef=ENT_COEF, value_coef=2 * VF_COEF,  # sb3's value loss is the MSE without the 1/2
-        mask_fill=-1e8, log_ratio_clamp=80.0, joint_log_ratio_clamp=None)  # sb3 clamps no log-ratio
+        clip_eps=CLIP_RANGE,
+        surrogate="joint",
+        normalize_advantages=True,
+        advantage_std="unbiased",
+        advantage_eps=1e-8,
+        advantage_eps_add=True,
+        entropy_coef=ENT_COEF,
+        value_coef=2 * VF_COEF,  # sb3's value loss is the MSE without the 1/2
+        mask_fill=-1e8,
+        log_ratio_clamp=80.0,
+        joint_log_ratio_clamp=None,
+    )  # sb3 clamps no log-ratio
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -80,21 +89,27 @@ def make_batch(sizes: list[int], n: int, seed: int, logit_scale: float):
     actions, old = [], []
     off = 0
     for a in sizes:
-        m = masks[:, off:off + a]
+        m = masks[:, off : off + a]
         m[torch.arange(n), torch.randint(0, a, (n,), generator=g)] = True
         single = torch.rand(n, generator=g) < 0.1  # mask collapse: one valid action
         keep = torch.randint(0, a, (n,), generator=g)
         m[single] = False
         m[single, keep[single]] = True
-        z = logits[:, off:off + a].masked_fill(~m, float("-inf"))
+        z = logits[:, off : off + a].masked_fill(~m, float("-inf"))
         act = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(-1)
         lp = torch.log_softmax(z, -1).gather(-1, act[:, None]).squeeze(-1)
         actions.append(act)
         old.append(lp + 0.2 * torch.randn(n, generator=g))
         off += a
-    return dict(logits=logits, masks=masks, actions=torch.stack(actions, -1), old_log_probs=torch.stack(old, -1),
-                advantages=0.3 + 1.5 * torch.randn(n, generator=g), values=torch.randn(n, generator=g),
-                returns=torch.randn(n, generator=g) * 2.0)
+    return dict(
+        logits=logits,
+        masks=masks,
+        actions=torch.stack(actions, -1),
+        old_log_probs=torch.stack(old, -1),
+        advantages=0.3 + 1.5 * torch.randn(n, generator=g),
+        values=torch.randn(n, generator=g),
+        returns=torch.randn(n, generator=g) * 2.0,
+    )
 
 
 def _sb3_distribution(sizes: list[int], logits: torch.Tensor, masks: torch.Tensor):
@@ -123,8 +138,14 @@ def _sb3_train_lines(log_prob, old_log_prob, advantages, values, returns, entrop
     with th.no_grad():
         log_ratio = log_prob - old_log_prob
         approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio)
-    return dict(policy_loss=policy_loss, value_loss=value_loss, entropy_loss=entropy_loss, loss=loss,
-                clip_fraction=clip_fraction, approx_kl=approx_kl_div)
+    return dict(
+        policy_loss=policy_loss,
+        value_loss=value_loss,
+        entropy_loss=entropy_loss,
+        loss=loss,
+        clip_fraction=clip_fraction,
+        approx_kl=approx_kl_div,
+    )
 
 
 def _backends() -> list[str]:
@@ -160,8 +181,18 @@ def test_maskable_ppo_loss_log_probs_entropy_kl_and_gradients(sizes, logit_scale
     # ppo_loss with the documented config
     z = b["logits"].clone().requires_grad_(True)
     v = b["values"].clone().requires_grad_(True)
-    out = ek.ppo_loss(z, b["masks"], b["actions"], b["old_log_probs"], b["advantages"], layout=layout,
-                      values=v, returns=b["returns"], config=sb3_config(), backend=backend)
+    out = ek.ppo_loss(
+        z,
+        b["masks"],
+        b["actions"],
+        b["old_log_probs"],
+        b["advantages"],
+        layout=layout,
+        values=v,
+        returns=b["returns"],
+        config=sb3_config(),
+        backend=backend,
+    )
     m = out.metrics.to_dict()
 
     _close("policy_loss", out.policy_loss, sb3["policy_loss"])
@@ -177,10 +208,12 @@ def test_maskable_ppo_loss_log_probs_entropy_kl_and_gradients(sizes, logit_scale
     assert 0.0 < sb3["clip_fraction"] < 1.0, "the batch should clip some steps and not others"
 
     # gradients of each term and of the total, with respect to the logits and the values
-    terms = [("policy_loss", out.policy_loss, sb3["policy_loss"]),
-             ("entropy_loss", out.entropy_loss, sb3["entropy_loss"]),
-             ("value_loss", 2 * out.value_loss, sb3["value_loss"]),
-             ("loss", out.loss, sb3["loss"])]
+    terms = [
+        ("policy_loss", out.policy_loss, sb3["policy_loss"]),
+        ("entropy_loss", out.entropy_loss, sb3["entropy_loss"]),
+        ("value_loss", 2 * out.value_loss, sb3["value_loss"]),
+        ("loss", out.loss, sb3["loss"]),
+    ]
     for name, ours, theirs in terms:
         gz, gv = torch.autograd.grad(ours, (z, v), retain_graph=True, allow_unused=True)
         tz, tv = torch.autograd.grad(theirs, (z_sb3, v_sb3), retain_graph=True, allow_unused=True)
@@ -204,11 +237,22 @@ def test_joint_old_log_prob_in_head_zero():
 
     z_sb3 = b["logits"].clone().requires_grad_(True)
     dist = _sb3_distribution(sizes, z_sb3, b["masks"])
-    sb3 = _sb3_train_lines(dist.log_prob(b["actions"]), joint_old, b["advantages"], b["values"], b["returns"],
-                           dist.entropy())
+    sb3 = _sb3_train_lines(
+        dist.log_prob(b["actions"]), joint_old, b["advantages"], b["values"], b["returns"], dist.entropy()
+    )
     z = b["logits"].clone().requires_grad_(True)
-    out = ek.ppo_loss(z, b["masks"], b["actions"], old, b["advantages"], layout=layout, values=b["values"],
-                      returns=b["returns"], config=sb3_config(), backend="reference")
+    out = ek.ppo_loss(
+        z,
+        b["masks"],
+        b["actions"],
+        old,
+        b["advantages"],
+        layout=layout,
+        values=b["values"],
+        returns=b["returns"],
+        config=sb3_config(),
+        backend="reference",
+    )
     m = out.metrics.to_dict()
     _close("joint old: policy_loss", out.policy_loss, sb3["policy_loss"])
     _close("joint old: loss", out.loss, sb3["loss"])

@@ -73,23 +73,42 @@ def _torchrl_loss(sizes: dict[str, int], entropy_coeff, **kwargs) -> ClipPPOLoss
     heads = list(sizes)
     if len(heads) == 1:
         module = TensorDictModule(_PassThrough(), in_keys=["obs_logits"], out_keys=["logits"])
-        actor = ProbabilisticActor(module, in_keys={"logits": "logits", "mask": "action_mask"}, out_keys=["action"],
-                                   distribution_class=MaskedCategorical, return_log_prob=True)
+        actor = ProbabilisticActor(
+            module,
+            in_keys={"logits": "logits", "mask": "action_mask"},
+            out_keys=["action"],
+            distribution_class=MaskedCategorical,
+            return_log_prob=True,
+        )
     else:
         in_keys = [("obs_logits", h) for h in heads] + [("action_mask", h) for h in heads]
         out_keys = [("params", h, "logits") for h in heads] + [("params", h, "mask") for h in heads]
         module = TensorDictModule(_PassThrough(), in_keys=in_keys, out_keys=out_keys)
-        actor = ProbabilisticActor(module, in_keys=["params"], out_keys=[("action", h) for h in heads],
-                                   distribution_class=CompositeDistribution,
-                                   distribution_kwargs={"distribution_map": {h: MaskedCategorical for h in heads},
-                                                        "name_map": {h: ("action", h) for h in heads}},
-                                   return_log_prob=True)
+        actor = ProbabilisticActor(
+            module,
+            in_keys=["params"],
+            out_keys=[("action", h) for h in heads],
+            distribution_class=CompositeDistribution,
+            distribution_kwargs={
+                "distribution_map": {h: MaskedCategorical for h in heads},
+                "name_map": {h: ("action", h) for h in heads},
+            },
+            return_log_prob=True,
+        )
     critic = ValueOperator(_PassThrough(), in_keys=["obs_value"])
-    loss = ClipPPOLoss(actor, critic, clip_epsilon=CLIP_EPS, entropy_coeff=entropy_coeff, critic_coeff=CRITIC_COEFF,
-                       loss_critic_type="l2", **kwargs)
+    loss = ClipPPOLoss(
+        actor,
+        critic,
+        clip_epsilon=CLIP_EPS,
+        entropy_coeff=entropy_coeff,
+        critic_coeff=CRITIC_COEFF,
+        loss_critic_type="l2",
+        **kwargs,
+    )
     if len(heads) > 1:
-        loss.set_keys(sample_log_prob=[("action", f"{h}_log_prob") for h in heads],
-                      action=[("action", h) for h in heads])
+        loss.set_keys(
+            sample_log_prob=[("action", f"{h}_log_prob") for h in heads], action=[("action", h) for h in heads]
+        )
     return loss, actor
 
 
@@ -98,11 +117,18 @@ def _tensordict(sizes, b, z, v, *, old_values: bool = False, valid_key=None) -> 
     n = b["advantages"].shape[0]
     if len(heads) == 1:
         h = heads[0]
-        td = {"obs_logits": z[h], "action_mask": b["masks"][h], "action": b["actions"][h],
-              "action_log_prob": b["old"][h]}
+        td = {
+            "obs_logits": z[h],
+            "action_mask": b["masks"][h],
+            "action": b["actions"][h],
+            "action_log_prob": b["old"][h],
+        }
     else:
-        td = {"obs_logits": {h: z[h] for h in heads}, "action_mask": {h: b["masks"][h] for h in heads},
-              "action": {**{h: b["actions"][h] for h in heads}, **{f"{h}_log_prob": b["old"][h] for h in heads}}}
+        td = {
+            "obs_logits": {h: z[h] for h in heads},
+            "action_mask": {h: b["masks"][h] for h in heads},
+            "action": {**{h: b["actions"][h] for h in heads}, **{f"{h}_log_prob": b["old"][h] for h in heads}},
+        }
     td.update({"obs_value": v[:, None], "advantage": b["advantages"][:, None], "value_target": b["returns"][:, None]})
     if old_values:
         td["state_value"] = b["old_values"][:, None]
@@ -142,9 +168,20 @@ def _run(sizes, b, config, loss_kwargs, *, old_values=False, valid_key=None, wei
 
     z = {h: b["logits"][h].clone().requires_grad_(True) for h in heads}
     v = b["values"].clone().requires_grad_(True)
-    out = ek.ppo_loss(z, b["masks"], b["actions"], b["old"], b["advantages"], layout=ek.HeadLayout(sizes),
-                      values=v, returns=b["returns"], old_values=b["old_values"] if old_values else None,
-                      weights=weights, config=config, backend=backend)
+    out = ek.ppo_loss(
+        z,
+        b["masks"],
+        b["actions"],
+        b["old"],
+        b["advantages"],
+        layout=ek.HeadLayout(sizes),
+        values=v,
+        returns=b["returns"],
+        old_values=b["old_values"] if old_values else None,
+        weights=weights,
+        config=config,
+        backend=backend,
+    )
     return trl, out, (z_t, v_t, z, v, config.entropy_coef), head_lp, head_ent
 
 
@@ -153,16 +190,18 @@ def _compare_losses_and_gradients(trl, out, leaves, heads):
     _close("loss_objective", out.policy_loss, trl["loss_objective"])
     _close("loss_entropy", entropy_coef * out.entropy_loss, trl["loss_entropy"])
     _close("loss_critic", 2 * CRITIC_COEFF * out.value_loss, trl["loss_critic"])
-    pairs = [("loss_objective", out.policy_loss, trl["loss_objective"]),
-             ("loss_entropy", entropy_coef * out.entropy_loss, trl["loss_entropy"]),
-             ("loss_critic", 2 * CRITIC_COEFF * out.value_loss, trl["loss_critic"]),
-             ("total", out.loss, trl["loss_objective"] + trl["loss_entropy"] + trl["loss_critic"])]
+    pairs = [
+        ("loss_objective", out.policy_loss, trl["loss_objective"]),
+        ("loss_entropy", entropy_coef * out.entropy_loss, trl["loss_entropy"]),
+        ("loss_critic", 2 * CRITIC_COEFF * out.value_loss, trl["loss_critic"]),
+        ("total", out.loss, trl["loss_objective"] + trl["loss_entropy"] + trl["loss_critic"]),
+    ]
     for name, ours, theirs in pairs:
         g = torch.autograd.grad(ours, [z[h] for h in heads] + [v], retain_graph=True, allow_unused=True)
         t = torch.autograd.grad(theirs, [z_t[h] for h in heads] + [v_t], retain_graph=True, allow_unused=True)
         for i, (gi, ti) in enumerate(zip(g, t)):
             what = heads[i] if i < len(heads) else "values"
-            ref = (z_t[heads[i]] if i < len(heads) else v_t)
+            ref = z_t[heads[i]] if i < len(heads) else v_t
             gi = torch.zeros_like(ref) if gi is None else gi
             ti = torch.zeros_like(ref) if ti is None else ti
             _close(f"d {name} / d {what}", gi, ti)
@@ -181,8 +220,14 @@ def test_clip_ppo_loss(case, normalize, backend):
     sizes = CASES[case]
     heads = list(sizes)
     b = make_batch(sizes, n=257, seed=3 + len(sizes) + 10 * normalize)
-    config = dict(clip_eps=CLIP_EPS, surrogate="joint", value_coef=2 * CRITIC_COEFF, mask_fill=None,
-                  log_ratio_clamp=80.0, joint_log_ratio_clamp=None)
+    config = dict(
+        clip_eps=CLIP_EPS,
+        surrogate="joint",
+        value_coef=2 * CRITIC_COEFF,
+        mask_fill=None,
+        log_ratio_clamp=80.0,
+        joint_log_ratio_clamp=None,
+    )
     if normalize:  # TorchRL: (A - mean) / clamp_min(std (unbiased), 1e-6) over the batch
         config.update(normalize_advantages=True, advantage_std="unbiased", advantage_eps=1e-6, advantage_eps_add=False)
     trl, out, leaves, head_lp, head_ent = _run(sizes, b, config, {"normalize_advantage": normalize}, backend=backend)
@@ -208,8 +253,14 @@ def test_clip_ppo_loss_value_clipping(case):
     clamp binds, ppo_loss's the steps where the clipped branch is the larger (docs/switching.md)."""
     sizes = CASES[case]
     b = make_batch(sizes, n=257, seed=41 + len(sizes))
-    config = dict(clip_eps=CLIP_EPS, value_coef=2 * CRITIC_COEFF, value_clip=0.2, mask_fill=None,
-                  log_ratio_clamp=80.0, joint_log_ratio_clamp=None)
+    config = dict(
+        clip_eps=CLIP_EPS,
+        value_coef=2 * CRITIC_COEFF,
+        value_clip=0.2,
+        mask_fill=None,
+        log_ratio_clamp=80.0,
+        joint_log_ratio_clamp=None,
+    )
     trl, out, leaves, _, _ = _run(sizes, b, config, {"clip_value": 0.2}, old_values=True)
     _compare_losses_and_gradients(trl, out, leaves, list(sizes))
     binds = ((b["values"] - b["old_values"]).abs() > 0.2).double().mean()
@@ -226,11 +277,13 @@ def test_clip_ppo_loss_validity_masks(case):
     sizes = CASES[case]
     b = make_batch(sizes, n=257, seed=77 + len(sizes))
     w = b["valid"].float()
-    base = dict(clip_eps=CLIP_EPS, value_coef=2 * CRITIC_COEFF, mask_fill=None, log_ratio_clamp=80.0,
-                joint_log_ratio_clamp=None)
+    base = dict(
+        clip_eps=CLIP_EPS, value_coef=2 * CRITIC_COEFF, mask_fill=None, log_ratio_clamp=80.0, joint_log_ratio_clamp=None
+    )
     trl, out, leaves, _, _ = _run(sizes, b, base, {}, valid_key=("collector", "mask"), weights=w)
     _compare_losses_and_gradients(trl, out, leaves, list(sizes))
     normalized = dict(base, normalize_advantages=True, advantage_std="population", advantage_eps=1e-4)
-    trl, out, leaves, _, _ = _run(sizes, b, normalized, {"normalize_advantage": True}, valid_key="shifted_valid",
-                                  weights=w)
+    trl, out, leaves, _, _ = _run(
+        sizes, b, normalized, {"normalize_advantage": True}, valid_key="shifted_valid", weights=w
+    )
     _compare_losses_and_gradients(trl, out, leaves, list(sizes))

@@ -24,16 +24,32 @@ SIZES = [3, 1, 5, 4]
 SHAPE = (3, 5)
 CONFIGS = {
     "joint": ek.PPOLossConfig(entropy_coef=0.1, value_clip=0.2),
-    "per_head_everything": ek.PPOLossConfig(surrogate="per_head", normalize_advantages=True, normalize_entropy=True,
-                                            entropy_coef=0.05, prob_floor=[0.05, None, 0.02, 0.1], value_clip=0.3,
-                                            clip_eps_high=0.28, entropy_coef_per_head=[1.0, 0.5, 2.0, 0.0]),
+    "per_head_everything": ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_advantages=True,
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        prob_floor=[0.05, None, 0.02, 0.1],
+        value_clip=0.3,
+        clip_eps_high=0.28,
+        entropy_coef_per_head=[1.0, 0.5, 2.0, 0.0],
+    ),
 }
 POISONS = (float("nan"), float("inf"), float("-inf"))
 
 
 def _clean(per_head_adv: bool = False, seed: int = 0) -> dict:
-    b = random_batch(SIZES, SHAPE, seed, weights="float", old_noise=0.3, per_head_adv=per_head_adv, values=True,
-                     old_values=True, garbage=False)
+    b = random_batch(
+        SIZES,
+        SHAPE,
+        seed,
+        weights="float",
+        old_noise=0.3,
+        per_head_adv=per_head_adv,
+        values=True,
+        old_values=True,
+        garbage=False,
+    )
     assert (b["weights"] == 0).any() and (b["weights"] > 0).any() and not b["head_relevance"].all()
     return b
 
@@ -46,9 +62,15 @@ def _run(batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig, seed: int
     out = ek.ppo_loss(z, values=v, **b, layout=layout, config=config, backend="reference", validate=False)
     g = torch.Generator().manual_seed(seed)
     grads = torch.autograd.grad(
-        [out.loss, out.log_probs, out.entropy], [z, v],
-        [torch.randn((), generator=g), torch.randn(out.log_probs.shape, generator=g),
-         torch.randn(out.entropy.shape, generator=g)], retain_graph=True)
+        [out.loss, out.log_probs, out.entropy],
+        [z, v],
+        [
+            torch.randn((), generator=g),
+            torch.randn(out.log_probs.shape, generator=g),
+            torch.randn(out.entropy.shape, generator=g),
+        ],
+        retain_graph=True,
+    )
     loss_grads = torch.autograd.grad(out.loss, [z, v])
     return out, grads, loss_grads
 
@@ -66,8 +88,9 @@ def _assert_same(a, b, present: torch.Tensor, skip_metrics: tuple[str, ...] = ()
         if k in skip_metrics:
             continue
         assert ma[k] == mb[k] or (math.isnan(ma[k]) and math.isnan(mb[k])), f"metric {k}: {ma[k]} != {mb[k]}"
-    for name, ga, gb in zip(("logits", "values", "logits (loss only)", "values (loss only)"),
-                            grads_a + loss_grads_a, grads_b + loss_grads_b):
+    for name, ga, gb in zip(
+        ("logits", "values", "logits (loss only)", "values (loss only)"), grads_a + loss_grads_a, grads_b + loss_grads_b
+    ):
         assert torch.equal(ga, gb), f"gradient of {name} changed"
 
 
@@ -75,8 +98,9 @@ def _present(batch) -> torch.Tensor:
     return batch["weights"] > 0
 
 
-def _poison_absent(b: dict, value: float, keys=("logits", "old_log_probs", "advantages", "values", "returns",
-                                                  "old_values")) -> dict:
+def _poison_absent(
+    b: dict, value: float, keys=("logits", "old_log_probs", "advantages", "values", "returns", "old_values")
+) -> dict:
     b = dict(b)
     absent = ~_present(b)
     for k in keys:
@@ -115,8 +139,9 @@ def test_garbage_changes_nothing(config_name, where):
             b = _poison_absent(b, value)
         if where in ("irrelevant_old", "all"):
             b = _poison_irrelevant_old(b, value)
-        assert not torch.equal(b["logits"], clean["logits"]) or not torch.equal(b["old_log_probs"],
-                                                                                clean["old_log_probs"])
+        assert not torch.equal(b["logits"], clean["logits"]) or not torch.equal(
+            b["old_log_probs"], clean["old_log_probs"]
+        )
         _assert_same(base, _run(b, layout, config), present)
 
 
@@ -176,7 +201,7 @@ def test_irrelevant_heads_get_no_gradient_from_the_loss():
     _, _, (lz, _) = _run(clean, layout, config)
     rel = clean["head_relevance"] & _present(clean).unsqueeze(-1)
     for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-        g = lz[..., off:off + a]
+        g = lz[..., off : off + a]
         assert (g[~rel[..., h]] == 0).all(), f"head {h}"
 
 
@@ -193,7 +218,7 @@ def test_nonfinite_logits_of_an_irrelevant_head():
     spots = (~rel[..., h] & present).nonzero()
     assert len(spots)
     i, j = spots[0].tolist()
-    col = off + int(clean["action_masks"][i, j, off:off + a].nonzero()[0])
+    col = off + int(clean["action_masks"][i, j, off : off + a].nonzero()[0])
     b = dict(clean)
     b["logits"] = clean["logits"].clone()
     b["logits"][i, j, col] = float("nan")
@@ -206,6 +231,6 @@ def test_nonfinite_logits_of_an_irrelevant_head():
         if k not in (f"head_h{h}_nonfinite", "all_finite"):
             assert mb[k] == mp[k] or (math.isnan(mb[k]) and math.isnan(mp[k])), k
     other = torch.ones_like(clean["logits"], dtype=torch.bool)
-    other[i, j, off:off + a] = False
+    other[i, j, off : off + a] = False
     assert torch.equal(base[2][0][other], poisoned[2][0][other])
     assert torch.equal(base[1][0][other], poisoned[1][0][other])

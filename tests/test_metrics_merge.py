@@ -29,8 +29,13 @@ SIZES = [3, 1, 6, 4]
 # normalize_advantages is left out: it normalises per call, so two halves normalise differently than the whole
 CONFIGS = {
     "joint": ek.PPOLossConfig(entropy_coef=0.1, value_clip=0.2, clip_eps_high=0.28),
-    "per_head": ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.05, normalize_entropy=True,
-                                 prob_floor=[0.05, None, 0.02, None], value_clip=0.5),
+    "per_head": ek.PPOLossConfig(
+        surrogate="per_head",
+        entropy_coef=0.05,
+        normalize_entropy=True,
+        prob_floor=[0.05, None, 0.02, None],
+        value_clip=0.5,
+    ),
 }
 
 
@@ -47,8 +52,17 @@ def _rows(batch: dict, sl) -> dict:
 def test_merge_of_parts_equals_the_whole(config_name, cuts):
     config = CONFIGS[config_name]
     layout = layout_of(SIZES)
-    batch = random_batch(SIZES, (13,), seed=2, weights="float", values=True, old_values=True, value_weights=True,
-                         per_head_adv=config.surrogate == "per_head", old_noise=0.4)
+    batch = random_batch(
+        SIZES,
+        (13,),
+        seed=2,
+        weights="float",
+        values=True,
+        old_values=True,
+        value_weights=True,
+        per_head_adv=config.surrogate == "per_head",
+        old_noise=0.4,
+    )
     whole = _metrics(batch, layout, config)
     bounds = (0, *cuts, 13)
     parts = [_metrics(_rows(batch, slice(a, b)), layout, config) for a, b in itertools.pairwise(bounds)]
@@ -63,8 +77,9 @@ def test_merge_of_bxt_halves():
     layout = layout_of(SIZES)
     batch = random_batch(SIZES, (5, 6), seed=9, weights="float", values=True, old_values=True)
     whole = _metrics(batch, layout, config)
-    merged = ek.PPOMetrics.merge([_metrics(_rows(batch, slice(0, 2)), layout, config),
-                                  _metrics(_rows(batch, slice(2, 5)), layout, config)])
+    merged = ek.PPOMetrics.merge(
+        [_metrics(_rows(batch, slice(0, 2)), layout, config), _metrics(_rows(batch, slice(2, 5)), layout, config)]
+    )
     compare_metrics(merged.to_dict(), whole.to_dict())
 
 
@@ -142,17 +157,48 @@ def test_to_dict_keys_and_values():
     d = metrics.to_dict()
     expected = list(ek.GLOBAL_METRICS) + [f"head_{n}_{m}" for m in ek.HEAD_METRICS for n in layout.names]
     assert sorted(d) == sorted(expected) and len(d) == len(expected)
-    assert list(d)[:len(ek.GLOBAL_METRICS)] == list(ek.GLOBAL_METRICS)
+    assert list(d)[: len(ek.GLOBAL_METRICS)] == list(ek.GLOBAL_METRICS)
     assert all(type(v) is float for v in d.values())
     # every metric of docs/semantics.md section 5 is there
-    for k in ("policy_loss", "entropy_loss", "value_loss", "loss", "approx_kl", "joint_kl_k3", "joint_kl_k1",
-              "clip_fraction", "clip_fraction_positive", "clip_fraction_negative", "ratio_mean", "ratio_std",
-              "ratio_min", "ratio_max", "log_prob_min", "log_prob_max", "steps", "weight_sum", "all_finite",
-              "explained_variance", "value_clip_fraction"):
+    for k in (
+        "policy_loss",
+        "entropy_loss",
+        "value_loss",
+        "loss",
+        "approx_kl",
+        "joint_kl_k3",
+        "joint_kl_k1",
+        "clip_fraction",
+        "clip_fraction_positive",
+        "clip_fraction_negative",
+        "ratio_mean",
+        "ratio_std",
+        "ratio_min",
+        "ratio_max",
+        "log_prob_min",
+        "log_prob_max",
+        "steps",
+        "weight_sum",
+        "all_finite",
+        "explained_variance",
+        "value_clip_fraction",
+    ):
         assert k in ek.GLOBAL_METRICS, k
-    for k in ("entropy", "kl", "clip_fraction", "ratio_max", "nonfinite", "empty_mask", "invalid_action",
-              "valid_actions_min", "valid_actions_max", "valid_actions_mean", "single_action_fraction",
-              "relevance_fraction", "learnable_fraction"):
+    for k in (
+        "entropy",
+        "kl",
+        "clip_fraction",
+        "ratio_max",
+        "nonfinite",
+        "empty_mask",
+        "invalid_action",
+        "valid_actions_min",
+        "valid_actions_max",
+        "valid_actions_mean",
+        "single_action_fraction",
+        "relevance_fraction",
+        "learnable_fraction",
+    ):
         assert k in ek.HEAD_METRICS, k
     h = metrics.head("op")
     assert sorted(h) == sorted(ek.HEAD_METRICS) and all(h[k] == d[f"head_op_{k}"] or h[k] != h[k] for k in h)
@@ -195,7 +241,6 @@ def test_to_dict_syncs_once(monkeypatch):
     assert calls == {"tolist": 1, "item": 0}
 
 
-
 @settings(deadline=None)
 @given(case=stats_cases())
 def test_numpy_and_torch_derivations_agree(case):
@@ -207,7 +252,8 @@ def test_numpy_and_torch_derivations_agree(case):
 
     def numpy_table(s, cfg, has_values):
         with np.errstate(all="ignore"):
-            return torch.from_numpy(_derive_table(s.numpy(), len(cfg.entropy_coef_per_head), cfg, has_values,
-                                                 xp=_NumpyOps))
+            return torch.from_numpy(
+                _derive_table(s.numpy(), len(cfg.entropy_coef_per_head), cfg, has_values, xp=_NumpyOps)
+            )
 
     check_metric_table(numpy_table, case)

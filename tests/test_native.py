@@ -56,8 +56,12 @@ def check(batch, layout, config=None, **kw):
 
 
 # -- every config field, both surrogates, floors, values, messy data and garbage: hypothesis ---------------
-@settings(max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")) // 2, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("NATIVE_EXAMPLES", "60")) // 2,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=cases(messy=None), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_row_path_and_vectorised_path_equal_reference(case, dtype):
     """Both small-head paths meet the reference: the row-vectorised one (16 rows in SIMD lanes) and the
@@ -91,8 +95,8 @@ def test_per_head_tensors_read_in_place():
     parts = per_head(b["logits"], layout)
     leaves = []
     for buf, part, a in zip(bufs, parts, sizes):
-        buf[:, 1:1 + a] = part
-        leaves.append(buf[:, 1:1 + a])
+        buf[:, 1 : 1 + a] = part
+        leaves.append(buf[:, 1 : 1 + a])
     seen = []
     from esper_kernels.backends import native
 
@@ -104,8 +108,12 @@ def test_per_head_tensors_read_in_place():
 
     native.forward_params = spy
     try:
-        check(dict(b, logits=leaves), layout, ek.PPOLossConfig(entropy_coef=0.1), leaf_fn=lambda lg, make: [
-            make(buf).requires_grad_(True)[:, 1:1 + a] for buf, a in zip(bufs, sizes)])
+        check(
+            dict(b, logits=leaves),
+            layout,
+            ek.PPOLossConfig(entropy_coef=0.1),
+            leaf_fn=lambda lg, make: [make(buf).requires_grad_(True)[:, 1 : 1 + a] for buf, a in zip(bufs, sizes)],
+        )
         out = ek.ppo_loss(**dict(b, logits=leaves), layout=layout, backend="cpu", validate=False)
         assert torch.isfinite(out.loss)
     finally:
@@ -162,8 +170,9 @@ def _wide_adversarial_batch(dtype, seed=31):
     at every masked position."""
     layout = ek.HeadLayout({"s": 5, "w33": 33, "w1000": 1000, "w48": 48})
     sizes = list(layout.sizes)
-    b = random_batch(sizes, (70,), seed=seed, mask_density=0.5, values=True, logit_scale=3.0, dtype=torch.float32,
-                     garbage=False)
+    b = random_batch(
+        sizes, (70,), seed=seed, mask_density=0.5, values=True, logit_scale=3.0, dtype=torch.float32, garbage=False
+    )
     z, m, acts, rel, w = b["logits"], b["action_masks"], b["actions"], b["head_relevance"], b["weights"]
     w[:8] = 1.0
     offs = [sum(sizes[:h]) for h in range(len(sizes))]
@@ -188,10 +197,14 @@ def _wide_adversarial_batch(dtype, seed=31):
 
 
 @pytest.mark.parametrize("vectorise", [True, False])
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.05),
-    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, mask_fill=-30.0),
-], ids=["joint", "per_head_norm"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ek.PPOLossConfig(entropy_coef=0.05),
+        ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, mask_fill=-30.0),
+    ],
+    ids=["joint", "per_head_norm"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_wide_heads_adversarial_rows(dtype, config, vectorise):
     """Wide heads (more than 32 actions, no floor) on the AVX-512 wide path (vectorise) and on the row path:
@@ -230,8 +243,9 @@ def _floor_adversarial_batch(dtype, seed=41):
     sizes = list(layout.sizes)
     # logit scale 3: heads with most actions under the floor, where the chain rule's float32 terms cancel to
     # noise farther from float64 than the reference (the backends take the closed form there)
-    b = random_batch(sizes, (90,), seed=seed, mask_density=0.6, values=True, logit_scale=3.0,
-                     dtype=torch.float32, garbage=False)
+    b = random_batch(
+        sizes, (90,), seed=seed, mask_density=0.6, values=True, logit_scale=3.0, dtype=torch.float32, garbage=False
+    )
     z, m, acts, rel, w = b["logits"], b["action_masks"], b["actions"], b["head_relevance"], b["weights"]
     w[:10] = 1.0
     offs = [sum(sizes[:h]) for h in range(len(sizes))]
@@ -261,11 +275,20 @@ def _floor_adversarial_batch(dtype, seed=41):
 
 
 @pytest.mark.parametrize("vectorise", [True, False])
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.05, prob_floor=[0.05] * 6),
-    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, mask_fill=-30.0,
-                     prob_floor={"two": 0.3, "five": 0.1, "op": 0.02, "full": 0.01}),
-], ids=["joint_all_floored", "per_head_norm_some_floored"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ek.PPOLossConfig(entropy_coef=0.05, prob_floor=[0.05] * 6),
+        ek.PPOLossConfig(
+            surrogate="per_head",
+            normalize_entropy=True,
+            entropy_coef=0.1,
+            mask_fill=-30.0,
+            prob_floor={"two": 0.3, "five": 0.1, "op": 0.02, "full": 0.01},
+        ),
+    ],
+    ids=["joint_all_floored", "per_head_norm_some_floored"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_floored_small_heads_adversarial_rows(dtype, config, vectorise):
     """Floored heads of at most 32 actions on the AVX-512 small-head path (vectorise) and on the row path:
@@ -296,6 +319,10 @@ def test_floored_small_heads_deterministic_across_threads():
     and with 1 or 2 threads."""
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     b = make_batch((8, 125), layout, seed=9)
-    config = ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True,
-                              prob_floor={n: 0.02 for n in layout.names[::2]} | {layout.names[1]: 0.2})
+    config = ek.PPOLossConfig(
+        surrogate="per_head",
+        entropy_coef=0.1,
+        normalize_entropy=True,
+        prob_floor={n: 0.02 for n in layout.names[::2]} | {layout.names[1]: 0.2},
+    )
     _check_thread_determinism(b, layout, config)

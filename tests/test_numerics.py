@@ -20,8 +20,9 @@ BACKENDS = [b for b in ("reference", "cpu", "triton") if ek.available_backends()
 FUSED = [b for b in BACKENDS if b != "reference"]
 
 
-def _esperish(n: int, seed: int, offset: float = 0.0, scale: float = 2.0,
-              sizes=(3, 13, 5)) -> tuple[dict, ek.HeadLayout]:
+def _esperish(
+    n: int, seed: int, offset: float = 0.0, scale: float = 2.0, sizes=(3, 13, 5)
+) -> tuple[dict, ek.HeadLayout]:
     """A batch whose logits are exactly representable in float32 with ``offset`` added to every logit."""
     g = torch.Generator().manual_seed(seed)
     layout = ek.HeadLayout({f"h{i}": a for i, a in enumerate(sizes)})
@@ -30,10 +31,16 @@ def _esperish(n: int, seed: int, offset: float = 0.0, scale: float = 2.0,
     masks = torch.rand(n, S, generator=g) < 0.7
     actions = torch.stack([torch.randint(0, a, (n,), generator=g) for a in sizes], -1)
     for h, (off, a) in enumerate(zip(layout.offsets, sizes)):
-        masks[:, off:off + a].scatter_(-1, actions[:, h:h + 1], True)
+        masks[:, off : off + a].scatter_(-1, actions[:, h : h + 1], True)
     old = -torch.rand(n, H, generator=g) * 2.0
-    batch = dict(logits=z, action_masks=masks, actions=actions, old_log_probs=old,
-                 advantages=torch.randn(n, generator=g), weights=(torch.rand(n, generator=g) > 0.1).float())
+    batch = dict(
+        logits=z,
+        action_masks=masks,
+        actions=actions,
+        old_log_probs=old,
+        advantages=torch.randn(n, generator=g),
+        weights=(torch.rand(n, generator=g) > 0.1).float(),
+    )
     return batch, layout
 
 
@@ -53,16 +60,30 @@ def test_no_gradient_reaches_data_inputs(backend, per_head):
     they require one (advantages R - V that were not detached must not train the critic)."""
     batch, layout = _esperish(12, seed=1)
     n, H = 12, layout.num_heads
-    data = dict(advantages=torch.randn(n, H) if per_head else torch.randn(n), weights=torch.rand(n) + 0.1,
-                old_log_probs=batch["old_log_probs"].clone(), returns=torch.randn(n), old_values=torch.randn(n),
-                value_weights=torch.rand(n) + 0.1)
+    data = dict(
+        advantages=torch.randn(n, H) if per_head else torch.randn(n),
+        weights=torch.rand(n) + 0.1,
+        old_log_probs=batch["old_log_probs"].clone(),
+        returns=torch.randn(n),
+        old_values=torch.randn(n),
+        value_weights=torch.rand(n) + 0.1,
+    )
     for t in data.values():
         t.requires_grad_(True)
     logits = batch["logits"].clone().requires_grad_(True)
     values = torch.randn(n, requires_grad=True)
     cfg = ek.PPOLossConfig(surrogate="per_head" if per_head else "joint", value_clip=0.2, normalize_advantages=True)
-    out = ek.ppo_loss(logits, batch["action_masks"], batch["actions"], layout=layout, values=values, config=cfg,
-                      backend=backend, validate=False, **data)
+    out = ek.ppo_loss(
+        logits,
+        batch["action_masks"],
+        batch["actions"],
+        layout=layout,
+        values=values,
+        config=cfg,
+        backend=backend,
+        validate=False,
+        **data,
+    )
     (out.loss + out.log_probs.sum() + out.entropy.sum()).backward()
     assert logits.grad is not None and values.grad is not None
     for name, t in data.items():
@@ -94,8 +115,16 @@ def test_entropy_of_huge_equal_logits(backend):
     """Three logits all 1e8: entropy log 3 and log-prob -log 3 (z - lse rounds them to 0 and -1.125)."""
     layout = ek.HeadLayout({"a": 3})
     z = torch.full((2, 3), 1e8)
-    out = ek.ppo_loss(z, None, torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), torch.zeros(2),
-                      layout=layout, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        z,
+        None,
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.zeros(2, 1),
+        torch.zeros(2),
+        layout=layout,
+        backend=backend,
+        validate=False,
+    )
     torch.testing.assert_close(out.entropy, torch.full((2, 1), math.log(3.0)), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(out.log_probs, torch.full((2, 1), -math.log(3.0)), rtol=RTOL, atol=ATOL)
 
@@ -123,8 +152,9 @@ def test_invalid_actions_get_probability_zero_far_below_the_fill(backend):
     present = batch["weights"] > 0  # (an absent step's per-step outputs are unspecified)
     assert_close("log_probs", out.log_probs[present], base.log_probs[present], rtol=1e-5, atol=2e-5)
     assert_close("loss", out.loss, base.loss, rtol=1e-5, atol=2e-5)
-    filled = ek.ppo_loss(**batch, layout=layout, backend=backend, validate=False,
-                         config=ek.PPOLossConfig(mask_fill=-1e4))
+    filled = ek.ppo_loss(
+        **batch, layout=layout, backend=backend, validate=False, config=ek.PPOLossConfig(mask_fill=-1e4)
+    )
     # the fill dominates: the old behaviour
     assert (filled.log_probs[present] - base.log_probs[present]).abs().max() > 100
 
@@ -159,8 +189,19 @@ def test_empty_mask_is_treated_as_an_out_of_range_action(backend, mask_fill):
     old = torch.full((n, 2), -1.0)
     cfg = ek.PPOLossConfig(mask_fill=mask_fill, entropy_coef=0.1)
     zz = z.clone().requires_grad_(True)
-    out = ek.ppo_loss(zz, masks, actions, old, torch.randn(n, generator=g), layout=layout, head_relevance=rel,
-                      weights=w, config=cfg, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        zz,
+        masks,
+        actions,
+        old,
+        torch.randn(n, generator=g),
+        layout=layout,
+        head_relevance=rel,
+        weights=w,
+        config=cfg,
+        backend=backend,
+        validate=False,
+    )
     assert math.isnan(out.log_probs[0, 1].item()) and out.entropy[0, 1].item() == 0.0
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -171,12 +212,24 @@ def test_empty_mask_is_treated_as_an_out_of_range_action(backend, mask_fill):
     assert math.isfinite(m["head_b_entropy"]) and math.isfinite(m["head_b_kl"])
     # relevant at step 0: the loss is NaN, as with an out-of-range action
     rel[0, 1] = True
-    out = ek.ppo_loss(z, masks, actions, old, torch.randn(n, generator=g), layout=layout, head_relevance=rel,
-                      weights=w, config=cfg, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        z,
+        masks,
+        actions,
+        old,
+        torch.randn(n, generator=g),
+        layout=layout,
+        head_relevance=rel,
+        weights=w,
+        config=cfg,
+        backend=backend,
+        validate=False,
+    )
     assert math.isnan(out.loss.item())
     with pytest.raises(ValueError, match="head 'b': no valid action"):
-        ek.ppo_loss(z, masks, actions, old, torch.randn(n, generator=g), layout=layout, weights=w, config=cfg,
-                    backend=backend)
+        ek.ppo_loss(
+            z, masks, actions, old, torch.randn(n, generator=g), layout=layout, weights=w, config=cfg, backend=backend
+        )
 
 
 # -- issue: one NaN pattern of the gradient -----------------------------------------------------------------
@@ -185,10 +238,19 @@ def test_a_nan_upstream_gives_nan_at_every_valid_action_of_the_row(backend):
     """The reproduction of the issue: an out-of-range action makes the loss NaN; the floored head b's row gets
     NaN at every valid action (the fused closed form gave 0 under the floor)."""
     layout = ek.HeadLayout({"a": 1, "b": 2})
-    z = torch.tensor([[.15, .06, -.11]], requires_grad=True)
+    z = torch.tensor([[0.15, 0.06, -0.11]], requires_grad=True)
     cfg = ek.PPOLossConfig(prob_floor=[None, 0.5], joint_log_ratio_clamp=None)
-    out = ek.ppo_loss(z, None, torch.tensor([[7, 0]]), torch.tensor([[0., -.6]]), torch.tensor([.77]),
-                      layout=layout, config=cfg, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        z,
+        None,
+        torch.tensor([[7, 0]]),
+        torch.tensor([[0.0, -0.6]]),
+        torch.tensor([0.77]),
+        layout=layout,
+        config=cfg,
+        backend=backend,
+        validate=False,
+    )
     out.loss.backward()
     assert z.grad[0, 0].item() == 0.0  # head a's action is out of range: nothing flows into it
     assert torch.isnan(z.grad[0, 1:]).all(), z.grad
@@ -201,8 +263,9 @@ def test_non_finite_upstream_pattern_matches_the_reference(backend, floor):
     steps exactly 0 in both; every other row finite and equal."""
     batch, layout = _esperish(40, seed=8)
     batch["actions"][::5, 0] = 99  # out of range: NaN loss through the joint ratio
-    cfg = ek.PPOLossConfig(prob_floor=None if floor is None else [floor] * layout.num_heads,
-                           joint_log_ratio_clamp=None, entropy_coef=0.1)
+    cfg = ek.PPOLossConfig(
+        prob_floor=None if floor is None else [floor] * layout.num_heads, joint_log_ratio_clamp=None, entropy_coef=0.1
+    )
     grads = {}
     for b in ("reference", backend):
         z = batch["logits"].clone().requires_grad_(True)
@@ -233,16 +296,33 @@ def test_overflowed_joint_ratio_reads_inf(backend, where):
     old = torch.full((n, 6), -math.log(2.0))  # ratio 1
     old[where] = -60.0  # lr clamps at +20 in every head
     cfg = ek.PPOLossConfig(joint_log_ratio_clamp=None)
-    out = ek.ppo_loss(z, None, torch.zeros(n, 6, dtype=torch.long), old, torch.ones(n), layout=layout,
-                      config=cfg, backend=backend, validate=False)
+    out = ek.ppo_loss(
+        z,
+        None,
+        torch.zeros(n, 6, dtype=torch.long),
+        old,
+        torch.ones(n),
+        layout=layout,
+        config=cfg,
+        backend=backend,
+        validate=False,
+    )
     m = out.metrics.to_dict()
     assert m["ratio_max"] == math.inf and m["ratio_mean"] == math.inf and m["ratio_std"] == math.inf, m
     assert m["ratio_min"] == 1.0 and m["joint_kl_k3"] == math.inf
 
 
 # -- issue: the config refuses what overflows float32; clearer messages ---------------------------------------
-@pytest.mark.parametrize("field,value", [("mask_fill", -1e39), ("clip_eps_high", 1e39), ("value_clip", 1e39),
-                                         ("entropy_coef", 1e39), ("advantage_eps", 1e39)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mask_fill", -1e39),
+        ("clip_eps_high", 1e39),
+        ("value_clip", 1e39),
+        ("entropy_coef", 1e39),
+        ("advantage_eps", 1e39),
+    ],
+)
 def test_config_refuses_values_that_overflow_float32(field, value):
     with pytest.raises(ValueError, match=rf"PPOLossConfig\.{field}: .*overflows float32"):
         ek.PPOLossConfig(**{field: value})
@@ -258,8 +338,14 @@ def test_numpy_logits_raise_a_type_error_asking_for_a_tensor():
     np = pytest.importorskip("numpy")
     layout = ek.HeadLayout({"a": 3})
     with pytest.raises(TypeError, match=r"logits: expected a torch.Tensor .*numpy.ndarray.*torch.from_numpy"):
-        ek.ppo_loss(np.zeros((2, 3), dtype=np.float32), None, torch.zeros(2, 1, dtype=torch.long),
-                    torch.zeros(2, 1), torch.zeros(2), layout=layout)
+        ek.ppo_loss(
+            np.zeros((2, 3), dtype=np.float32),
+            None,
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.zeros(2, 1),
+            torch.zeros(2),
+            layout=layout,
+        )
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -52,7 +52,7 @@ def dt_needed(elf: bytes) -> list[str]:
     """The DT_NEEDED entries of a little-endian ELF64 shared object (its .dynamic section and the string
     table that section links to)."""
     assert elf[:4] == b"\x7fELF" and elf[4] == 2 and elf[5] == 1, "expected a little-endian ELF64 file"
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
     needed = []
@@ -66,7 +66,7 @@ def dt_needed(elf: bytes) -> list[str]:
                 break
             if tag == 1:  # DT_NEEDED
                 end = elf.index(b"\0", strtab_offset + val)
-                needed.append(elf[strtab_offset + val:end].decode())
+                needed.append(elf[strtab_offset + val : end].decode())
     return needed
 
 
@@ -75,9 +75,17 @@ def test_build_gives_sdist_and_wheel(dist):
     assert len(sdists) == 1 and len(wheels) == 1, sorted(p.name for p in dist.iterdir())
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("pyproject.toml", "CMakeLists.txt", "csrc/CMakeLists.txt", "csrc/bindings.cpp",
-                   "csrc/cpu/driver.cpp", "csrc/cpu/avx512_small.cpp", "esper_kernels/schema.py",
-                   "esper_kernels/__init__.py", "README.md"):
+    for needed in (
+        "pyproject.toml",
+        "CMakeLists.txt",
+        "csrc/CMakeLists.txt",
+        "csrc/bindings.cpp",
+        "csrc/cpu/driver.cpp",
+        "csrc/cpu/avx512_small.cpp",
+        "esper_kernels/schema.py",
+        "esper_kernels/__init__.py",
+        "README.md",
+    ):
         assert needed in names, f"sdist lacks {needed}"
     with zipfile.ZipFile(wheels[0]) as whl:
         names = whl.namelist()
@@ -86,14 +94,14 @@ def test_build_gives_sdist_and_wheel(dist):
 
 
 def test_extension_links_no_libtorch(dist):
-    wheel, = dist.glob("*.whl")
+    (wheel,) = dist.glob("*.whl")
     with zipfile.ZipFile(wheel) as whl:
         so = [n for n in whl.namelist() if re.fullmatch(r"esper_kernels/_C\..*\.so", n)]
         assert len(so) == 1
         needed = dt_needed(whl.read(so[0]))
     assert any(n.startswith("libc.so") for n in needed), f"the ELF reader found no libc: {needed}"
     # the same reader sees libtorch in torch's own extension module
-    torch_c, = Path(torch.__file__).parent.glob("_C.*.so")
+    (torch_c,) = Path(torch.__file__).parent.glob("_C.*.so")
     assert any(re.match(r"libtorch", n) for n in dt_needed(torch_c.read_bytes())), dt_needed(torch_c.read_bytes())
     linked = [n for n in needed if re.match(r"lib(torch|c10|shm)", n)]
     assert not linked, f"_C links {linked}; DT_NEEDED: {needed}"
@@ -116,13 +124,14 @@ def _fresh_venv_with_torch(tmp: Path) -> Path:
 
 
 def test_wheel_in_fresh_venv(dist, tmp_path):
-    wheel, = dist.glob("*.whl")
+    (wheel,) = dist.glob("*.whl")
     py = _fresh_venv_with_torch(tmp_path)
     work = tmp_path / "elsewhere"  # not the source tree: the import must come from the installed wheel
     work.mkdir()
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-index", wheel], cwd=work, timeout=600)
-    where = _run([py, "-c", "import esper_kernels, torch; print(esper_kernels.__file__); print(torch.__version__)"],
-                 cwd=work).split()
+    where = _run(
+        [py, "-c", "import esper_kernels, torch; print(esper_kernels.__file__); print(torch.__version__)"], cwd=work
+    ).split()
     assert Path(where[0]).resolve().is_relative_to((tmp_path / "venv").resolve()), where
     assert where[1] == torch.__version__
     info = _run([py, "-m", "esper_kernels", "info"], cwd=work)

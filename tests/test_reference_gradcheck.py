@@ -50,8 +50,8 @@ def _kink_distance(batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig,
     for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
         if cfg.prob_floor[h] <= 0:
             continue
-        valid = masks[:, off:off + a]
-        p = torch.softmax(batch["logits"][:, off:off + a].double().masked_fill(~valid, cfg.mask_fill), -1)
+        valid = masks[:, off : off + a]
+        p = torch.softmax(batch["logits"][:, off : off + a].double().masked_fill(~valid, cfg.mask_fill), -1)
         f = torch.clamp(0.99 / valid.sum(-1, keepdim=True).clamp(min=1), max=cfg.prob_floor[h])
         dists.append(((p - f).abs() / f)[valid & present.unsqueeze(-1)])
     if "old_values" in batch and math.isfinite(cfg.value_clip):
@@ -68,9 +68,20 @@ def _case(config: ek.PPOLossConfig, seed: int, *, garbage: bool = False):
     """A float64 batch far from every kink: try seeds from ``seed`` until one is."""
     layout = layout_of(SIZES)
     for s in range(seed, seed + 200):
-        batch = random_batch(SIZES, (5,), s, dtype=torch.float64, mask_density=0.85, weights="float",
-                             old_noise=0.0, per_head_adv=config.surrogate == "per_head", values=True,
-                             old_values=True, logit_scale=1.5, garbage=garbage)
+        batch = random_batch(
+            SIZES,
+            (5,),
+            s,
+            dtype=torch.float64,
+            mask_density=0.85,
+            weights="float",
+            old_noise=0.0,
+            per_head_adv=config.surrogate == "per_head",
+            values=True,
+            old_values=True,
+            logit_scale=1.5,
+            garbage=garbage,
+        )
         # old log-probs at chosen offsets from the current ones: inside the clip range, outside it, beyond the clamp
         g = torch.Generator().manual_seed(s)
         offsets = torch.tensor([0.0, 0.05, -0.08, 0.4, -0.5, 3.0, -3.0])[torch.randint(0, 7, (5, 3), generator=g)]
@@ -90,12 +101,23 @@ def _case(config: ek.PPOLossConfig, seed: int, *, garbage: bool = False):
 CONFIGS = {
     "joint": ek.PPOLossConfig(entropy_coef=0.1),
     "per_head": ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1),
-    "joint_floor_valueclip_norm": ek.PPOLossConfig(entropy_coef=0.2, normalize_entropy=True, value_clip=0.3,
-                                                   prob_floor=[0.1, None, 0.2], clip_eps_high=0.28,
-                                                   normalize_advantages=True),
-    "per_head_floor_valueclip": ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.05, prob_floor={"h0": 0.15},
-                                                 entropy_coef_per_head=[1.0, 0.0, 2.0], value_clip=0.2,
-                                                 normalize_advantages=True, normalize_entropy=True),
+    "joint_floor_valueclip_norm": ek.PPOLossConfig(
+        entropy_coef=0.2,
+        normalize_entropy=True,
+        value_clip=0.3,
+        prob_floor=[0.1, None, 0.2],
+        clip_eps_high=0.28,
+        normalize_advantages=True,
+    ),
+    "per_head_floor_valueclip": ek.PPOLossConfig(
+        surrogate="per_head",
+        entropy_coef=0.05,
+        prob_floor={"h0": 0.15},
+        entropy_coef_per_head=[1.0, 0.0, 2.0],
+        value_clip=0.2,
+        normalize_advantages=True,
+        normalize_entropy=True,
+    ),
     "tight_clamps": ek.PPOLossConfig(log_ratio_clamp=1.0, joint_log_ratio_clamp=1.5, entropy_coef=0.1, value_coef=1.0),
 }
 
@@ -113,8 +135,7 @@ def test_gradcheck_loss_and_per_step_outputs(name):
 
     assert torch.autograd.gradcheck(f, (logits, values), eps=1e-6, atol=1e-7, rtol=1e-5)
     # the case is not degenerate: every part of the loss has a non-zero gradient somewhere
-    out = ek.ppo_loss(logits, values=values, **batch, layout=layout, config=config, backend="reference",
-                      validate=False)
+    out = ek.ppo_loss(logits, values=values, **batch, layout=layout, config=config, backend="reference", validate=False)
     gz, gv = torch.autograd.grad(out.loss, (logits, values))
     assert gz.abs().sum() > 0 and gv.abs().sum() > 0
 
@@ -155,7 +176,8 @@ def test_gradcheck_catches_a_wrong_gradient():
             return 2 * g
 
     def f(z):
-        return ek.ppo_loss(Twice.apply(z), **batch, layout=layout, config=config, backend="reference",
-                           validate=False).loss
+        return ek.ppo_loss(
+            Twice.apply(z), **batch, layout=layout, config=config, backend="reference", validate=False
+        ).loss
 
     assert not torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=False)

@@ -37,8 +37,9 @@ def assert_matches_loop(out, want: dict, *, rtol: float, atol: float, metric_rto
     for k in ("loss", "policy_loss", "entropy_loss", "value_loss"):
         got = getattr(out, k).item()
         w = want[k]
-        assert (math.isnan(got) and math.isnan(w)) or got == w or abs(got - w) <= atol + rtol * abs(w), \
+        assert (math.isnan(got) and math.isnan(w)) or got == w or abs(got - w) <= atol + rtol * abs(w), (
             f"{k}: reference {got!r}, loop {w!r}"
+        )
     present = torch.tensor(want["present"], dtype=torch.bool)
     H = out.log_probs.shape[-1]
     for k in ("log_probs", "entropy"):
@@ -106,8 +107,14 @@ def test_esper_batch_float64_equals_spec_loop(surrogate):
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     batch = make_batch((3, 20), layout, dtype=torch.float64, seed=3, old_noise=0.3)
     batch["old_values"] = batch["values"] + 0.3
-    config = ek.PPOLossConfig(surrogate=surrogate, normalize_entropy=True, entropy_coef=0.05, value_clip=0.2,
-                              prob_floor={"op": 0.02, "blueprint": 0.01}, clip_eps_high=0.28)
+    config = ek.PPOLossConfig(
+        surrogate=surrogate,
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        value_clip=0.2,
+        prob_floor={"op": 0.02, "blueprint": 0.01},
+        clip_eps_high=0.28,
+    )
     out = run_reference(batch, layout, config)
     want = spec_loss(batch, layout.names, layout.sizes, config)
     assert_matches_loop(out, want, rtol=1e-9, atol=1e-9, metric_rtol=2e-6, metric_atol=2e-6)
@@ -118,15 +125,19 @@ def test_esper_batch_float64_equals_spec_loop(surrogate):
 def test_hand_computed_example():
     """One head of 2 actions, numbers worked out by hand: guards the loop itself as much as the reference."""
     layout = ek.HeadLayout({"a": 2})
-    batch = dict(logits=torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64), action_masks=None,
-                 actions=torch.tensor([[1]]), old_log_probs=torch.tensor([[math.log(0.5)]], dtype=torch.float64),
-                 advantages=torch.tensor([1.0], dtype=torch.float64),
-                 values=torch.tensor([1.0], dtype=torch.float64), returns=torch.tensor([3.0], dtype=torch.float64))
+    batch = dict(
+        logits=torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64),
+        action_masks=None,
+        actions=torch.tensor([[1]]),
+        old_log_probs=torch.tensor([[math.log(0.5)]], dtype=torch.float64),
+        advantages=torch.tensor([1.0], dtype=torch.float64),
+        values=torch.tensor([1.0], dtype=torch.float64),
+        returns=torch.tensor([3.0], dtype=torch.float64),
+    )
     config = ek.PPOLossConfig(entropy_coef=0.1, value_coef=0.5)
     # p = [1/4, 3/4]; ell = log 3/4; r = 1.5; min(1.5 * 1, 1.2 * 1) = 1.2; H = -(1/4 log 1/4 + 3/4 log 3/4)
     ent = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    expect = {"policy_loss": -1.2, "entropy_loss": -ent, "value_loss": 0.5 * 4.0,
-              "loss": -1.2 - 0.1 * ent + 0.5 * 2.0}
+    expect = {"policy_loss": -1.2, "entropy_loss": -ent, "value_loss": 0.5 * 4.0, "loss": -1.2 - 0.1 * ent + 0.5 * 2.0}
     want = spec_loss(batch, layout.names, layout.sizes, config)
     out = run_reference(batch, layout, config)
     for k, v in expect.items():

@@ -45,8 +45,10 @@ def test_the_script_writes_the_header_the_module_renders(tmp_path):
 
 def test_the_schema_script_imports_no_torch():
     """The build runs it in an environment that may lack torch."""
-    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='not_main'); "
-            "assert 'torch' not in sys.modules, 'schema.py imported torch'")
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='not_main'); "
+        "assert 'torch' not in sys.modules, 'schema.py imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code, str(ROOT / "esper_kernels" / "schema.py")], check=True)
 
 
@@ -82,12 +84,15 @@ def test_merge_follows_each_kind():
         assert out[m].item() == 3.0 and out[q].item() == 18.0
 
 
-@pytest.mark.parametrize("means,want_mean,want_m2", [
-    ((1.0, float("inf")), float("inf"), float("inf")),
-    ((float("-inf"), 2.0), float("-inf"), float("inf")),
-    ((float("inf"), float("-inf")), float("nan"), float("nan")),
-    ((float("nan"), 2.0), float("nan"), float("nan")),
-])
+@pytest.mark.parametrize(
+    "means,want_mean,want_m2",
+    [
+        ((1.0, float("inf")), float("inf"), float("inf")),
+        ((float("-inf"), 2.0), float("-inf"), float("inf")),
+        ((float("inf"), float("-inf")), float("nan"), float("nan")),
+        ((float("nan"), 2.0), float("nan"), float("nan")),
+    ],
+)
 def test_merging_an_infinite_moment_keeps_it(means, want_mean, want_m2):
     """An overflowed joint ratio reads as inf after a merge (never inf - inf = NaN, docs/semantics.md)."""
     from esper_kernels.stats import merge_moment

@@ -28,10 +28,10 @@ def _current_log_probs(logits, masks, actions, layout, fill=-1e4):
     with torch.no_grad():
         out = []
         for h, (off, a) in enumerate(zip(layout.offsets, layout.sizes)):
-            z = logits[..., off:off + a].float()
+            z = logits[..., off : off + a].float()
             if masks is not None:
-                z = z.masked_fill(~masks[..., off:off + a], fill)
-            out.append(torch.log_softmax(z, -1).gather(-1, actions[..., h:h + 1]).squeeze(-1))
+                z = z.masked_fill(~masks[..., off : off + a], fill)
+            out.append(torch.log_softmax(z, -1).gather(-1, actions[..., h : h + 1]).squeeze(-1))
         return torch.stack(out, -1)
 
 
@@ -42,31 +42,42 @@ def _batch(n=16, seed=0, layout=LAYOUT):
     actions = torch.stack([torch.randint(0, a, (n,), generator=g) for a in layout.sizes], -1)
     old = _current_log_probs(logits, masks, actions, layout) + 0.1 * torch.randn(n, layout.num_heads, generator=g)
     rel = torch.ones(n, layout.num_heads, dtype=torch.bool)
-    return dict(logits=logits, action_masks=masks, actions=actions, old_log_probs=old,
-                advantages=torch.randn(n, generator=g), head_relevance=rel)
+    return dict(
+        logits=logits,
+        action_masks=masks,
+        actions=actions,
+        old_log_probs=old,
+        advantages=torch.randn(n, generator=g),
+        head_relevance=rel,
+    )
 
 
 def _run(batch, config=None, layout=LAYOUT, validate=False):
     b = dict(batch)
     z = b.pop("logits").clone().requires_grad_(True)
-    out = ek.ppo_loss(z, **b, layout=layout, config=config or ek.PPOLossConfig(), backend="reference",
-                      validate=validate)
+    out = ek.ppo_loss(
+        z, **b, layout=layout, config=config or ek.PPOLossConfig(), backend="reference", validate=validate
+    )
     return out, z
 
 
 # -- mask collapse ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    ek.PPOLossConfig(entropy_coef=0.1),
-    ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True),
-    ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, prob_floor=[0.1, 0.1, 0.1]),
-], ids=["joint", "per_head_normalized_entropy", "per_head_floor"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ek.PPOLossConfig(entropy_coef=0.1),
+        ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, normalize_entropy=True),
+        ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.1, prob_floor=[0.1, 0.1, 0.1]),
+    ],
+    ids=["joint", "per_head_normalized_entropy", "per_head_floor"],
+)
 def test_mask_collapse_zero_gradient_finite_metrics(config):
     b = _batch()
     slot = LAYOUT.index("slot")
     off = LAYOUT.offsets[slot]
     # slot: exactly one valid action at every step (the taken one), relevant everywhere
     masks = b["action_masks"].clone()
-    masks[:, off:off + 3] = False
+    masks[:, off : off + 3] = False
     masks[torch.arange(16), off + b["actions"][:, slot]] = True
     b["action_masks"] = masks
     b["old_log_probs"] = _current_log_probs(b["logits"], masks, b["actions"], LAYOUT) + 0.1 * torch.randn(16, 3)
@@ -74,8 +85,8 @@ def test_mask_collapse_zero_gradient_finite_metrics(config):
     out, z = _run(b, config)
     out.loss.backward()
     g = z.grad
-    assert (g[:, off:off + 3] == 0).all(), "a head with one valid action must get exactly zero gradient"
-    assert (g[:, LAYOUT.offsets[2]:] != 0).any(), "the op head still learns"
+    assert (g[:, off : off + 3] == 0).all(), "a head with one valid action must get exactly zero gradient"
+    assert (g[:, LAYOUT.offsets[2] :] != 0).any(), "the op head still learns"
     m = out.metrics.head("slot")
     assert m["learnable_fraction"] == 0.0 and m["single_action_fraction"] == 1.0
     assert m["valid_actions_min"] == m["valid_actions_max"] == m["valid_actions_mean"] == 1.0
@@ -154,8 +165,20 @@ def test_huge_log_ratio_gives_finite_kl_and_ratio_metrics(log_ratio):
     b["old_log_probs"] = cur - log_ratio  # every head: ell - old = log_ratio
     out, z = _run(b, ek.PPOLossConfig(entropy_coef=0.01))
     m = out.metrics.to_dict()
-    for k in ("approx_kl", "joint_kl_k3", "joint_kl_k1", "ratio_mean", "ratio_std", "ratio_min", "ratio_max", "loss",
-              "clip_fraction", "head_op_kl", "head_op_ratio_max", "head_slot_kl"):
+    for k in (
+        "approx_kl",
+        "joint_kl_k3",
+        "joint_kl_k1",
+        "ratio_mean",
+        "ratio_std",
+        "ratio_min",
+        "ratio_max",
+        "loss",
+        "clip_fraction",
+        "head_op_kl",
+        "head_op_ratio_max",
+        "head_slot_kl",
+    ):
         assert math.isfinite(m[k]), f"{k} = {m[k]}"
     assert m["all_finite"] == 1.0
     C, CJ = 20.0, 30.0
@@ -268,13 +291,39 @@ def test_no_present_step_gives_nan_means(how):
     assert (z.grad == 0).all()
     m = out.metrics.to_dict()
     assert m["steps"] == 0.0 and m["weight_sum"] == 0.0 and m["invalid_weights"] == 0.0
-    for k in ("loss", "policy_loss", "entropy_loss", "value_loss", "approx_kl", "joint_kl_k3", "joint_kl_k1",
-              "clip_fraction", "clip_fraction_positive", "clip_fraction_negative", "ratio_mean", "ratio_std",
-              "ratio_min", "ratio_max", "log_prob_min", "log_prob_max", "explained_variance"):
+    for k in (
+        "loss",
+        "policy_loss",
+        "entropy_loss",
+        "value_loss",
+        "approx_kl",
+        "joint_kl_k3",
+        "joint_kl_k1",
+        "clip_fraction",
+        "clip_fraction_positive",
+        "clip_fraction_negative",
+        "ratio_mean",
+        "ratio_std",
+        "ratio_min",
+        "ratio_max",
+        "log_prob_min",
+        "log_prob_max",
+        "explained_variance",
+    ):
         assert math.isnan(m[k]), f"{k} = {m[k]}, expected NaN"
     for name in LAYOUT.names:
-        for k in ("entropy", "kl", "clip_fraction", "ratio_max", "valid_actions_min", "valid_actions_max",
-                  "valid_actions_mean", "single_action_fraction", "relevance_fraction", "learnable_fraction"):
+        for k in (
+            "entropy",
+            "kl",
+            "clip_fraction",
+            "ratio_max",
+            "valid_actions_min",
+            "valid_actions_max",
+            "valid_actions_mean",
+            "single_action_fraction",
+            "relevance_fraction",
+            "learnable_fraction",
+        ):
             assert math.isnan(m[f"head_{name}_{k}"]), f"head_{name}_{k} = {m[f'head_{name}_{k}']}"
         for k in ("nonfinite", "empty_mask", "invalid_action"):
             assert m[f"head_{name}_{k}"] == 0.0  # counts: a measured zero

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.reference
 def test_reference_matches_itself_fp32_and_bf16():
     layout = ek.HeadLayout(ek.ESPER_HEADS)
     for dtype in (torch.float32, torch.bfloat16):
-        check_backend("reference", make_batch((3, 7), layout, dtype=dtype, seed=1), layout,
-                      ek.PPOLossConfig(entropy_coef=0.1))
+        check_backend(
+            "reference", make_batch((3, 7), layout, dtype=dtype, seed=1), layout, ek.PPOLossConfig(entropy_coef=0.1)
+        )
 
 
 def test_compare_metrics_catches_a_difference():
@@ -24,22 +25,35 @@ def test_compare_metrics_catches_a_difference():
         compare_metrics({"steps": 3.0}, {"steps": float("nan")})
 
 
-@pytest.mark.parametrize("sizes, n, first", [
-    *((STANDARD_CASES[c].heads, STANDARD_CASES[c].n_rows, first) for c, first in (
-        ("esper", "triton"),  # esper: triton's graph time was lower on the H100
-        ("rl_64k", "cuda"),  # rl_64k / rl_1m: cuda
-        ("wide", "triton"),
-        ("vocab", "triton"))),
-    ({"a": 33, "b": 2}, 65536, "triton"),  # a head wider than the CUDA tile
-])
+@pytest.mark.parametrize(
+    "sizes, n, first",
+    [
+        *(
+            (STANDARD_CASES[c].heads, STANDARD_CASES[c].n_rows, first)
+            for c, first in (
+                ("esper", "triton"),  # esper: triton's graph time was lower on the H100
+                ("rl_64k", "cuda"),  # rl_64k / rl_1m: cuda
+                ("wide", "triton"),
+                ("vocab", "triton"),
+            )
+        ),
+        ({"a": 33, "b": 2}, 65536, "triton"),  # a head wider than the CUDA tile
+    ],
+)
 def test_auto_prefers_the_measured_faster_cuda_backend(sizes, n, first):
     from esper_kernels.backends.choice import cuda_preference
     from esper_kernels.inputs import prepare_inputs
 
     layout = ek.HeadLayout(sizes)
     H = layout.num_heads
-    inputs = prepare_inputs(layout, torch.zeros(n, layout.total), None, torch.zeros(n, H, dtype=torch.long),
-                            torch.zeros(n, H), torch.zeros(n))
+    inputs = prepare_inputs(
+        layout,
+        torch.zeros(n, layout.total),
+        None,
+        torch.zeros(n, H, dtype=torch.long),
+        torch.zeros(n, H),
+        torch.zeros(n),
+    )
     order = cuda_preference(inputs)
     assert order[0] == first and sorted(order) == ["cuda", "triton"]
 

@@ -35,8 +35,11 @@ def test_head_grad_norms_values_and_missing_sentinel():
 
 def test_head_grad_norms_syncs_nothing():
     """Meta tensors have no data: any host read (item, tolist, bool of a tensor) would raise."""
-    heads = {"op": torch.nn.Linear(8, 6, device="meta"), "slot": torch.nn.Linear(8, 3, device="meta"),
-             "none": torch.nn.Linear(8, 2, device="meta")}
+    heads = {
+        "op": torch.nn.Linear(8, 6, device="meta"),
+        "slot": torch.nn.Linear(8, 3, device="meta"),
+        "none": torch.nn.Linear(8, 2, device="meta"),
+    }
     for m in (heads["op"], heads["slot"]):
         for p in m.parameters():
             p.grad = torch.empty_like(p)
@@ -58,7 +61,10 @@ def test_nonfinite_gradient_is_not_missing():
     assert gradient_states(norms) == {"a": "nonfinite", "b": "nonfinite"}
     # a plain mapping of floats: NaN is read as the missing-gradient sentinel, Inf as non-finite
     assert gradient_states({"a": float("nan"), "b": float("inf"), "c": 0.5}) == {
-        "a": "missing", "b": "nonfinite", "c": "finite"}
+        "a": "missing",
+        "b": "nonfinite",
+        "c": "finite",
+    }
 
 
 class _Policy(torch.nn.Module):
@@ -105,11 +111,27 @@ def test_states_and_report_on_a_policy_with_mask_collapse():
     n = actions.shape[0]
     logits = policy(torch.randn(n, 5))
     with torch.no_grad():
-        old = torch.stack([torch.log_softmax(logits[k].masked_fill(~masks[k], -1e4), -1)
-                           .gather(-1, actions[:, h:h + 1]).squeeze(-1) for h, k in enumerate(layout.names)], -1)
+        old = torch.stack(
+            [
+                torch.log_softmax(logits[k].masked_fill(~masks[k], -1e4), -1)
+                .gather(-1, actions[:, h : h + 1])
+                .squeeze(-1)
+                for h, k in enumerate(layout.names)
+            ],
+            -1,
+        )
     old = old + 0.3 * torch.randn(old.shape)
-    out = ek.ppo_loss(logits, masks, actions, old, torch.randn(n), layout=layout, head_relevance=relevance,
-                      config=ek.PPOLossConfig(entropy_coef=0.01), backend="reference")
+    out = ek.ppo_loss(
+        logits,
+        masks,
+        actions,
+        old,
+        torch.randn(n),
+        layout=layout,
+        head_relevance=relevance,
+        config=ek.PPOLossConfig(entropy_coef=0.01),
+        backend="reference",
+    )
     out.loss.backward()
     heads = {**policy.heads, "frozen": frozen}
     norms = head_grad_norms(heads)
@@ -134,10 +156,10 @@ def test_states_and_report_on_a_policy_with_mask_collapse():
     for word in ("kl=", "clip=", "nonfinite=0", "[finite]"):
         assert word in op_line
     # the missing head is reported as nan with its state, from a to_dict() and an explicit head list
-    frozen_line = head_report({**m, **{f"head_frozen_{k}": float("nan") for k in ek.HEAD_METRICS}}, norms,
-                              heads=["frozen"])
-    assert frozen_line == ("frozen: grad=nan (no present steps) entropy=nan kl=nan clip=nan nonfinite=nan "
-                           "[missing]")
+    frozen_line = head_report(
+        {**m, **{f"head_frozen_{k}": float("nan") for k in ek.HEAD_METRICS}}, norms, heads=["frozen"]
+    )
+    assert frozen_line == ("frozen: grad=nan (no present steps) entropy=nan kl=nan clip=nan nonfinite=nan [missing]")
     assert head_report(m, heads=["op"]).startswith(f"op: ({pct}% learnable) entropy=")
     with pytest.raises(KeyError, match="frozen"):
         head_report(out.metrics, norms, heads=["frozen"])

@@ -26,7 +26,12 @@ def test_kernels_compile_for_sm90_without_spills():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile_check.py")
-    r = subprocess.run([sys.executable, script, "--arch", "90", "--spill-check", "esper_per_head", "rl_1m_fp32",
-                        "wide_floor_bf16"], env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [sys.executable, script, "--arch", "90", "--spill-check", "esper_per_head", "rl_1m_fp32", "wide_floor_bf16"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "all compiled" in r.stdout and "no spills in small-head kernels" in r.stdout, r.stdout[-2000:]

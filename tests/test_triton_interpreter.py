@@ -36,8 +36,10 @@ from esper_kernels.synthetic import make_batch
 
 pytestmark = [
     pytest.mark.interpreter,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                       reason="Triton interpreter not in use (TRITON_INTERPRET=1 is set by conftest without CUDA)"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+        reason="Triton interpreter not in use (TRITON_INTERPRET=1 is set by conftest without CUDA)",
+    ),
 ]
 
 tb = pytest.importorskip("esper_kernels.backends.triton_backend")
@@ -46,6 +48,8 @@ if not ek.available_backends()["triton"].available:
 tk = pytest.importorskip("esper_kernels.backends.triton_kernels")
 
 LAYOUT = ek.HeadLayout(ek.ESPER_HEADS)
+
+
 def check(batch, layout, config=None, **kw):
     return check_triton(batch, layout, config, **kw)
 
@@ -81,9 +85,15 @@ def _same_grads(batch, layout, config, backward):
 # -- the three backward paths ---------------------------------------------------------------------------------
 PATH_CONFIGS = [
     ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
-    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05, clip_eps_high=0.28,
-                     prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2}, normalize_advantages=True,
-                     entropy_coef_per_head={"op": 2.0, "tempo": 0.0}),
+    ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        clip_eps_high=0.28,
+        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
+        normalize_advantages=True,
+        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
+    ),
 ]
 
 
@@ -102,8 +112,8 @@ def test_fast_path_returns_the_forwards_gradient(config, dtype):
     b = _esper_batch(dtype)
     with Launches().recording() as rec:
         _grads_after("triton", b, LAYOUT, config, lambda out: out.loss.backward())
-    fwd, = rec.main(fixup=False)
-    fix, = rec.main(fixup=True)
+    (fwd,) = rec.main(fixup=False)
+    (fix,) = rec.main(fixup=True)
     assert fwd["GRAD_ON"] and fwd["VGRAD_ON"]
     assert fix["HOLDS"] and not fix["HAS_GLP"] and not fix["HAS_GENT"]
 
@@ -117,9 +127,16 @@ def test_recompute_path_for_per_step_outputs():
     glp = torch.randn(15, 8, generator=g)
     gent = torch.randn(15, 8, generator=g)
     with Launches().recording() as rec:
-        _grads_after("triton", b, LAYOUT, config, lambda out: torch.autograd.backward(
-            [out.loss, out.log_probs.reshape(15, 8), out.entropy.reshape(15, 8)], [torch.tensor(1.0), glp, gent]))
-    fix, = rec.main(fixup=True)
+        _grads_after(
+            "triton",
+            b,
+            LAYOUT,
+            config,
+            lambda out: torch.autograd.backward(
+                [out.loss, out.log_probs.reshape(15, 8), out.entropy.reshape(15, 8)], [torch.tensor(1.0), glp, gent]
+            ),
+        )
+    (fix,) = rec.main(fixup=True)
     assert fix["HOLDS"] and fix["HAS_GLP"] and fix["HAS_GENT"]
 
 
@@ -132,18 +149,18 @@ def test_no_gradient_written_without_grad():
     for ctx in (torch.no_grad, torch.inference_mode):
         with Launches().recording() as rec, ctx():
             out = ek.ppo_loss(**b, layout=LAYOUT, backend="triton", validate=False)
-        fwd, = rec.main(fixup=False)
+        (fwd,) = rec.main(fixup=False)
         assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"] and not out.loss.requires_grad
     plain = dict(b, logits=b["logits"].detach(), values=b["values"].detach())
     with Launches().recording() as rec:
         ek.ppo_loss(**plain, layout=LAYOUT, backend="triton", validate=False)
-    fwd, = rec.main(fixup=False)
+    (fwd,) = rec.main(fixup=False)
     assert not fwd["GRAD_ON"] and not fwd["VGRAD_ON"]
     only_values = dict(b, logits=b["logits"].detach())
     with Launches().recording() as rec:
         out = ek.ppo_loss(**only_values, layout=LAYOUT, backend="triton", validate=False)
         out.loss.backward()
-    fwd, = rec.main(fixup=False)
+    (fwd,) = rec.main(fixup=False)
     assert not fwd["GRAD_ON"] and fwd["VGRAD_ON"]
     assert b["values"].grad is not None and b["logits"].grad is None
 
@@ -172,10 +189,16 @@ def test_wide_head_streams(floor):
     to small ones; with and without a floor on the wide head (three passes for the statistics, three more for
     the gradient); the fast path and the recompute path."""
     layout = ek.HeadLayout({"a": 3, "wide": 100, "b": 5})
-    batch = random_batch(list(layout.sizes), (7,), seed=11, mask_density=0.5, values=True, old_values=True,
-                         logit_scale=3.0)
-    config = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.1, value_clip=0.5,
-                              prob_floor=None if floor is None else {"wide": floor, "a": 0.1})
+    batch = random_batch(
+        list(layout.sizes), (7,), seed=11, mask_density=0.5, values=True, old_values=True, logit_scale=3.0
+    )
+    config = ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.1,
+        value_clip=0.5,
+        prob_floor=None if floor is None else {"wide": floor, "a": 0.1},
+    )
     with tuning(**TINY):
         enc_plan = tb._Plan(layout.sizes, 7, torch.device("cpu"), True)
         assert enc_plan.wide == (False, True, False) and enc_plan.block_c == 16
@@ -203,8 +226,17 @@ def test_many_programs_two_level_merge():
     with tuning(ROWS_PER_PROGRAM=2, MERGE_GROUP=2, MERGE_CHUNK=2, PRE_CHUNK=2, PRE_PROGRAMS=3, PRE_MERGE_CHUNK=2):
         plan = tb._Plan(LAYOUT.sizes, 13, torch.device("cpu"), True)
         assert plan.programs == 7 and plan.n_groups == 4
-        check(b, LAYOUT, ek.PPOLossConfig(surrogate="per_head", entropy_coef=0.01, normalize_advantages=True,
-                                          advantage_std="unbiased", ratio_std="unbiased"))
+        check(
+            b,
+            LAYOUT,
+            ek.PPOLossConfig(
+                surrogate="per_head",
+                entropy_coef=0.01,
+                normalize_advantages=True,
+                advantage_std="unbiased",
+                ratio_std="unbiased",
+            ),
+        )
 
 
 def test_head_groups_and_column_stores():
@@ -213,8 +245,12 @@ def test_head_groups_and_column_stores():
     b = make_batch((6,), LAYOUT, seed=13)
     config = PATH_CONFIGS[1]
     ref, ref_grads = run("triton", b, LAYOUT, config, grad_seed=2)
-    for knobs in (dict(GROUP_MAX=32), dict(GROUP_MAX=0, TILE_STORE=False), dict(GROUP_MAX=16),
-                  dict(FIXUP_TILE_STORE=True)):
+    for knobs in (
+        dict(GROUP_MAX=32),
+        dict(GROUP_MAX=0, TILE_STORE=False),
+        dict(GROUP_MAX=16),
+        dict(FIXUP_TILE_STORE=True),
+    ):
         with tuning(**knobs):
             out, grads = run("triton", b, LAYOUT, config, grad_seed=2)
         assert torch.equal(out.loss, ref.loss), knobs
@@ -263,4 +299,3 @@ def test_backend_interface():
     assert info.available and "cpu" in info.devices
     assert tb.TritonBackend().saved_shape(5, 8) == [tk.norm_size(8)]
     assert tb.TritonBackend.one_pass
-

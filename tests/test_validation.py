@@ -27,9 +27,13 @@ N = 4
 
 def _batch(shape=(N,), **over) -> dict:
     g = torch.Generator().manual_seed(0)
-    b = dict(logits=torch.randn(*shape, 5, generator=g), action_masks=torch.ones(*shape, 5, dtype=torch.bool),
-             actions=torch.zeros(*shape, 2, dtype=torch.long), old_log_probs=torch.full((*shape, 2), -0.7),
-             advantages=torch.randn(*shape, generator=g))
+    b = dict(
+        logits=torch.randn(*shape, 5, generator=g),
+        action_masks=torch.ones(*shape, 5, dtype=torch.bool),
+        actions=torch.zeros(*shape, 2, dtype=torch.long),
+        old_log_probs=torch.full((*shape, 2), -0.7),
+        advantages=torch.randn(*shape, generator=g),
+    )
     b.update(over)
     return b
 
@@ -41,6 +45,7 @@ def _call(batch, config=None, validate=True, backend="reference", layout=LAYOUT)
 @pytest.fixture
 def no_compute(monkeypatch):
     """Fails the test if a backend's forward runs: input errors must be raised before any computing."""
+
     def forbidden(self, inputs, cfg):
         raise AssertionError("the backend ran before the input error was raised")
 
@@ -52,56 +57,111 @@ SHAPE_ERRORS = [
     # (overrides, exception, message regex)
     (dict(logits=torch.zeros(N, 6)), ValueError, r"logits: expected shape \[4, 5\] \(\*batch, S = 5\), got \[4, 6\]"),
     (dict(logits=torch.zeros(5)), ValueError, r"logits: expected shape \[\*batch, 5\] \(S = sum of head sizes\)"),
-    (dict(logits=torch.zeros(N, 5, dtype=torch.int64)), TypeError,
-     r"logits: expected dtype float32, bfloat16, float16, float64, got int64"),
-    (dict(logits={"a": torch.zeros(N, 2), "b": torch.zeros(N, 2)}), ValueError,
-     r"logits\['b'\]: expected shape \[4, 3\] \(\*batch, A_h\), got \[4, 2\]"),
-    (dict(logits={"a": torch.zeros(N, 2)}), ValueError,
-     r"logits: expected one entry per head \['a', 'b'\]; missing \['b'\], unknown \[\]"),
-    (dict(logits={"a": torch.zeros(N, 2), "b": torch.zeros(N, 3), "c": torch.zeros(N, 1)}), ValueError,
-     r"logits: expected one entry per head \['a', 'b'\]; missing \[\], unknown \['c'\]"),
-    (dict(logits=[torch.zeros(N, 2), torch.zeros(N, 3), torch.zeros(N, 1)]), ValueError,
-     r"logits: expected 2 per-head tensors \(layout order \['a', 'b'\]\), got 3"),
+    (
+        dict(logits=torch.zeros(N, 5, dtype=torch.int64)),
+        TypeError,
+        r"logits: expected dtype float32, bfloat16, float16, float64, got int64",
+    ),
+    (
+        dict(logits={"a": torch.zeros(N, 2), "b": torch.zeros(N, 2)}),
+        ValueError,
+        r"logits\['b'\]: expected shape \[4, 3\] \(\*batch, A_h\), got \[4, 2\]",
+    ),
+    (
+        dict(logits={"a": torch.zeros(N, 2)}),
+        ValueError,
+        r"logits: expected one entry per head \['a', 'b'\]; missing \['b'\], unknown \[\]",
+    ),
+    (
+        dict(logits={"a": torch.zeros(N, 2), "b": torch.zeros(N, 3), "c": torch.zeros(N, 1)}),
+        ValueError,
+        r"logits: expected one entry per head \['a', 'b'\]; missing \[\], unknown \['c'\]",
+    ),
+    (
+        dict(logits=[torch.zeros(N, 2), torch.zeros(N, 3), torch.zeros(N, 1)]),
+        ValueError,
+        r"logits: expected 2 per-head tensors \(layout order \['a', 'b'\]\), got 3",
+    ),
     (dict(logits="zeros"), TypeError, r"logits: expected a torch.Tensor \[\*batch, 5\] or per-head tensors"),
-    (dict(action_masks=torch.ones(N, 4, dtype=torch.bool)), ValueError,
-     r"action_masks: expected shape \[4, 5\] \(like logits\), got \[4, 4\]"),
+    (
+        dict(action_masks=torch.ones(N, 4, dtype=torch.bool)),
+        ValueError,
+        r"action_masks: expected shape \[4, 5\] \(like logits\), got \[4, 4\]",
+    ),
     (dict(action_masks=torch.ones(N, 5)), TypeError, r"action_masks: expected dtype bool, uint8, got float32"),
-    (dict(action_masks={"a": torch.ones(N, 2, dtype=torch.bool)}), ValueError,
-     r"action_masks: expected one entry per head \['a', 'b'\]; missing \['b'\]"),
-    (dict(actions=torch.zeros(N, dtype=torch.long)), ValueError,
-     r"actions: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4\]"),
+    (
+        dict(action_masks={"a": torch.ones(N, 2, dtype=torch.bool)}),
+        ValueError,
+        r"action_masks: expected one entry per head \['a', 'b'\]; missing \['b'\]",
+    ),
+    (
+        dict(actions=torch.zeros(N, dtype=torch.long)),
+        ValueError,
+        r"actions: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4\]",
+    ),
     (dict(actions=torch.zeros(N, 2)), TypeError, r"actions: expected dtype int64, int32, got float32"),
-    (dict(actions=[torch.zeros(N, dtype=torch.long)]), ValueError,
-     r"actions: expected 2 per-head tensors \(layout order \['a', 'b'\]\), got 1"),
-    (dict(actions={"a": torch.zeros(N, dtype=torch.long), "b": torch.zeros(N + 1, dtype=torch.long)}), ValueError,
-     r"actions\['b'\]: expected shape \[4\] \(\*batch, H = 2\), got \[5\]"),
-    (dict(old_log_probs=torch.zeros(N, 3)), ValueError,
-     r"old_log_probs: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4, 3\]"),
+    (
+        dict(actions=[torch.zeros(N, dtype=torch.long)]),
+        ValueError,
+        r"actions: expected 2 per-head tensors \(layout order \['a', 'b'\]\), got 1",
+    ),
+    (
+        dict(actions={"a": torch.zeros(N, dtype=torch.long), "b": torch.zeros(N + 1, dtype=torch.long)}),
+        ValueError,
+        r"actions\['b'\]: expected shape \[4\] \(\*batch, H = 2\), got \[5\]",
+    ),
+    (
+        dict(old_log_probs=torch.zeros(N, 3)),
+        ValueError,
+        r"old_log_probs: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4, 3\]",
+    ),
     (dict(old_log_probs=torch.zeros(N, 2, dtype=torch.long)), TypeError, r"old_log_probs: expected dtype float32"),
-    (dict(advantages=torch.zeros(N, 1)), ValueError, r"advantages: expected shape \[4\] \(\*batch; per-head "
-     r"advantages \[\*batch, H\] need surrogate='per_head'\), got \[4, 1\]"),
+    (
+        dict(advantages=torch.zeros(N, 1)),
+        ValueError,
+        r"advantages: expected shape \[4\] \(\*batch; per-head "
+        r"advantages \[\*batch, H\] need surrogate='per_head'\), got \[4, 1\]",
+    ),
     (dict(advantages=torch.zeros(N, 2)), ValueError, r"per-head advantages \[\*batch, H\] need surrogate='per_head'"),
     (dict(advantages=[0.0] * N), TypeError, r"advantages: expected a torch.Tensor of shape \[4\], got list"),
     (dict(advantages=torch.zeros(N, dtype=torch.long)), TypeError, r"advantages: expected dtype float32"),
-    (dict(head_relevance=torch.ones(N, 3, dtype=torch.bool)), ValueError,
-     r"head_relevance: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4, 3\]"),
+    (
+        dict(head_relevance=torch.ones(N, 3, dtype=torch.bool)),
+        ValueError,
+        r"head_relevance: expected shape \[4, 2\] \(\*batch, H = 2\), got \[4, 3\]",
+    ),
     (dict(head_relevance=torch.ones(N, 2)), TypeError, r"head_relevance: expected dtype bool, uint8, got float32"),
-    (dict(head_relevance={"a": torch.ones(N, dtype=torch.bool), "x": torch.ones(N, dtype=torch.bool)}), ValueError,
-     r"head_relevance: expected one entry per head \['a', 'b'\]; missing \['b'\], unknown \['x'\]"),
+    (
+        dict(head_relevance={"a": torch.ones(N, dtype=torch.bool), "x": torch.ones(N, dtype=torch.bool)}),
+        ValueError,
+        r"head_relevance: expected one entry per head \['a', 'b'\]; missing \['b'\], unknown \['x'\]",
+    ),
     (dict(weights=torch.ones(N + 1)), ValueError, r"weights: expected shape \[4\] \(\*batch\), got \[5\]"),
     (dict(weights=torch.ones(N, dtype=torch.long)), TypeError, r"weights: expected dtype .*bool, got int64"),
     (dict(values=torch.zeros(N)), ValueError, r"values, returns: expected both or neither, got values only"),
     (dict(returns=torch.zeros(N)), ValueError, r"values, returns: expected both or neither, got returns only"),
-    (dict(values=torch.zeros(N), returns=torch.zeros(N + 2)), ValueError,
-     r"returns: expected shape \[4\] \(\*batch\), got \[6\]"),
+    (
+        dict(values=torch.zeros(N), returns=torch.zeros(N + 2)),
+        ValueError,
+        r"returns: expected shape \[4\] \(\*batch\), got \[6\]",
+    ),
     (dict(old_values=torch.zeros(N)), ValueError, r"old_values, value_weights: given without values and returns"),
     (dict(value_weights=torch.ones(N)), ValueError, r"old_values, value_weights: given without values and returns"),
-    (dict(values=torch.zeros(N), returns=torch.zeros(N), value_weights=torch.ones(N, 1)), ValueError,
-     r"value_weights: expected shape \[4\] \(\*batch\), got \[4, 1\]"),
-    (dict(actions=torch.zeros(N, 2, dtype=torch.long, device="meta")), ValueError,
-     r"actions: expected a tensor on cpu \(the logits' device\), got meta"),
-    (dict(weights=torch.ones(N, device="meta")), ValueError,
-     r"weights: expected a tensor on cpu \(the logits' device\), got meta"),
+    (
+        dict(values=torch.zeros(N), returns=torch.zeros(N), value_weights=torch.ones(N, 1)),
+        ValueError,
+        r"value_weights: expected shape \[4\] \(\*batch\), got \[4, 1\]",
+    ),
+    (
+        dict(actions=torch.zeros(N, 2, dtype=torch.long, device="meta")),
+        ValueError,
+        r"actions: expected a tensor on cpu \(the logits' device\), got meta",
+    ),
+    (
+        dict(weights=torch.ones(N, device="meta")),
+        ValueError,
+        r"weights: expected a tensor on cpu \(the logits' device\), got meta",
+    ),
 ]
 
 
@@ -129,14 +189,20 @@ def test_per_head_advantages_are_accepted_with_the_per_head_surrogate():
 
 
 def test_value_clip_needs_old_values(no_compute):
-    with pytest.raises(ValueError, match=r"old_values: config.value_clip is set, so old_values \[\*batch\] are "
-                                         r"required"):
+    with pytest.raises(
+        ValueError,
+        match=r"old_values: config.value_clip is set, so old_values \[\*batch\] are "
+        r"required",
+    ):
         _call(_batch(values=torch.zeros(N), returns=torch.zeros(N)), config=ek.PPOLossConfig(value_clip=0.2))
 
 
 def test_per_head_config_must_fit_the_layout(no_compute):
-    with pytest.raises(ValueError, match=r"PPOLossConfig.entropy_coef_per_head: expected 2 values \(one per head, "
-                                         r"in layout order \['a', 'b'\]\), got 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"PPOLossConfig.entropy_coef_per_head: expected 2 values \(one per head, "
+        r"in layout order \['a', 'b'\]\), got 3",
+    ):
         _call(_batch(), config=ek.PPOLossConfig(entropy_coef_per_head=[1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"PPOLossConfig.prob_floor: unknown head\(s\) \['c'\]"):
         _call(_batch(), config=ek.PPOLossConfig(prob_floor={"c": 0.1}))
@@ -215,8 +281,9 @@ def test_data_errors_on_absent_steps_are_ignored():
     assert m["head_b_invalid_action"] == 0.0 and m["head_a_empty_mask"] == 0.0 and m["all_finite"] == 1.0
 
 
-@pytest.mark.parametrize("bad,count", [([-1.0, 1.0, 1.0, 1.0], 1), ([float("nan"), 1.0, -0.5, 1.0], 2),
-                                       ([float("inf"), 1.0, 1.0, 1.0], 1)])
+@pytest.mark.parametrize(
+    "bad,count", [([-1.0, 1.0, 1.0, 1.0], 1), ([float("nan"), 1.0, -0.5, 1.0], 2), ([float("inf"), 1.0, 1.0, 1.0], 1)]
+)
 def test_bad_weights(bad, count):
     b = _batch(weights=torch.tensor(bad))
     with pytest.raises(ValueError, match=rf"weights: negative or non-finite at {count} step\(s\)"):
@@ -228,8 +295,7 @@ def test_bad_weights(bad, count):
 
 
 def test_bad_value_weights():
-    b = _batch(values=torch.zeros(N), returns=torch.ones(N), value_weights=torch.tensor([1.0, -2.0, float("nan"),
-                                                                                         1.0]))
+    b = _batch(values=torch.zeros(N), returns=torch.ones(N), value_weights=torch.tensor([1.0, -2.0, float("nan"), 1.0]))
     with pytest.raises(ValueError) as e:
         _call(b)
     assert "value_weights: negative or non-finite at 2 step(s)" in str(e.value)
@@ -283,8 +349,12 @@ BAD_CONFIGS = [
     (dict(mask_fill=float("-inf")), ValueError, r"mask_fill: expected a finite number"),
     (dict(entropy_coef_per_head=[1.0, -1.0]), ValueError, r"entropy_coef_per_head\[1\]: expected >= 0.0"),
     (dict(entropy_coef_per_head={"a": float("nan")}), ValueError, r"entropy_coef_per_head\['a'\]: expected a finite"),
-    (dict(entropy_coef_per_head="ab"), TypeError, r"entropy_coef_per_head: expected a mapping by head name or a "
-     r"sequence"),
+    (
+        dict(entropy_coef_per_head="ab"),
+        TypeError,
+        r"entropy_coef_per_head: expected a mapping by head name or a "
+        r"sequence",
+    ),
     (dict(entropy_coef_per_head={1: 0.5}), TypeError, r"entropy_coef_per_head: keys must be head names"),
     (dict(prob_floor=[0.0, None]), ValueError, r"prob_floor\[0\]: expected > 0.0"),
     (dict(prob_floor=[None, 1.0]), ValueError, r"prob_floor\[1\]: expected < 1.0"),
@@ -300,10 +370,21 @@ def test_bad_config_raises_at_construction(kwargs, exc, message):
 
 
 def test_good_configs_construct_and_are_frozen():
-    c = ek.PPOLossConfig(clip_eps=0.1, clip_eps_high=0.28, log_ratio_clamp=80.0, joint_log_ratio_clamp=None,
-                         surrogate="per_head", normalize_advantages=True, normalize_entropy=True, entropy_coef=0.0,
-                         entropy_coef_per_head={"a": 0.0}, prob_floor=[None, 0.5], value_coef=0.0, value_clip=10.0,
-                         mask_fill=-1.0)
+    c = ek.PPOLossConfig(
+        clip_eps=0.1,
+        clip_eps_high=0.28,
+        log_ratio_clamp=80.0,
+        joint_log_ratio_clamp=None,
+        surrogate="per_head",
+        normalize_advantages=True,
+        normalize_entropy=True,
+        entropy_coef=0.0,
+        entropy_coef_per_head={"a": 0.0},
+        prob_floor=[None, 0.5],
+        value_coef=0.0,
+        value_clip=10.0,
+        mask_fill=-1.0,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.clip_eps = 0.3  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -327,8 +408,11 @@ def test_available_backends_lists_all_four_with_reasons():
 
 
 def test_unknown_backend(no_compute):
-    with pytest.raises(ValueError, match=r"backend: unknown backend 'fused'; expected one of \['reference', "
-                                         r"'triton', 'cuda', 'cpu', 'auto'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend: unknown backend 'fused'; expected one of \['reference', "
+        r"'triton', 'cuda', 'cpu', 'auto'\]",
+    ):
         _call(_batch(), backend="fused")
 
 

@@ -126,16 +126,20 @@ class Record:
     def line(self) -> str:
         cs = " ".join(f"{k} {v}" for k, v in self.counts.items())
         hot = "" if self.hot is None else f", {self.hot} before the ticket"
-        return (f"{self.case:<16} {self.name:<20} {self.variant:<22} {self.seconds:6.1f}s grid {self.grid:>7} x "
-                f"{self.warps} warps  regs {self.regs} stack {self.stack} spills {self.spills} conv {self.conv} "
-                f"sass {self.sass}{hot} (/row {self.per_row})  {cs}")
+        return (
+            f"{self.case:<16} {self.name:<20} {self.variant:<22} {self.seconds:6.1f}s grid {self.grid:>7} x "
+            f"{self.warps} warps  regs {self.regs} stack {self.stack} spills {self.spills} conv {self.conv} "
+            f"sass {self.sass}{hot} (/row {self.per_row})  {cs}"
+        )
 
     def markdown(self) -> str:
         c = self.counts
         hot = "" if self.hot is None else f" ({self.hot:,})"
-        return (f"| {self.name} ({self.case}, {self.variant}) | {self.grid} x {self.warps} | {self.regs} | "
-                f"{self.stack} B / {self.spills} | {self.conv} | {self.sass:,}{hot} | {self.per_row} | {c['BAR']} | "
-                f"{c['SHFL']} | {c['LDS']} + {c['STS']} | {c['LDG']} + {c['STG']} | {c['MUFU']} |")
+        return (
+            f"| {self.name} ({self.case}, {self.variant}) | {self.grid} x {self.warps} | {self.regs} | "
+            f"{self.stack} B / {self.spills} | {self.conv} | {self.sass:,}{hot} | {self.per_row} | {c['BAR']} | "
+            f"{c['SHFL']} | {c['LDS']} + {c['STS']} | {c['LDG']} + {c['STG']} | {c['MUFU']} |"
+        )
 
 
 class _Warmup:
@@ -154,11 +158,13 @@ class _Warmup:
             k = self.fn.warmup(*args, grid=grid, **kwargs)
             if self.name == "_ppo_main_kernel":
                 variant = ("fix-up" if kwargs["FIXUP"] else "forward") + (
-                    "" if not kwargs["FIXUP"] else (" +outputs' grads" if kwargs["HAS_GLP"] else " (held)"))
+                    "" if not kwargs["FIXUP"] else (" +outputs' grads" if kwargs["HAS_GLP"] else " (held)")
+                )
                 rows = kwargs["BN"]
             else:
                 variant, rows = "-", 0
             _Warmup.log.append(Record(_Warmup.case, self.name, variant, k, grid[0], time.time() - t, rows))
+
         return compile_only
 
 
@@ -167,16 +173,38 @@ def compile_case(name: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLo
     tile plan of n_real rows."""
     _Warmup.case = name
     cfg = config.resolve(layout)
-    inp = prepare_inputs(layout, batch["logits"], batch.get("action_masks"), batch["actions"], batch["old_log_probs"],
-                         batch["advantages"], head_relevance=batch.get("head_relevance"),
-                         weights=batch.get("weights"), values=batch.get("values"), returns=batch.get("returns"),
-                         old_values=batch.get("old_values"), per_head_advantages_allowed=cfg.per_head,
-                         value_clip=config.value_clip is not None)
+    inp = prepare_inputs(
+        layout,
+        batch["logits"],
+        batch.get("action_masks"),
+        batch["actions"],
+        batch["old_log_probs"],
+        batch["advantages"],
+        head_relevance=batch.get("head_relevance"),
+        weights=batch.get("weights"),
+        values=batch.get("values"),
+        returns=batch.get("returns"),
+        old_values=batch.get("old_values"),
+        per_head_advantages_allowed=cfg.per_head,
+        value_clip=config.value_clip is not None,
+    )
 
     def new_call():
-        return FusedCall(list(inp.logits), list(inp.masks or ()), list(inp.actions), list(inp.old_log_probs),
-                         inp.advantages, list(inp.relevance or ()), inp.weights, inp.values, inp.returns,
-                         inp.old_values, inp.value_weights, tuple(layout.sizes), cfg)
+        return FusedCall(
+            list(inp.logits),
+            list(inp.masks or ()),
+            list(inp.actions),
+            list(inp.old_log_probs),
+            inp.advantages,
+            list(inp.relevance or ()),
+            inp.weights,
+            inp.values,
+            inp.returns,
+            inp.old_values,
+            inp.value_weights,
+            tuple(layout.sizes),
+            cfg,
+        )
 
     plan_init = tb._Plan.__init__
 
@@ -191,10 +219,18 @@ def compile_case(name: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLo
         gv = None if call.values is None else torch.empty(call.n)
         _, _, _, _, stats, saved, _ = backend.kernel_forward(call, grads, gv)
         n, h = call.n, call.num_heads
-        backend.kernel_backward(call, stats, saved, torch.ones(4), None, None, grads=grads, grad_values=gv,
-                                holds=True)
-        backend.kernel_backward(call, stats, saved, torch.ones(4), torch.ones(n, h), torch.ones(n, h), grads=grads,
-                                grad_values=gv, holds=True)
+        backend.kernel_backward(call, stats, saved, torch.ones(4), None, None, grads=grads, grad_values=gv, holds=True)
+        backend.kernel_backward(
+            call,
+            stats,
+            saved,
+            torch.ones(4),
+            torch.ones(n, h),
+            torch.ones(n, h),
+            grads=grads,
+            grad_values=gv,
+            holds=True,
+        )
         backend.metric_table(stats.clone(), cfg, call.values is not None)
     finally:
         tb._Plan.__init__ = plan_init
@@ -205,10 +241,16 @@ def cases() -> dict:
 
     esper = ek.HeadLayout(ek.ESPER_HEADS)
     joint = ek.PPOLossConfig(entropy_coef=0.01)
-    per_head_cfg = ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, entropy_coef=0.05,
-                                    clip_eps_high=0.28, prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.1},
-                                    value_clip=0.2, entropy_coef_per_head={"op": 2.0, "tempo": 0.5},
-                                    normalize_advantages=True)
+    per_head_cfg = ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        clip_eps_high=0.28,
+        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.1},
+        value_clip=0.2,
+        entropy_coef_per_head={"op": 2.0, "tempo": 0.5},
+        normalize_advantages=True,
+    )
 
     def esper_batch(dtype=torch.float32, **kw):
         return make_batch((8,), esper, dtype=dtype, **kw)
@@ -227,8 +269,13 @@ def cases() -> dict:
     def big():
         layout = ek.HeadLayout({"token": 131072})
         b = make_batch((8,), layout, dtype=torch.bfloat16, values=False)
-        return dict(logits=b["logits"], action_masks=None, actions=b["actions"], old_log_probs=b["old_log_probs"],
-                    advantages=b["advantages"]), layout
+        return dict(
+            logits=b["logits"],
+            action_masks=None,
+            actions=b["actions"],
+            old_log_probs=b["old_log_probs"],
+            advantages=b["advantages"],
+        ), layout
 
     n = {name: case.n_rows for name, case in STANDARD_CASES.items()}  # the N each standard case plans its kernels for
     wide2 = STANDARD_CASES["wide"].layout
@@ -244,22 +291,41 @@ def cases() -> dict:
         "rl_1m_bf16": lambda: (esper_batch(torch.bfloat16), esper, joint, n["rl_1m"]),
         "rl_1m_per_head": lambda: (with_old_values(esper_batch()), esper, per_head_cfg, n["rl_1m"]),
         "wide_fp32": lambda: (make_batch((8,), wide2), wide2, joint, n["wide"]),
-        "vocab_bf16": lambda: (make_batch((8,), vocab, dtype=torch.bfloat16), vocab,
-                               ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True), n["vocab"]),
+        "vocab_bf16": lambda: (
+            make_batch((8,), vocab, dtype=torch.bfloat16),
+            vocab,
+            ek.PPOLossConfig(entropy_coef=0.01, normalize_entropy=True),
+            n["vocab"],
+        ),
         "big_bf16": lambda: (*big(), ek.PPOLossConfig(), 16500),
-        "wide_floor_bf16": lambda: (with_old_values(make_batch((8,), wide_floor, dtype=torch.bfloat16)), wide_floor,
-                                    ek.PPOLossConfig(surrogate="per_head", normalize_entropy=True, value_clip=0.2,
-                                                     prob_floor={"w": 0.01, "a": 0.1}), 4096),
+        "wide_floor_bf16": lambda: (
+            with_old_values(make_batch((8,), wide_floor, dtype=torch.bfloat16)),
+            wide_floor,
+            ek.PPOLossConfig(
+                surrogate="per_head", normalize_entropy=True, value_clip=0.2, prob_floor={"w": 0.01, "a": 0.1}
+            ),
+            4096,
+        ),
     }
 
 
 #: cases whose heads are all small (a spill there fails --spill-check)
-SMALL_CASES = ("esper_fp32", "esper_bf16", "esper_fp16", "esper_per_head", "separate_bf16", "rl_1m_fp32",
-               "rl_1m_bf16", "rl_1m_per_head")
+SMALL_CASES = (
+    "esper_fp32",
+    "esper_bf16",
+    "esper_fp16",
+    "esper_per_head",
+    "separate_bf16",
+    "rl_1m_fp32",
+    "rl_1m_bf16",
+    "rl_1m_per_head",
+)
 
-MARKDOWN_HEADER = ("| kernel (case, variant) | grid x warps | regs | stack / spill instr. | layout conversions | "
-                   "SASS / warp (before the ticket) | SASS / row | BAR | SHFL | LDS + STS | LDG + STG | MUFU |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|---|---|")
+MARKDOWN_HEADER = (
+    "| kernel (case, variant) | grid x warps | regs | stack / spill instr. | layout conversions | "
+    "SASS / warp (before the ticket) | SASS / row | BAR | SHFL | LDS + STS | LDG + STG | MUFU |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer (default 90: H100/H200)")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table (benchmarks/NOTES.md)")
     p.add_argument("--spill-check", action="store_true", help="exit 1 when a small-head case's kernel spills")
-    p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
-                   help="override a tuning knob of triton_backend (e.g. GROUP_MAX=0, SMALL_WARPS=1, TILE_STORE=0)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="override a tuning knob of triton_backend (e.g. GROUP_MAX=0, SMALL_WARPS=1, TILE_STORE=0)",
+    )
     p.add_argument("cases", nargs="*", help="default: all")
     a = p.parse_args(argv)
     for item in a.set:
@@ -304,10 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + MARKDOWN_HEADER)
         for r in unique:
             print(r.markdown())
-    print(f"sm_{a.arch}: {len(_Warmup.log)} kernel compiles in {time.time() - t0:.0f}s"
-          + (f", FAILED: {failed}" if failed else ", all compiled")
-          + (f"; SPILLS in small-head kernels: {[(r.case, r.name, r.variant) for r in spilled]}" if spilled else
-             "; no spills in small-head kernels"))
+    print(
+        f"sm_{a.arch}: {len(_Warmup.log)} kernel compiles in {time.time() - t0:.0f}s"
+        + (f", FAILED: {failed}" if failed else ", all compiled")
+        + (
+            f"; SPILLS in small-head kernels: {[(r.case, r.name, r.variant) for r in spilled]}"
+            if spilled
+            else "; no spills in small-head kernels"
+        )
+    )
     return 1 if failed or (a.spill_check and spilled) else 0
 
 

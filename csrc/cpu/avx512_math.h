@@ -67,9 +67,7 @@ inline __m512 log16(__m512 s) {
   return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_NGE_UQ), _mm512_set1_ps(NAN));
 }
 
-inline __m512i iota16i() {
-  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
+inline __m512i iota16i() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 
 // transpose a 16 x 16 block in registers: r[k] = row k in, column k out
 inline void tr16(__m512* r) {

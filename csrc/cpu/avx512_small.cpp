@@ -63,9 +63,12 @@ inline uint32_t a_lanes_t(const T* p, int64_t st, uint32_t m, int A, int32_t* ac
 }
 inline uint32_t a_lanes(const Vec& v, int64_t b0, uint32_t m, int A, int32_t* act) {
   switch (v.dtype) {
-    case DT_I64: return a_lanes_t(reinterpret_cast<const int64_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
-    case DT_I32: return a_lanes_t(reinterpret_cast<const int32_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
-    default: return a_lanes_t(reinterpret_cast<const uint8_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+    case DT_I64:
+      return a_lanes_t(reinterpret_cast<const int64_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+    case DT_I32:
+      return a_lanes_t(reinterpret_cast<const int32_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
+    default:
+      return a_lanes_t(reinterpret_cast<const uint8_t*>(v.ptr) + b0 * v.stride, v.stride, m, A, act);
   }
 }
 // lanes of m whose byte is nonzero
@@ -103,10 +106,14 @@ void stage_z(const FastPlan& F, const BlockIn& B, FastCols& C) {
     __m512 r[16];
     for (int q = 0; q < RB; ++q) {
       const char* row = base + (q * Z.rs + 16 * t) * es;
-      if (q >= B.nb) r[q] = _mm512_setzero_ps();
-      else if (DT == DT_F32) r[q] = _mm512_maskz_loadu_ps(cm, row);
-      else if (DT == DT_F16) r[q] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cm, row));
-      else r[q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, row)), 16));
+      if (q >= B.nb)
+        r[q] = _mm512_setzero_ps();
+      else if (DT == DT_F32)
+        r[q] = _mm512_maskz_loadu_ps(cm, row);
+      else if (DT == DT_F16)
+        r[q] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cm, row));
+      else
+        r[q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, row)), 16));
     }
     tr16(r);
     for (int k = 0; k < 16; ++k) _mm512_store_ps(C.zs[16 * t + k], r[k]);
@@ -126,8 +133,10 @@ void flush_g(const FastPlan& F, const BlockIn& B, const FastCols& C) {
     tr16(r);
     for (int q = 0; q < B.nb; ++q) {
       char* row = base + (q * G.rs + 16 * t) * es;
-      if (DT == DT_F32) _mm512_mask_storeu_ps(row, cm, r[q]);
-      else _mm256_mask_storeu_epi16(row, cm, _mm512_cvtepi32_epi16(to16<DT>(r[q])));
+      if (DT == DT_F32)
+        _mm512_mask_storeu_ps(row, cm, r[q]);
+      else
+        _mm256_mask_storeu_epi16(row, cm, _mm512_cvtepi32_epi16(to16<DT>(r[q])));
     }
   }
 }
@@ -222,8 +231,8 @@ void mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
   }
 }
 
-void head_lanes(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
-                             bool fwd, HeadLanes& L) {
+void head_lanes(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows, bool fwd,
+                HeadLanes& L) {
   const int A = P.sizes[h];
   const uint32_t full = A >= 32 ? 0xffffffffu : ((1u << A) - 1u);
   const uint32_t pres = B.pres;
@@ -250,8 +259,10 @@ void head_lanes(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, 
   L.rel = P.has_rel ? b_lanes16(P.rel[h], B.b0, pres, P.n) : pres;
   if (!fwd) return;
   _mm512_store_ps(L.old, f_lanes16(P.old_lp[h], B.b0, L.rel, 0.f));
-  if (P.per_head && P.adv_per_head) _mm512_store_ps(L.adv, adv_lanes(P, h, B.b0, pres));
-  else memcpy(L.adv, B.adv0, sizeof(L.adv));
+  if (P.per_head && P.adv_per_head)
+    _mm512_store_ps(L.adv, adv_lanes(P, h, B.b0, pres));
+  else
+    memcpy(L.adv, B.adv0, sizeof(L.adv));
 }
 
 // esper's floor over a block, lane-wise (row_softmax's floor part): from the masked logits C.z (valid columns
@@ -301,9 +312,7 @@ struct LaneTerms {
   static B lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static B eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static B ord(V a) { return _mm512_cmp_ps_mask(a, a, _CMP_ORD_Q); }
-  static B nonfinite(V a) {
-    return (B)~_mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
-  }
+  static B nonfinite(V a) { return (B)~_mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_LT_OQ); }
   static B all(B a, B b) { return a & b; }
   static B any(B a, B b) { return a | b; }
   static B no(B a) { return (B)~a; }
@@ -337,8 +346,8 @@ struct LaneSink {
 
 // the forward of head h over one block: outputs, saved m, ls and coefficients, lane statistics, Lsum and flags
 template <int DT>
-void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
-                               FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags) {
+void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows, FastCols& C,
+                  LaneAcc& acc, float* Lsum, uint32_t* flags) {
   const int A = P.sizes[h], H = P.num_heads;
   HeadLanes L;
   head_lanes(P, F, h, B, rows, true, L);
@@ -350,7 +359,7 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
   const __m512 fill = _mm512_set1_ps(P.mask_fill), one = _mm512_set1_ps(1.f);
   const __m512i av = _mm512_load_si512(L.act);
   const bool zp = F.zp.on;
-  const float(*zs)[RB] = C.zs + F.zp.off[h];
+  const float (*zs)[RB] = C.zs + F.zp.off[h];
   __m512 m = _mm512_set1_ps(-INFINITY), n = _mm512_setzero_ps(), za = _mm512_setzero_ps();
   __mmask16 taken = 0;
   for (int j = 0; j < A; ++j) {
@@ -397,8 +406,8 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
   }
   ent = _mm512_maskz_mov_ps(pres, ent);
   // NaN out of range or without a valid action (-inf for an excluded taken action: d = -inf)
-  __m512 ell = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr & nonempty,
-                                  _mm512_sub_ps(_mm512_sub_ps(za, m), ls));
+  __m512 ell =
+      _mm512_mask_mov_ps(_mm512_set1_ps(NAN), (__mmask16)L.inr & nonempty, _mm512_sub_ps(_mm512_sub_ps(za, m), ls));
   ell = _mm512_maskz_mov_ps(pres, ell);  // absent steps: 0 (as the row path)
   // the saved m and ls: 0 without a valid action (as row_forward), never NaN
   const __m512 msave = _mm512_maskz_mov_ps(nonempty, m), lsave = _mm512_maskz_mov_ps(nonempty, ls);
@@ -547,7 +556,7 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
   const __m512 fill = _mm512_set1_ps(P.mask_fill);
   const __m512i av = _mm512_load_si512(L.act);
   __m512 ms, ls, u;  // saved m, ls and coefficient (0 in lanes >= nb)
-  if (F.otr) {  // staged as columns by fast_stage
+  if (F.otr) {       // staged as columns by fast_stage
     ms = _mm512_load_ps(C.oc[2][h]);
     ls = _mm512_load_ps(C.oc[4][h]);
     u = _mm512_load_ps(C.oc[3][h]);
@@ -586,7 +595,7 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
   const __mmask16 bad = pres & ~(finite16(gl) & finite16(ghr));
   const __m512 nan = _mm512_set1_ps(NAN);
   const bool zp = F.zp.on;
-  const float(*zs)[RB] = C.zs + F.zp.off[h];
+  const float (*zs)[RB] = C.zs + F.zp.off[h];
   __m512 sig = _mm512_setzero_ps();
   if (P.floor[h] > 0.f)  // the gradient into C.g, C.e = 0: the stores below leave it as it is (sig = 0)
     floor_backward<DT>(P, h, A, C, MR, zp ? zs : nullptr, base, idx, fill, ms, ls, av, gl, ng);
@@ -603,10 +612,10 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
     C.v[j] = vj;
   }
   if (F.gp.on) {  // written as rows by flush_g
-    float(*gs)[RB] = C.gs + F.gp.off[h];
+    float (*gs)[RB] = C.gs + F.gp.off[h];
     for (int j = 0; j < A; ++j) {
-      const __m512 out = _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig,
-                                                                        _mm512_load_ps(C.g[j])));
+      const __m512 out =
+          _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig, _mm512_load_ps(C.g[j])));
       _mm512_store_ps(gs[j], _mm512_mask_mov_ps(out, C.v[j] & bad, nan));
     }
     return;
@@ -614,8 +623,10 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
   for (int j = 0; j < A; ++j) {
     __m512 out = _mm512_maskz_mov_ps(C.v[j], _mm512_fnmadd_ps(_mm512_load_ps(C.e[j]), sig, _mm512_load_ps(C.g[j])));
     out = _mm512_mask_mov_ps(out, C.v[j] & bad, nan);
-    if (DT == DT_F32) _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(gbase) + j, live, gidx, out, 4);
-    else _mm512_store_ps(C.g[j], out);
+    if (DT == DT_F32)
+      _mm512_mask_i32scatter_ps(reinterpret_cast<float*>(gbase) + j, live, gidx, out, 4);
+    else
+      _mm512_store_ps(C.g[j], out);
   }
   if (DT != DT_F32) {  // 16-bit gradients: two columns per 32-bit word (the last pair overlaps when A is odd)
     uint16_t* g16 = reinterpret_cast<uint16_t*>(gbase);
@@ -646,8 +657,8 @@ inline void acc_dprod(double* a, __mmask16 m, __m512 x, __m512 y) {
   _mm512_store_pd(a + 8, _mm512_add_pd(_mm512_load_pd(a + 8), _mm512_maskz_mul_pd((__mmask8)(m >> 8), x1, y1)));
 }
 
-void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
-                              const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
+void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum, const uint32_t* flags,
+                 FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
   const int H = P.num_heads;
   const __mmask16 live = (__mmask16)B.live, pres = (__mmask16)B.pres;
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
@@ -695,13 +706,13 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
       vc = _mm512_mask_mov_ps(vc, _mm512_cmp_ps_mask(dv, dc, _CMP_GT_OQ), _mm512_add_ps(vo, dc));
       const __m512 d2 = _mm512_sub_ps(vc, R);
       const __m512 l2 = _mm512_mul_ps(d2, d2);
-      vl = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(l1, l1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(l1, l2, _CMP_GE_OQ),
-                                l2, l1);
+      vl = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(l1, l1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(l1, l2, _CMP_GE_OQ), l2,
+                                l1);
       const __mmask16 l2gt = _mm512_cmp_ps_mask(l2, l1, _CMP_GT_OQ), l1gt = _mm512_cmp_ps_mask(l1, l2, _CMP_GT_OQ);
       vclip = _mm512_maskz_mov_ps(vpres & l2gt, vw);
       const __mmask16 inside = _mm512_cmp_ps_mask(dv, ndc, _CMP_GE_OQ) & _mm512_cmp_ps_mask(dv, dc, _CMP_LE_OQ);
       const __m512 dl2 = _mm512_maskz_mul_ps(inside, two, d2);
-      vflow = (__mmask16)~(l2gt & ~inside);  // the clipped branch alone, its clamp binding: nothing flows
+      vflow = (__mmask16) ~(l2gt & ~inside);  // the clipped branch alone, its clamp binding: nothing flows
       const __m512 half = _mm512_set1_ps(0.5f);
       dvl = _mm512_add_ps(_mm512_mul_ps(half, dl1), _mm512_mul_ps(half, dl2));
       dvl = _mm512_mask_mov_ps(dvl, l2gt, dl2);
@@ -718,15 +729,19 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
   _mm512_mask_storeu_ps(jr, live, r);
   float* saved = reinterpret_cast<float*>(P.saved) + B.b0 * (H + 1);
   const __m512i idxS = _mm512_mullo_epi32(iota16i(), _mm512_set1_epi32(H + 1));
-  if (F.otr) _mm512_store_ps(C.oc[3][H], vsaved);
-  else _mm512_mask_i32scatter_ps(saved + H, live, idxS, vsaved, 4);
+  if (F.otr)
+    _mm512_store_ps(C.oc[3][H], vsaved);
+  else
+    _mm512_mask_i32scatter_ps(saved + H, live, idxS, vsaved, 4);
   if (!P.per_head) {
     const __m512i fl = _mm512_load_si512(flags);
     for (int h = 0; h < H; ++h) {
       const __mmask16 fh = _mm512_test_epi32_mask(fl, _mm512_set1_epi32((int32_t)(1u << h)));
       const __m512 uh = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), fh, base);  // NaN: nothing flows (head_grads)
-      if (F.otr) _mm512_store_ps(C.oc[3][h], uh);
-      else _mm512_mask_i32scatter_ps(saved + h, live, idxS, uh, 4);
+      if (F.otr)
+        _mm512_store_ps(C.oc[3][h], uh);
+      else
+        _mm512_mask_i32scatter_ps(saved + h, live, idxS, uh, 4);
     }
   }
   _mm512_mask_storeu_ps(xs, live, r);
@@ -773,20 +788,32 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
 }  // namespace
 
 // ---- entry points (cpu_internal.h) ---------------------------------------------------------------------------
-void fast_forward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B,
-                                   const uint64_t* rows, FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags) {
+void fast_forward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows, FastCols& C,
+                      LaneAcc& acc, float* Lsum, uint32_t* flags) {
   switch (P.logits_dtype) {
-    case DT_F32: fast_forward<DT_F32>(P, F, h, B, rows, C, acc, Lsum, flags); break;
-    case DT_F16: fast_forward<DT_F16>(P, F, h, B, rows, C, acc, Lsum, flags); break;
-    default: fast_forward<DT_BF16>(P, F, h, B, rows, C, acc, Lsum, flags); break;
+    case DT_F32:
+      fast_forward<DT_F32>(P, F, h, B, rows, C, acc, Lsum, flags);
+      break;
+    case DT_F16:
+      fast_forward<DT_F16>(P, F, h, B, rows, C, acc, Lsum, flags);
+      break;
+    default:
+      fast_forward<DT_BF16>(P, F, h, B, rows, C, acc, Lsum, flags);
+      break;
   }
 }
-void fast_backward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B,
-                                    const uint64_t* rows, FastCols& C) {
+void fast_backward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
+                       FastCols& C) {
   switch (P.logits_dtype) {
-    case DT_F32: fast_backward<DT_F32>(P, F, h, B, rows, C); break;
-    case DT_F16: fast_backward<DT_F16>(P, F, h, B, rows, C); break;
-    default: fast_backward<DT_BF16>(P, F, h, B, rows, C); break;
+    case DT_F32:
+      fast_backward<DT_F32>(P, F, h, B, rows, C);
+      break;
+    case DT_F16:
+      fast_backward<DT_F16>(P, F, h, B, rows, C);
+      break;
+    default:
+      fast_backward<DT_BF16>(P, F, h, B, rows, C);
+      break;
   }
 }
 // block_in without StepIn (load_step's operations, lane-wise)
@@ -796,8 +823,8 @@ void block_in_vec(const PPOParams& P, int64_t b0, int nb, BlockIn& B) {
   B.live = nb >= RB ? 0xffffu : ((1u << nb) - 1u);
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 w_raw = P.weights.ptr ? f_lanes16(P.weights, b0, B.live, 1.f) : one;
-  const __mmask16 pres = (__mmask16)B.live & finite16(w_raw) &
-                         _mm512_cmp_ps_mask(w_raw, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __mmask16 pres =
+      (__mmask16)B.live & finite16(w_raw) & _mm512_cmp_ps_mask(w_raw, _mm512_setzero_ps(), _CMP_GT_OQ);
   B.pres = pres;
   _mm512_store_ps(B.w_raw, w_raw);
   _mm512_store_ps(B.w, _mm512_maskz_mov_ps(pres, w_raw));
@@ -806,8 +833,8 @@ void block_in_vec(const PPOParams& P, int64_t b0, int nb, BlockIn& B) {
 void fast_mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows) {
   if (F.mpacked) mask_rows(F, B, rows);
 }
-void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
-                                  const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
+void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum, const uint32_t* flags,
+                     FastCols& C, GlobalAcc& acc, float* xs, float* xw) {
   fast_global(P, F, B, Lsum, flags, C, acc, xs, xw);
 }
 // before a block's heads: the packed logits (forward and backward) and, in the backward, the saved m, ls and
@@ -815,9 +842,15 @@ void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, co
 void fast_stage(const PPOParams& P, const FastPlan& F, const BlockIn& B, FastCols& C, bool fwd) {
   if (F.zp.on) {
     switch (P.logits_dtype) {
-      case DT_F32: stage_z<DT_F32>(F, B, C); break;
-      case DT_F16: stage_z<DT_F16>(F, B, C); break;
-      default: stage_z<DT_BF16>(F, B, C); break;
+      case DT_F32:
+        stage_z<DT_F32>(F, B, C);
+        break;
+      case DT_F16:
+        stage_z<DT_F16>(F, B, C);
+        break;
+      default:
+        stage_z<DT_BF16>(F, B, C);
+        break;
     }
   }
   if (!fwd && F.otr) {
@@ -843,9 +876,15 @@ void fast_flush(const PPOParams& P, const FastPlan& F, const BlockIn& B, const F
   }
   if (!F.gp.on) return;
   switch (P.logits_dtype) {
-    case DT_F32: flush_g<DT_F32>(F, B, C); break;
-    case DT_F16: flush_g<DT_F16>(F, B, C); break;
-    default: flush_g<DT_BF16>(F, B, C); break;
+    case DT_F32:
+      flush_g<DT_F32>(F, B, C);
+      break;
+    case DT_F16:
+      flush_g<DT_F16>(F, B, C);
+      break;
+    default:
+      flush_g<DT_BF16>(F, B, C);
+      break;
   }
 }
 

@@ -204,8 +204,10 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
     const __m512 base = _mm512_mask_add_ps(q, isa, q, glv);
     __m512 g = _mm512_maskz_mov_ps((__mmask16)vv, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, pb + j), sigv, base));
     g = _mm512_mask_mov_ps(g, (__mmask16)vv & bad, nan);
-    if (DT == DT_F32) _mm512_mask_storeu_ps(reinterpret_cast<float*>(grow) + j, k, g);
-    else _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(grow) + j, k, _mm512_cvtepi32_epi16(to16<DT>(g)));
+    if (DT == DT_F32)
+      _mm512_mask_storeu_ps(reinterpret_cast<float*>(grow) + j, k, g);
+    else
+      _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(grow) + j, k, _mm512_cvtepi32_epi16(to16<DT>(g)));
   }
 }
 
@@ -214,17 +216,26 @@ void wide_backward(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float
 // ---- entry points (cpu_internal.h) ---------------------------------------------------------------------------
 RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi) {
   switch (P.logits_dtype) {
-    case DT_F32: return wide_forward<DT_F32>(P, h, i, hi);
-    case DT_F16: return wide_forward<DT_F16>(P, h, i, hi);
-    default: return wide_forward<DT_BF16>(P, h, i, hi);
+    case DT_F32:
+      return wide_forward<DT_F32>(P, h, i, hi);
+    case DT_F16:
+      return wide_forward<DT_F16>(P, h, i, hi);
+    default:
+      return wide_forward<DT_BF16>(P, h, i, hi);
   }
 }
-void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,
-                       float* rb, uint8_t* vb) {
+void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb, float* rb,
+                       uint8_t* vb) {
   switch (P.logits_dtype) {
-    case DT_F32: wide_backward<DT_F32>(P, h, i, hi, gL, gE, pb, rb, vb); break;
-    case DT_F16: wide_backward<DT_F16>(P, h, i, hi, gL, gE, pb, rb, vb); break;
-    default: wide_backward<DT_BF16>(P, h, i, hi, gL, gE, pb, rb, vb); break;
+    case DT_F32:
+      wide_backward<DT_F32>(P, h, i, hi, gL, gE, pb, rb, vb);
+      break;
+    case DT_F16:
+      wide_backward<DT_F16>(P, h, i, hi, gL, gE, pb, rb, vb);
+      break;
+    default:
+      wide_backward<DT_BF16>(P, h, i, hi, gL, gE, pb, rb, vb);
+      break;
   }
 }
 

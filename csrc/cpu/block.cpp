@@ -152,8 +152,8 @@ void small_forward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* 
 }
 
 // gradients of rows [b0, b0 + nb) of head h (present rows: gL, gE given) into the grads tensor
-void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* s, const HeadIn* hi,
-                    const float* gL, const float* gE, SmallBuf& B) {
+void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* s, const HeadIn* hi, const float* gL,
+                    const float* gE, SmallBuf& B) {
   const int A = P.sizes[h];
   stage_block(P, h, b0, nb, s, B);
   float m[RB], ls[RB], n[RB], ng[RB], gl[RB];

@@ -32,7 +32,7 @@ constexpr int RB = 16;          // rows per vectorised block (CHUNK is a multipl
 constexpr int SMALL = 32;       // heads of at most SMALL actions run row-vectorised
 static_assert(CHUNK % RB == 0, "CHUNK must be a multiple of RB");
 constexpr int64_t FAST_MAX_RS = int64_t(1) << 26;  // row strides (elements) whose 16-row offsets fit int32
-constexpr int SPAN = 64;  // columns of a packed block (FastPlan::Span2D)
+constexpr int SPAN = 64;                           // columns of a packed block (FastPlan::Span2D)
 
 // the saved log-softmax constants of (row i, head h) at [i * H + h], for the AVX-512 backward: the row max m,
 // then ls = log sum exp(zhat - m), each [N, H] after the [N, H + 1] coefficients (CpuBackend.saved_shape is
@@ -47,8 +47,10 @@ static inline void store_row(const PPOParams& P, int h, int64_t i, const float* 
   switch (P.logits_dtype) {
     case DT_F32: {
       float* d = reinterpret_cast<float*>(P.grads[h]) + off;
-      if (g) memcpy(d, g, sizeof(float) * A);
-      else memset(d, 0, sizeof(float) * A);
+      if (g)
+        memcpy(d, g, sizeof(float) * A);
+      else
+        memset(d, 0, sizeof(float) * A);
       break;
     }
     case DT_F16: {
@@ -71,14 +73,14 @@ struct SmallBuf {
   alignas(64) float u[SMALL][RB];  // 1 = valid action of a present step
   alignas(64) float p[SMALL][RB];  // backward: p = exp(logp)
   alignas(64) float g[SMALL][RB];  // backward: d/d logp, then d/d z
-  float zr[SMALL];  // one gradient row, back in row order
+  float zr[SMALL];                 // one gradient row, back in row order
 };
 
 // the block path (block.cpp): rows [b0, b0 + nb) of head h (no floor, at most SMALL actions)
 void small_forward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* s, const HeadIn* hi, RowFwd* out,
                    SmallBuf& B);
-void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* s, const HeadIn* hi,
-                    const float* gL, const float* gE, SmallBuf& B);
+void small_backward(const PPOParams& P, int h, int64_t b0, int nb, const StepIn* s, const HeadIn* hi, const float* gL,
+                    const float* gE, SmallBuf& B);
 
 // ---- the AVX-512 paths' state (filled and merged by the driver) ---------------------------------------------
 // head statistics, by kind (ppo_head_terms.h's head_slot): the lanes sum (double), take the min / max of
@@ -91,14 +93,14 @@ struct LaneAcc {  // one head's statistics over one chunk, per lane
   alignas(64) float mn[NH_MIN][RB];
   alignas(64) float mx[NH_MAX][RB];
   int64_t cnt[NH_CNT];
-  void init();                     // sums 0, minima +inf, maxima -inf, counts 0
-  void fold(double* hacc) const;   // into hacc (initialised by kind): lanes in order
+  void init();                    // sums 0, minima +inf, maxima -inf, counts 0
+  void fold(double* hacc) const;  // into hacc (initialised by kind): lanes in order
 };
 
 // the global statistics of one chunk, per lane (the same split as LaneAcc)
 constexpr int GSUMS = 10, GDSUMS = 3, GCNTS = 4, GMINS = 4;
-constexpr int GSUM_K[GSUMS] = {G_WEIGHT, G_POLICY_NUM, G_KL_K3,        G_KL_K1,   G_CLIP,
-                               G_CLIP_POS, G_CLIP_NEG, G_VALUE_WEIGHT, G_VALUE_NUM, G_VALUE_CLIP};
+constexpr int GSUM_K[GSUMS] = {G_WEIGHT,   G_POLICY_NUM, G_KL_K3,        G_KL_K1,     G_CLIP,
+                               G_CLIP_POS, G_CLIP_NEG,   G_VALUE_WEIGHT, G_VALUE_NUM, G_VALUE_CLIP};
 constexpr int GDSUM_K[GDSUMS] = {G_RATIO_MEAN, G_RETURN_MEAN, G_RESID_MEAN};  // double products
 constexpr int GCNT_K[GCNTS] = {G_STEPS, G_BAD_WEIGHTS, G_VALUE_STEPS, G_BAD_VALUE_WEIGHTS};
 constexpr int GMIN_K[GMINS] = {G_RATIO_MIN, GX_RMIN, GX_TMIN, GX_EMIN};
@@ -158,9 +160,9 @@ struct FastPlan {
   // (scatter) per column; only the fast heads' columns are read or written (masked loads and stores)
   struct Span2D {
     bool on = false;
-    uintptr_t lo = 0;  // the span's first column in row 0
-    int64_t rs = 0;    // row stride (elements)
-    int w = 0;         // columns
+    uintptr_t lo = 0;   // the span's first column in row 0
+    int64_t rs = 0;     // row stride (elements)
+    int w = 0;          // columns
     uint64_t cols = 0;  // the fast heads' columns
     int off[ESPER_MAX_HEADS] = {};
   };
@@ -193,19 +195,19 @@ namespace avx512 {
 void block_in_vec(const PPOParams& P, int64_t b0, int nb, BlockIn& B);  // the block's step inputs, lane-wise
 void fast_mask_rows(const FastPlan& F, const BlockIn& B, uint64_t* rows);
 void fast_stage(const PPOParams& P, const FastPlan& F, const BlockIn& B, FastCols& C, bool fwd);
-void fast_forward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
-                      FastCols& C, LaneAcc& acc, float* Lsum, uint32_t* flags);
+void fast_forward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows, FastCols& C,
+                      LaneAcc& acc, float* Lsum, uint32_t* flags);
 void fast_backward_any(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B, const uint64_t* rows,
                        FastCols& C);
-void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum,
-                     const uint32_t* flags, FastCols& C, GlobalAcc& acc, float* xs, float* xw);
+void fast_global_any(const PPOParams& P, const FastPlan& F, const BlockIn& B, const float* Lsum, const uint32_t* flags,
+                     FastCols& C, GlobalAcc& acc, float* xs, float* xw);
 void fast_flush(const PPOParams& P, const FastPlan& F, const BlockIn& B, const FastCols& C, bool fwd);
 // avx512_wide.cpp: one row of a wide head (a present step); the forward returns the row's m and ls in its
 // RowFwd, the backward reads them from the saved values and uses pb, rb (A floats each) and vb (A / 8 + 2 bytes)
 // as row buffers
 RowFwd wide_forward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi);
-void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb,
-                       float* rb, uint8_t* vb);
+void wide_backward_any(const PPOParams& P, int h, int64_t i, const HeadIn& hi, float gL, float gE, float* pb, float* rb,
+                       uint8_t* vb);
 }  // namespace avx512
 #endif
 

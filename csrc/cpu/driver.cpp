@@ -9,8 +9,8 @@
 // Within a chunk, rows go in blocks of RB = 16, one row per SIMD lane. On CPUs with AVX-512 (checked at run
 // time), heads of at most 32 actions run the AVX-512 small-head path (avx512_small.cpp): one exp per logit in
 // the forward and one in the backward (the forward saves each row's m and ls), float32 exp/log with FMA,
-// statistics accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor that
-// it does not take (no AVX-512) run the auto-vectorised block path (block.cpp), bitwise the row path's results.
+// statistics accumulated per lane and reduced in a fixed order, floored heads included. Small heads without a floor
+// that it does not take (no AVX-512) run the auto-vectorised block path (block.cpp), bitwise the row path's results.
 // Wider heads without a floor run the AVX-512 wide path (avx512_wide.cpp: one row at a time, 16 columns per
 // vector, the same exp/log, m and ls saved as for small heads). Log-probs come from the shifted logits in every
 // path: (z - m) - log sum exp(z - m) (ppo_core.h row_softmax).
@@ -61,8 +61,14 @@ struct Bufs {
   std::unique_ptr<GlobalAcc> gacc;
   bool vectorise;
   Bufs(int A, int H, bool vec)
-      : z(std::max(A, 1)), g(std::max(A, 1)), u(std::max(A, 1)), small(new SmallBuf), cols(new FastCols), acc(H),
-        gacc(new GlobalAcc), vectorise(vec) {}
+      : z(std::max(A, 1)),
+        g(std::max(A, 1)),
+        u(std::max(A, 1)),
+        small(new SmallBuf),
+        cols(new FastCols),
+        acc(H),
+        gacc(new GlobalAcc),
+        vectorise(vec) {}
 };
 
 template <class T, class Cvt>
@@ -102,7 +108,6 @@ inline void stage_row(const PPOParams& P, int h, int64_t i, float* z, uint8_t* u
   }
 }
 
-
 inline bool vectorised(const PPOParams& P, int h) { return P.sizes[h] <= SMALL && !(P.floor[h] > 0.f); }
 
 // prefetch the logits and masks of rows [i0, i1) of every head (and, for the backward, the gradient rows)
@@ -139,8 +144,7 @@ bool cpu_has_avx512() {
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("popcnt");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("popcnt");
   }();
   return ok;
 #else
@@ -225,16 +229,20 @@ inline void prefetch_block(const FastPlan& F, int64_t i0, int64_t n) {
       const uintptr_t a0 = (sp.base + i0 * sp.stride + sp.lo) & ~(uintptr_t)63;
       const uintptr_t a1 = sp.base + (i1 - 1) * sp.stride + sp.hi;
       for (uintptr_t a = a0; a < a1; a += 64) {
-        if (sp.write) __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
-        else __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+        if (sp.write)
+          __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+        else
+          __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
       }
     } else {
       for (int64_t i = i0; i < i1; ++i) {
         const uintptr_t a0 = (sp.base + i * sp.stride + sp.lo) & ~(uintptr_t)63;
         const uintptr_t a1 = sp.base + i * sp.stride + sp.hi;
         for (uintptr_t a = a0; a < a1; a += 64) {
-          if (sp.write) __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
-          else __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
+          if (sp.write)
+            __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 3);
+          else
+            __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 3);
         }
       }
     }
@@ -356,8 +364,10 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
   alignas(64) uint64_t rows[RB];
   for (int64_t i0 = r0; i0 < r1; i0 += RB) {
     const int nb = (int)std::min<int64_t>(RB, r1 - i0);
-    if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
-    else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), false);
+    if (F.any)
+      prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
+    else
+      prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), false);
     if (F.all) {
 #if ESPER_CPU_AVX512
       avx512::block_in_vec(P, i0, nb, B);
@@ -412,8 +422,10 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
 #pragma GCC unroll 16
         for (int k = 0; k < ESPER_HEAD_SIZE; ++k) hacc[h][k] = kind_combine(head_kind(k), hacc[h][k], c[k]);
         Lsum[q] += hs.lr;
-        if (P.per_head) saved[i * (H + 1) + h] = hs.u;
-        else if (hs.flag) flags[q] |= 1u << h;
+        if (P.per_head)
+          saved[i * (H + 1) + h] = hs.u;
+        else if (hs.flag)
+          flags[q] |= 1u << h;
       }
     }
     if (F.any) {
@@ -475,8 +487,10 @@ void backward_rows(const PPOParams& P, const FastPlan& F, const float* st, const
   alignas(64) uint64_t rows[RB];
   for (int64_t i0 = r0; i0 < r1; i0 += RB) {
     const int nb = (int)std::min<int64_t>(RB, r1 - i0);
-    if (F.any) prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
-    else prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), true);
+    if (F.any)
+      prefetch_block(F, i0 + PREFETCH_BLOCKS * RB, P.n);
+    else
+      prefetch_rows(P, i0 + RB, std::min<int64_t>(i0 + 2 * RB, P.n), true);
     if (F.all) {
 #if ESPER_CPU_AVX512
       avx512::block_in_vec(P, i0, nb, B);

@@ -21,8 +21,14 @@ from ..config import ResolvedConfig
 from ..inputs import PPOInputs
 from .base import Backend
 
-__all__ = ["BackendInfo", "available_backends", "get_backend", "select_backend", "BACKEND_NAMES",
-           "BackendUnavailableError"]
+__all__ = [
+    "BackendInfo",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+]
 
 #: every backend and the module that defines it (as ``BACKENDS[name]``), in available_backends() order
 _REGISTRY = {

@@ -85,19 +85,25 @@ class Backend:
         reasons = []
         dtype = inputs.logits_dtype
         if dtype not in s.dtypes:
-            reasons.append(f"{dtype_name(dtype)} logits are not supported (supported: "
-                           f"{', '.join(dtype_name(d) for d in s.dtypes)}; float64 runs on the reference backend)")
+            reasons.append(
+                f"{dtype_name(dtype)} logits are not supported (supported: "
+                f"{', '.join(dtype_name(d) for d in s.dtypes)}; float64 runs on the reference backend)"
+            )
         if s.max_heads is not None and inputs.layout.num_heads > s.max_heads:
             reasons.append(f"at most {s.max_heads} heads (got {inputs.layout.num_heads})")
         if dev.type == "cuda" and torch.version.hip is None and (s.min_capability or s.dtype_capability):
             cap = device_capability(dev)
             if s.min_capability and cap < s.min_capability:
-                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
-                               f"{s.min_capability[0]}.{s.min_capability[1]} this backend is built for")
+                reasons.append(
+                    f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
+                    f"{s.min_capability[0]}.{s.min_capability[1]} this backend is built for"
+                )
             need = s.dtype_capability.get(dtype)
             if need and cap < need:
-                reasons.append(f"{dtype_name(dtype)} logits need compute capability {need[0]}.{need[1]} (this "
-                               f"GPU: {cap[0]}.{cap[1]})")
+                reasons.append(
+                    f"{dtype_name(dtype)} logits need compute capability {need[0]}.{need[1]} (this "
+                    f"GPU: {cap[0]}.{cap[1]})"
+                )
         return reasons + self.extra_reasons(inputs, cfg)
 
     def extra_reasons(self, inputs: PPOInputs, cfg: ResolvedConfig) -> list[str]:

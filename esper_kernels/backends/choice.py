@@ -35,4 +35,3 @@ def cuda_preference(inputs: PPOInputs) -> list[str]:
     if small and inputs.n >= CUDA_MIN_ROWS:
         return ["cuda", "triton"]
     return ["triton", "cuda"]
-

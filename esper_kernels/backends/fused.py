@@ -163,13 +163,19 @@ class FusedBackend(Backend):
     def kernel_forward(self, call: FusedCall, *args, **kwargs) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
-                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None, **kwargs):
+    def kernel_backward(
+        self,
+        call: FusedCall,
+        stats: torch.Tensor,
+        saved: torch.Tensor,
+        grad_losses: torch.Tensor | None,
+        grad_log_probs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        **kwargs,
+    ):
         raise NotImplementedError
 
-    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig,
-                       has_values: bool) -> None:
+    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> None:
         """One-pass backends whose forward writes the metric table keep it for ``metric_table`` (optional)."""
 
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
@@ -181,30 +187,70 @@ class FusedBackend(Backend):
         if torch.compiler.is_compiling():
             # the custom op: one opaque node per direction for the compiler (fake implementations below)
             losses, log_probs, entropy, joint_ratio, stats, _ = torch.ops.esper_kernels.fused_forward(
-                self.name, list(inputs.logits), list(inputs.masks or ()), list(inputs.actions),
-                list(inputs.old_log_probs), adv, list(inputs.relevance or ()), inputs.weights, inputs.values,
-                inputs.returns, inputs.old_values, inputs.value_weights, list(inputs.layout.sizes),
-                cfg_to_list(kcfg))
+                self.name,
+                list(inputs.logits),
+                list(inputs.masks or ()),
+                list(inputs.actions),
+                list(inputs.old_log_probs),
+                adv,
+                list(inputs.relevance or ()),
+                inputs.weights,
+                inputs.values,
+                inputs.returns,
+                inputs.old_values,
+                inputs.value_weights,
+                list(inputs.layout.sizes),
+                cfg_to_list(kcfg),
+            )
         else:
             # eager: the same kernels through a plain autograd.Function (the custom-op dispatch, argument
             # flattening and config round trip cost several hundred microseconds per call)
-            call = FusedCall(list(inputs.logits), list(inputs.masks or ()), _heads(inputs.actions),
-                             _heads(inputs.old_log_probs), adv, _heads(inputs.relevance), inputs.weights,
-                             inputs.values, inputs.returns, inputs.old_values, inputs.value_weights,
-                             inputs.layout.sizes, kcfg, packed_steps=inputs.packed_steps)
+            call = FusedCall(
+                list(inputs.logits),
+                list(inputs.masks or ()),
+                _heads(inputs.actions),
+                _heads(inputs.old_log_probs),
+                adv,
+                _heads(inputs.relevance),
+                inputs.weights,
+                inputs.values,
+                inputs.returns,
+                inputs.old_values,
+                inputs.value_weights,
+                inputs.layout.sizes,
+                kcfg,
+                packed_steps=inputs.packed_steps,
+            )
             if self.one_pass:
                 losses, log_probs, entropy, joint_ratio, stats, _, table = _EagerOnePass.apply(
-                    self, call, torch.is_grad_enabled(), inputs.values, *call.logits)
+                    self, call, torch.is_grad_enabled(), inputs.values, *call.logits
+                )
                 stats = stats.detach()
                 if table is not None:
                     self.remember_table(stats, table.detach(), cfg, inputs.values is not None)
-                return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2],
-                                 value_loss=losses[3], log_probs=log_probs, entropy=entropy,
-                                 joint_ratio=joint_ratio.detach(), stats=stats)
-            losses, log_probs, entropy, joint_ratio, stats, _ = _EagerFused.apply(self, call, inputs.values,
-                                                                                   *call.logits)
-        return RawOutput(loss=losses[0], policy_loss=losses[1], entropy_loss=losses[2], value_loss=losses[3],
-                         log_probs=log_probs, entropy=entropy, joint_ratio=joint_ratio.detach(), stats=stats.detach())
+                return RawOutput(
+                    loss=losses[0],
+                    policy_loss=losses[1],
+                    entropy_loss=losses[2],
+                    value_loss=losses[3],
+                    log_probs=log_probs,
+                    entropy=entropy,
+                    joint_ratio=joint_ratio.detach(),
+                    stats=stats,
+                )
+            losses, log_probs, entropy, joint_ratio, stats, _ = _EagerFused.apply(
+                self, call, inputs.values, *call.logits
+            )
+        return RawOutput(
+            loss=losses[0],
+            policy_loss=losses[1],
+            entropy_loss=losses[2],
+            value_loss=losses[3],
+            log_probs=log_probs,
+            entropy=entropy,
+            joint_ratio=joint_ratio.detach(),
+            stats=stats.detach(),
+        )
 
 
 def _heads(views: Sequence[torch.Tensor] | None) -> Sequence[torch.Tensor]:
@@ -218,19 +264,33 @@ def _guarded_inputs(call: FusedCall, values: torch.Tensor | None) -> tuple[torch
     op: the [N, H] tensors of call.packed_steps in place of their column views (views share their base's version
     counter), which saves 3 H - 3 tensors a call."""
     steps: list[torch.Tensor] = []
-    for name, views in (("actions", call.actions), ("old_log_probs", call.old_log_probs),
-                        ("relevance", call.relevance)):
+    for name, views in (
+        ("actions", call.actions),
+        ("old_log_probs", call.old_log_probs),
+        ("relevance", call.relevance),
+    ):
         whole = call.packed_steps.get(name)
         steps.extend((whole,) if whole is not None and views else views)
-    return (*call.logits, *call.masks, *steps, call.advantages, call.weights, values, call.returns, call.old_values,
-            call.value_weights)
+    return (
+        *call.logits,
+        *call.masks,
+        *steps,
+        call.advantages,
+        call.weights,
+        values,
+        call.returns,
+        call.old_values,
+        call.value_weights,
+    )
 
 
 def _refuse_double_backward(name: str) -> None:
     """Backward with create_graph=True (grad mode on) would need the gradient's own gradient."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"backend {name!r}: the fused backends do not support double backward (a gradient "
-                           "of the gradient, create_graph=True); the 'reference' backend does")
+        raise RuntimeError(
+            f"backend {name!r}: the fused backends do not support double backward (a gradient "
+            "of the gradient, create_graph=True); the 'reference' backend does"
+        )
 
 
 class _EagerFused(torch.autograd.Function):
@@ -262,8 +322,9 @@ class _EagerOnePass(torch.autograd.Function):
     ``ctx``; the first backward fixes them up in place and hands them over, a later one recomputes."""
 
     @staticmethod
-    def forward(ctx, impl: FusedBackend, call: FusedCall, grad_on: bool, values: torch.Tensor | None,
-                *logits: torch.Tensor):
+    def forward(
+        ctx, impl: FusedBackend, call: FusedCall, grad_on: bool, values: torch.Tensor | None, *logits: torch.Tensor
+    ):
         # (grad mode is off inside forward, and needs_input_grad does not see no_grad: the caller's grad_on does)
         need = ctx.needs_input_grad
         grads = None
@@ -294,12 +355,14 @@ class _EagerOnePass(torch.autograd.Function):
                 grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in call.logits]
             if need[3]:
                 gv = torch.empty(call.n, dtype=torch.float32, device=call.logits[0].device)
-        ctx.impl.kernel_backward(call, stats, saved, g_losses, g_log_probs, g_entropy, grads=grads, grad_values=gv,
-                                 holds=holds)
+        ctx.impl.kernel_backward(
+            call, stats, saved, g_losses, g_log_probs, g_entropy, grads=grads, grad_values=gv, holds=holds
+        )
         if gv is not None and ctx.values_dtype is not None:
             gv = gv.to(ctx.values_dtype)
-        out_grads = [g if n else None for g, n in zip(grads, need[4:])] if grads is not None else [None] * len(
-            call.logits)
+        out_grads = (
+            [g if n else None for g, n in zip(grads, need[4:])] if grads is not None else [None] * len(call.logits)
+        )
         return (None, None, None, gv if need[3] else None, *out_grads)
 
 
@@ -309,13 +372,39 @@ def register_fused(backend: FusedBackend) -> FusedBackend:
     return backend
 
 
-def _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
-          old_values, value_weights, head_sizes, cfg) -> tuple[FusedBackend, FusedCall]:
+def _call(
+    backend,
+    logits,
+    masks,
+    actions,
+    old_log_probs,
+    advantages,
+    relevance,
+    weights,
+    values,
+    returns,
+    old_values,
+    value_weights,
+    head_sizes,
+    cfg,
+) -> tuple[FusedBackend, FusedCall]:
     if backend not in _FUSED:
         raise RuntimeError(f"esper_kernels: fused backend {backend!r} is not registered")
-    call = FusedCall(list(logits), list(masks), list(actions), list(old_log_probs), advantages, list(relevance),
-                     weights, values, returns, old_values, value_weights, tuple(head_sizes),
-                     cfg_from_list(cfg, len(head_sizes)))
+    call = FusedCall(
+        list(logits),
+        list(masks),
+        list(actions),
+        list(old_log_probs),
+        advantages,
+        list(relevance),
+        weights,
+        values,
+        returns,
+        old_values,
+        value_weights,
+        tuple(head_sizes),
+        cfg_from_list(cfg, len(head_sizes)),
+    )
     return _FUSED[backend], call
 
 
@@ -323,42 +412,125 @@ Tensor = torch.Tensor
 
 
 @torch.library.custom_op("esper_kernels::fused_forward", mutates_args=())
-def fused_forward(backend: str, logits: list[Tensor], masks: list[Tensor], actions: list[Tensor],
-                  old_log_probs: list[Tensor], advantages: Tensor, relevance: list[Tensor],
-                  weights: Tensor | None, values: Tensor | None, returns: Tensor | None,
-                  old_values: Tensor | None, value_weights: Tensor | None, head_sizes: list[int],
-                  cfg: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl, call = _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values,
-                       returns, old_values, value_weights, head_sizes, cfg)
+def fused_forward(
+    backend: str,
+    logits: list[Tensor],
+    masks: list[Tensor],
+    actions: list[Tensor],
+    old_log_probs: list[Tensor],
+    advantages: Tensor,
+    relevance: list[Tensor],
+    weights: Tensor | None,
+    values: Tensor | None,
+    returns: Tensor | None,
+    old_values: Tensor | None,
+    value_weights: Tensor | None,
+    head_sizes: list[int],
+    cfg: list[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl, call = _call(
+        backend,
+        logits,
+        masks,
+        actions,
+        old_log_probs,
+        advantages,
+        relevance,
+        weights,
+        values,
+        returns,
+        old_values,
+        value_weights,
+        head_sizes,
+        cfg,
+    )
     return tuple(impl.kernel_forward(call))[:6]
 
 
 @fused_forward.register_fake
-def _(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
-      old_values, value_weights, head_sizes, cfg):
+def _(
+    backend,
+    logits,
+    masks,
+    actions,
+    old_log_probs,
+    advantages,
+    relevance,
+    weights,
+    values,
+    returns,
+    old_values,
+    value_weights,
+    head_sizes,
+    cfg,
+):
     n, H = logits[0].shape[0], len(head_sizes)
     like = logits[0]
     f32 = dict(dtype=torch.float32, device=like.device)
     saved_shape = _FUSED[backend].saved_shape(n, H) if backend in _FUSED else [n, H]
-    return (like.new_empty(4, **f32), like.new_empty((n, H), **f32), like.new_empty((n, H), **f32),
-            like.new_empty((n,), **f32), like.new_empty((stats_size(H),), **f32), like.new_empty(saved_shape, **f32))
+    return (
+        like.new_empty(4, **f32),
+        like.new_empty((n, H), **f32),
+        like.new_empty((n, H), **f32),
+        like.new_empty((n,), **f32),
+        like.new_empty((stats_size(H),), **f32),
+        like.new_empty(saved_shape, **f32),
+    )
 
 
 @torch.library.custom_op("esper_kernels::fused_backward", mutates_args=())
-def fused_backward(backend: str, logits: list[Tensor], masks: list[Tensor], actions: list[Tensor],
-                   old_log_probs: list[Tensor], advantages: Tensor, relevance: list[Tensor],
-                   weights: Tensor | None, values: Tensor | None, returns: Tensor | None,
-                   old_values: Tensor | None, value_weights: Tensor | None, head_sizes: list[int],
-                   cfg: list[float], stats: Tensor, saved: Tensor, grad_losses: Tensor | None,
-                   grad_log_probs: Tensor | None, grad_entropy: Tensor | None) -> tuple[list[Tensor], Tensor]:
-    impl, call = _call(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values,
-                       returns, old_values, value_weights, head_sizes, cfg)
+def fused_backward(
+    backend: str,
+    logits: list[Tensor],
+    masks: list[Tensor],
+    actions: list[Tensor],
+    old_log_probs: list[Tensor],
+    advantages: Tensor,
+    relevance: list[Tensor],
+    weights: Tensor | None,
+    values: Tensor | None,
+    returns: Tensor | None,
+    old_values: Tensor | None,
+    value_weights: Tensor | None,
+    head_sizes: list[int],
+    cfg: list[float],
+    stats: Tensor,
+    saved: Tensor,
+    grad_losses: Tensor | None,
+    grad_log_probs: Tensor | None,
+    grad_entropy: Tensor | None,
+) -> tuple[list[Tensor], Tensor]:
+    impl, call = _call(
+        backend,
+        logits,
+        masks,
+        actions,
+        old_log_probs,
+        advantages,
+        relevance,
+        weights,
+        values,
+        returns,
+        old_values,
+        value_weights,
+        head_sizes,
+        cfg,
+    )
     if impl.one_pass:
         dev = logits[0].device
         grads = [torch.empty(t.shape, dtype=t.dtype, device=dev) for t in logits]
         grad_values = None if values is None else torch.empty(call.n, dtype=torch.float32, device=dev)
-        impl.kernel_backward(call, stats, saved, grad_losses, grad_log_probs, grad_entropy, grads=grads,
-                             grad_values=grad_values, holds=False)
+        impl.kernel_backward(
+            call,
+            stats,
+            saved,
+            grad_losses,
+            grad_log_probs,
+            grad_entropy,
+            grads=grads,
+            grad_values=grad_values,
+            holds=False,
+        )
     else:
         grads, grad_values = impl.kernel_backward(call, stats, saved, grad_losses, grad_log_probs, grad_entropy)
     if grad_values is None:
@@ -367,14 +539,47 @@ def fused_backward(backend: str, logits: list[Tensor], masks: list[Tensor], acti
 
 
 @fused_backward.register_fake
-def _(backend, logits, masks, actions, old_log_probs, advantages, relevance, weights, values, returns,
-      old_values, value_weights, head_sizes, cfg, stats, saved, grad_losses, grad_log_probs, grad_entropy):
+def _(
+    backend,
+    logits,
+    masks,
+    actions,
+    old_log_probs,
+    advantages,
+    relevance,
+    weights,
+    values,
+    returns,
+    old_values,
+    value_weights,
+    head_sizes,
+    cfg,
+    stats,
+    saved,
+    grad_losses,
+    grad_log_probs,
+    grad_entropy,
+):
     grad_values = stats.new_empty(0) if values is None else values.new_empty(values.shape, dtype=torch.float32)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in logits], grad_values
 
 
-_ARG_NAMES = ("backend", "logits", "masks", "actions", "old_log_probs", "advantages", "relevance", "weights",
-              "values", "returns", "old_values", "value_weights", "head_sizes", "cfg")
+_ARG_NAMES = (
+    "backend",
+    "logits",
+    "masks",
+    "actions",
+    "old_log_probs",
+    "advantages",
+    "relevance",
+    "weights",
+    "values",
+    "returns",
+    "old_values",
+    "value_weights",
+    "head_sizes",
+    "cfg",
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -384,9 +589,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.cfg = args["cfg"]
     ctx.counts = (len(args["logits"]), len(args["masks"]), len(args["actions"]), len(args["relevance"]))
     ctx.values_dtype = None if args["values"] is None else args["values"].dtype
-    tensors = [*args["logits"], *args["masks"], *args["actions"], *args["old_log_probs"], args["advantages"],
-               *args["relevance"], args["weights"], args["values"], args["returns"], args["old_values"],
-               args["value_weights"], output[4], output[5]]
+    tensors = [
+        *args["logits"],
+        *args["masks"],
+        *args["actions"],
+        *args["old_log_probs"],
+        args["advantages"],
+        *args["relevance"],
+        args["weights"],
+        args["values"],
+        args["returns"],
+        args["old_values"],
+        args["value_weights"],
+        output[4],
+        output[5],
+    ]
     ctx.save_for_backward(*tensors)
 
 
@@ -405,12 +622,44 @@ def _backward(ctx, g_losses, g_log_probs, g_entropy, g_joint_ratio, g_stats, g_s
     rel = take(nr)
     weights, values, returns, old_values, value_weights, stats, saved = t
     grads, grad_values = torch.ops.esper_kernels.fused_backward(
-        ctx.backend, logits, masks, actions, olp, adv, rel, weights, values, returns, old_values, value_weights,
-        ctx.head_sizes, ctx.cfg, stats, saved, g_losses, g_log_probs, g_entropy)
+        ctx.backend,
+        logits,
+        masks,
+        actions,
+        olp,
+        adv,
+        rel,
+        weights,
+        values,
+        returns,
+        old_values,
+        value_weights,
+        ctx.head_sizes,
+        ctx.cfg,
+        stats,
+        saved,
+        g_losses,
+        g_log_probs,
+        g_entropy,
+    )
     gv = None if values is None else grad_values.to(ctx.values_dtype)
     # list inputs take a list of Nones (torch.library checks the structure of what backward returns)
-    return (None, list(grads), [None] * nm, [None] * na, [None] * na, None, [None] * nr, None, gv, None, None,
-            None, None, None)
+    return (
+        None,
+        list(grads),
+        [None] * nm,
+        [None] * na,
+        [None] * na,
+        None,
+        [None] * nr,
+        None,
+        gv,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("esper_kernels::fused_forward", _backward, setup_context=_setup_context)

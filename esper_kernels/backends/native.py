@@ -43,19 +43,31 @@ try:
     from .. import _C
 except ImportError as e:  # the extension is not built (or not importable): say why, never crash the registry
     _C = None
-    _IMPORT_ERROR = (f"the C++ extension esper_kernels._C is not built or cannot be imported ({e}); build it "
-                     "with `pip install --no-build-isolation -e .` (see README)")
+    _IMPORT_ERROR = (
+        f"the C++ extension esper_kernels._C is not built or cannot be imported ({e}); build it "
+        "with `pip install --no-build-isolation -e .` (see README)"
+    )
 else:
     _IMPORT_ERROR = ""
     if _C.LAYOUT_FINGERPRINT != fingerprint():
-        _IMPORT_ERROR = (f"the C++ extension esper_kernels._C was built from another statistics layout (schema "
-                         f"fingerprint {_C.LAYOUT_FINGERPRINT}, the package has {fingerprint()}); rebuild it with "
-                         "`pip install --no-build-isolation -e .`")
+        _IMPORT_ERROR = (
+            f"the C++ extension esper_kernels._C was built from another statistics layout (schema "
+            f"fingerprint {_C.LAYOUT_FINGERPRINT}, the package has {fingerprint()}); rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
         _C = None
 
 #: dtype codes of csrc/ppo_params.h (enum DType)
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4, torch.uint8: 4,
-       torch.int32: 5, torch.int64: 6}
+_DT = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.bool: 4,
+    torch.uint8: 4,
+    torch.int32: 5,
+    torch.int64: 6,
+}
 MAX_HEADS = 32 if _C is None else int(_C.MAX_HEADS)
 #: oldest GPU the CUDA part is built for (sm_80 machine code, compute_90 PTX)
 MIN_CAPABILITY = (8, 0)
@@ -95,8 +107,16 @@ _TEMPLATES: dict[tuple, object] = {}
 def _template_key(call: FusedCall) -> tuple:
     cfg = call.cfg
     has_v = call.values is not None
-    return (cfg, call.head_sizes, call.logits[0].dtype, bool(call.masks), bool(call.relevance),
-            call.advantages.dim() == 2, has_v, has_v and call.old_values is not None)
+    return (
+        cfg,
+        call.head_sizes,
+        call.logits[0].dtype,
+        bool(call.masks),
+        bool(call.relevance),
+        call.advantages.dim() == 2,
+        has_v,
+        has_v and call.old_values is not None,
+    )
 
 
 def _template(call: FusedCall):
@@ -150,8 +170,13 @@ def _input_params(call: FusedCall):
     p = _template(call).copy()
     p.n = call.n
     ps = call.packed_steps
-    if call.packed and len(call.masks) <= 1 and "actions" in ps and "old_log_probs" in ps and (
-            not call.relevance or "relevance" in ps):
+    if (
+        call.packed
+        and len(call.masks) <= 1
+        and "actions" in ps
+        and "old_log_probs" in ps
+        and (not call.relevance or "relevance" in ps)
+    ):
         # the common case: packed logits and masks, [N, H] step inputs: every head's pointers set in C++
         t = call.logits[0]
         p.set_packed("logits", t.data_ptr(), t.stride(0), t.element_size())
@@ -168,10 +193,17 @@ def _input_params(call: FusedCall):
         mk = _head_ptrs(call.masks, call.offsets, H)
         adv0 = None if adv_ph else _vec(adv)
         for h in range(H):
-            p.set_head(h, logits=lg[h][0], logits_rs=lg[h][1], masks=mk[h][0], masks_rs=mk[h][1],
-                       actions=_vec(call.actions[h]), old_lp=_vec(call.old_log_probs[h]),
-                       rel=_vec(call.relevance[h]) if call.relevance else _NONE3,
-                       adv=_col(adv, h) if adv_ph else adv0)
+            p.set_head(
+                h,
+                logits=lg[h][0],
+                logits_rs=lg[h][1],
+                masks=mk[h][0],
+                masks_rs=mk[h][1],
+                actions=_vec(call.actions[h]),
+                old_lp=_vec(call.old_log_probs[h]),
+                rel=_vec(call.relevance[h]) if call.relevance else _NONE3,
+                adv=_col(adv, h) if adv_ph else adv0,
+            )
     p.weights = _vec(call.weights)
     if has_v:
         p.values = _vec(call.values)
@@ -193,9 +225,16 @@ def forward_params(call: FusedCall, outputs: tuple[torch.Tensor, ...]):
     return p
 
 
-def backward_params(call: FusedCall, stats: torch.Tensor, saved: torch.Tensor, grads: list[torch.Tensor],
-                    grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                    grad_entropy: torch.Tensor | None, grad_values: torch.Tensor | None):
+def backward_params(
+    call: FusedCall,
+    stats: torch.Tensor,
+    saved: torch.Tensor,
+    grads: list[torch.Tensor],
+    grad_losses: torch.Tensor | None,
+    grad_log_probs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    grad_values: torch.Tensor | None,
+):
     """The backward's ``_C.Params``: the forward's inputs, its statistics and saved values, the incoming
     gradients and the gradient outputs."""
     p = call.cache.get("native")
@@ -218,8 +257,14 @@ def backward_params(call: FusedCall, stats: torch.Tensor, saved: torch.Tensor, g
 def _forward_outputs(call: FusedCall, saved_shape: list[int]) -> tuple[torch.Tensor, ...]:
     N, H = call.n, call.num_heads
     f32 = dict(dtype=torch.float32, device=call.logits[0].device)
-    return (torch.empty(4, **f32), torch.empty((N, H), **f32), torch.empty((N, H), **f32), torch.empty(N, **f32),
-            torch.empty(stats_size(H), **f32), torch.empty(saved_shape, **f32))
+    return (
+        torch.empty(4, **f32),
+        torch.empty((N, H), **f32),
+        torch.empty((N, H), **f32),
+        torch.empty(N, **f32),
+        torch.empty(stats_size(H), **f32),
+        torch.empty(saved_shape, **f32),
+    )
 
 
 def _backward_outputs(call: FusedCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -288,9 +333,15 @@ class CpuBackend(_NativeBackend):
         _C.cpu_forward(forward_params(call, outs), torch.get_num_threads(), self.vectorise)
         return outs
 
-    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
-                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def kernel_backward(
+        self,
+        call: FusedCall,
+        stats: torch.Tensor,
+        saved: torch.Tensor,
+        grad_losses: torch.Tensor | None,
+        grad_log_probs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         grads, gv = _backward_outputs(call)
         p = backward_params(call, stats, saved, grads, grad_losses, grad_log_probs, grad_entropy, gv)
         _C.cpu_backward(p, torch.get_num_threads(), self.vectorise)
@@ -339,18 +390,21 @@ class CudaBackend(_NativeBackend):
         return dev.index if dev.index is not None else torch.cuda.current_device()
 
     def _plan(self, p, dev: torch.device, fixup: bool, write_grad: bool) -> dict:
-        return _C.cuda_onepass_plan(p, self._device_index(dev), fixup=fixup, write_grad=write_grad,
-                                    max_blocks=self.max_blocks)
+        return _C.cuda_onepass_plan(
+            p, self._device_index(dev), fixup=fixup, write_grad=write_grad, max_blocks=self.max_blocks
+        )
 
     def _launch_forward(self, p, mcfg, dev: torch.device, **kw) -> None:
         idx = self._device_index(dev)
-        _C.cuda_onepass_forward(p, mcfg, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
-                                max_blocks=self.max_blocks, **kw)
+        _C.cuda_onepass_forward(
+            p, mcfg, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx, max_blocks=self.max_blocks, **kw
+        )
 
     def _launch_backward(self, p, dev: torch.device, **kw) -> None:
         idx = self._device_index(dev)
-        _C.cuda_onepass_backward(p, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx,
-                                 max_blocks=self.max_blocks, **kw)
+        _C.cuda_onepass_backward(
+            p, stream=torch.cuda.current_stream(idx).cuda_stream, device=idx, max_blocks=self.max_blocks, **kw
+        )
 
     def _table_kernel(self, c, stats: torch.Tensor, out: torch.Tensor) -> None:
         idx = self._device_index(stats.device)
@@ -361,8 +415,10 @@ class CudaBackend(_NativeBackend):
         if _C is None:
             return [_IMPORT_ERROR]
         if not _C.has_cuda:
-            return ["the extension esper_kernels._C was built without its CUDA part (no nvcc found at build time, "
-                    "or ESPER_CUDA=OFF); rebuild with nvcc on PATH (ESPER_CUDA=ON makes a missing nvcc an error)"]
+            return [
+                "the extension esper_kernels._C was built without its CUDA part (no nvcc found at build time, "
+                "or ESPER_CUDA=OFF); rebuild with nvcc on PATH (ESPER_CUDA=ON makes a missing nvcc an error)"
+            ]
         if not torch.cuda.is_available():
             return ["no CUDA device (torch.cuda.is_available() is False)"]
         status = _C.cuda_status()
@@ -392,8 +448,7 @@ class CudaBackend(_NativeBackend):
 
     def _plan_cached(self, call: FusedCall, p, fixup: bool, write_grad: bool) -> dict:
         dev = call.logits[0].device
-        key = (dev, call.n, call.head_sizes, p.logits_dtype, p.has_mask, p.per_head, fixup, write_grad,
-               self.max_blocks)
+        key = (dev, call.n, call.head_sizes, p.logits_dtype, p.has_mask, p.per_head, fixup, write_grad, self.max_blocks)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(p, dev, fixup, write_grad)
@@ -403,8 +458,9 @@ class CudaBackend(_NativeBackend):
         return plan
 
     # -- the one-pass protocol (fused.py) ----------------------------------------------------------------------
-    def kernel_forward(self, call: FusedCall, grads: list[torch.Tensor] | None = None,
-                       grad_values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def kernel_forward(
+        self, call: FusedCall, grads: list[torch.Tensor] | None = None, grad_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Pre-pass + forward: (losses, log_probs, entropy, joint_ratio, stats, saved, table); with ``grads`` /
         ``grad_values`` the forward also fills them for an upstream (1, 0, 0, 0) on the losses."""
         N, H = call.n, call.num_heads
@@ -427,22 +483,43 @@ class CudaBackend(_NativeBackend):
         npre = plan["grid_pre"] * plan["pre_size"]
         scratch = torch.empty(npre + plan["nparts"] * K, **f32)  # pre-pass partials, then the forward's partials
         p.losses, p.log_probs, p.entropy, p.joint_ratio, p.stats = (
-            losses.data_ptr(), log_probs.data_ptr(), entropy.data_ptr(), joint_ratio.data_ptr(), stats.data_ptr())
+            losses.data_ptr(),
+            log_probs.data_ptr(),
+            entropy.data_ptr(),
+            joint_ratio.data_ptr(),
+            stats.data_ptr(),
+        )
         if write_grad:
             for h, (ptr, rs) in enumerate(_head_ptrs(grads, call.offsets, H)):
                 p.set_grad(h, ptr, rs)
         base = scratch.data_ptr()
         self._launch_forward(
-            p, self._mcfg(call.cfg, call.values is not None, H), dev, write_grad=write_grad,
-            norms=saved.data_ptr(), pre_parts=base, parts=base + 4 * npre,
-            ctl=saved.data_ptr() + 4 * plan["norms_size"], table=table.data_ptr(),
-            gv=0 if grad_values is None else grad_values.data_ptr())
+            p,
+            self._mcfg(call.cfg, call.values is not None, H),
+            dev,
+            write_grad=write_grad,
+            norms=saved.data_ptr(),
+            pre_parts=base,
+            parts=base + 4 * npre,
+            ctl=saved.data_ptr() + 4 * plan["norms_size"],
+            table=table.data_ptr(),
+            gv=0 if grad_values is None else grad_values.data_ptr(),
+        )
         return losses, log_probs, entropy, joint_ratio, stats, saved, table
 
-    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
-                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None, *, grads: list[torch.Tensor] | None = None,
-                        grad_values: torch.Tensor | None = None, holds: bool = False) -> None:
+    def kernel_backward(
+        self,
+        call: FusedCall,
+        stats: torch.Tensor,
+        saved: torch.Tensor,
+        grad_losses: torch.Tensor | None,
+        grad_log_probs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        *,
+        grads: list[torch.Tensor] | None = None,
+        grad_values: torch.Tensor | None = None,
+        holds: bool = False,
+    ) -> None:
         """The fix-up, in place on ``grads`` / ``grad_values``: holds=True, they hold what ``kernel_forward``
         wrote (left as they are, rescaled or recomputed after the incoming gradients, read on the device);
         holds=False, recomputed."""
@@ -451,16 +528,23 @@ class CudaBackend(_NativeBackend):
         dev = call.logits[0].device
         gl = None if grad_losses is None else grad_losses.detach().to(torch.float32).contiguous().reshape(4)
         g4 = (0, 0, 0, 0) if gl is None else tuple(gl.data_ptr() + 4 * k for k in range(4))
-        p = backward_params(call, stats, saved, grads if grads is not None else [], None, grad_log_probs,
-                            grad_entropy, None)
+        p = backward_params(
+            call, stats, saved, grads if grads is not None else [], None, grad_log_probs, grad_entropy, None
+        )
         norms_size = _norms_size(call.num_heads)
-        self._launch_backward(p, dev, write_grad=grads is not None, force_recompute=not holds,
-                              norms=saved.data_ptr(), ctl=saved.data_ptr() + 4 * norms_size,
-                              gv=0 if grad_values is None else grad_values.data_ptr(), grad_losses=g4)
+        self._launch_backward(
+            p,
+            dev,
+            write_grad=grads is not None,
+            force_recompute=not holds,
+            norms=saved.data_ptr(),
+            ctl=saved.data_ptr() + 4 * norms_size,
+            gv=0 if grad_values is None else grad_values.data_ptr(),
+            grad_losses=g4,
+        )
 
     # -- the metric table --------------------------------------------------------------------------------------
-    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig,
-                       has_values: bool) -> None:
+    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> None:
         """The forward wrote the metric table of ``stats``: ``metric_table`` returns it instead of a launch while
         these statistics are alive and unmodified."""
         if stats.is_inference():  # no version counter: the table is derived again when asked
@@ -479,9 +563,16 @@ class CudaBackend(_NativeBackend):
         if entry is not None:
             ref, version, table, tcfg, thv = entry
             orig = ref()
-            if (orig is not None and orig._version == version and stats._version == version and tcfg == cfg
-                    and thv == has_values and orig.data_ptr() == stats.data_ptr() and stats.device == table.device
-                    and stats.numel() == orig.numel()):
+            if (
+                orig is not None
+                and orig._version == version
+                and stats._version == version
+                and tcfg == cfg
+                and thv == has_values
+                and orig.data_ptr() == stats.data_ptr()
+                and stats.device == table.device
+                and stats.numel() == orig.numel()
+            ):
                 return table
         c, out = _metrics_call(stats, cfg, has_values)
         self._table_kernel(c, stats, out)

@@ -16,8 +16,10 @@ class ReferenceBackend(Backend):
     """Plain PyTorch (autograd for the gradient); any device, any float dtype, float64 included."""
 
     name = "reference"
-    supports = Supports(devices=("cpu", "cuda", "mps", "xpu", "meta"),
-                        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    supports = Supports(
+        devices=("cpu", "cuda", "mps", "xpu", "meta"),
+        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    )
 
     def forward(self, inputs: PPOInputs, cfg: ResolvedConfig) -> RawOutput:
         return reference_forward(inputs, cfg)

@@ -154,11 +154,25 @@ def _counters(device: torch.device, groups: int) -> torch.Tensor:
 class _Plan:
     """Tile sizes of one call: which heads are wide, the head groups sharing a tile, rows per program."""
 
-    __slots__ = ("blks", "block_c", "bn", "gh0", "gnh", "gw", "gwid", "gwide", "hoff", "n_groups", "num_warps",
-                 "programs", "wide")
+    __slots__ = (
+        "blks",
+        "block_c",
+        "bn",
+        "gh0",
+        "gnh",
+        "gw",
+        "gwid",
+        "gwide",
+        "hoff",
+        "n_groups",
+        "num_warps",
+        "programs",
+        "wide",
+    )
 
-    def __init__(self, sizes: tuple[int, ...], n: int, device: torch.device, groupable: bool,
-                 floors: tuple[bool, ...] = ()):
+    def __init__(
+        self, sizes: tuple[int, ...], n: int, device: torch.device, groupable: bool, floors: tuple[bool, ...] = ()
+    ):
         H = len(sizes)
         self.wide = tuple(a > SMALL_MAX for a in sizes)
         self.blks = tuple(max(2, _pow2_ceil(a)) for a in sizes)
@@ -235,10 +249,18 @@ def _launch_context(device: torch.device):
         yield
 
 
-_SUPPORTS = Supports(devices=("cuda",), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY,
-                     dtype_capability={torch.bfloat16: BF16_CAPABILITY})
-_SUPPORTS_INTERPRETED = Supports(devices=("cuda", "cpu"), max_heads=MAX_HEADS, min_capability=MIN_CAPABILITY,
-                                 dtype_capability={torch.bfloat16: BF16_CAPABILITY})
+_SUPPORTS = Supports(
+    devices=("cuda",),
+    max_heads=MAX_HEADS,
+    min_capability=MIN_CAPABILITY,
+    dtype_capability={torch.bfloat16: BF16_CAPABILITY},
+)
+_SUPPORTS_INTERPRETED = Supports(
+    devices=("cuda", "cpu"),
+    max_heads=MAX_HEADS,
+    min_capability=MIN_CAPABILITY,
+    dtype_capability={torch.bfloat16: BF16_CAPABILITY},
+)
 
 
 class _Encoded:
@@ -276,39 +298,110 @@ def _encode(call: FusedCall) -> _Encoded:
     enc = _Encoded()
     enc.plan = plan
     enc.inputs = (
-        *lg, *mk, *act, *old, *rel, floors, kcoef,
-        adv, adv.stride(0), adv.stride(1) if adv_ph else 0,
-        None if w is None else _u8(w), 0 if w is None else w.stride(0),
-        v, v.stride(0) if has_v else 0, R, R.stride(0) if has_v else 0,
-        vo if has_vclip else None, vo.stride(0) if has_vclip else 0,
-        _u8(vw) if has_vw else None, vw.stride(0) if has_vw else 0,
+        *lg,
+        *mk,
+        *act,
+        *old,
+        *rel,
+        floors,
+        kcoef,
+        adv,
+        adv.stride(0),
+        adv.stride(1) if adv_ph else 0,
+        None if w is None else _u8(w),
+        0 if w is None else w.stride(0),
+        v,
+        v.stride(0) if has_v else 0,
+        R,
+        R.stride(0) if has_v else 0,
+        vo if has_vclip else None,
+        vo.stride(0) if has_vclip else 0,
+        _u8(vw) if has_vw else None,
+        vw.stride(0) if has_vw else 0,
     )
-    enc.scalars = (cfg.mask_fill, cfg.log_ratio_clamp, jc if math.isfinite(jc) else 0.0, 1.0 - cfg.eps_low,
-                   1.0 + cfg.eps_high, cfg.value_clip if has_vclip else 0.0, cfg.entropy_coef, cfg.value_coef)
+    enc.scalars = (
+        cfg.mask_fill,
+        cfg.log_ratio_clamp,
+        jc if math.isfinite(jc) else 0.0,
+        1.0 - cfg.eps_low,
+        1.0 + cfg.eps_high,
+        cfg.value_clip if has_vclip else 0.0,
+        cfg.entropy_coef,
+        cfg.value_coef,
+    )
     enc.consts = dict(
-        H=H, SIZES=tuple(call.head_sizes), BLKS=plan.blks, FLOOR_ON=tuple(f > 0 for f in floors), NG=len(plan.gh0),
-        GH0=plan.gh0, GNH=plan.gnh, GW=plan.gw, GWID=plan.gwid, GWIDE=plan.gwide, HOFF=plan.hoff,
-        HAS_MASK=bool(call.masks), HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v,
-        HAS_VCLIP=has_vclip, HAS_VW=has_vw, PER_HEAD=bool(cfg.per_head), ADV_PER_HEAD=adv_ph,
-        NORM_ADV=bool(cfg.normalize_advantages), NORM_ENT=bool(cfg.normalize_entropy),
-        HAS_JCLAMP=math.isfinite(jc), EXCL=bool(cfg.mask_exclude), TILE_STORE=bool(TILE_STORE),
-        M_VCLIP=has_v and math.isfinite(cfg.value_clip), RATIO_UNBIASED=bool(cfg.ratio_std_unbiased), K=K,
-        KPAD=_pow2_ceil(K), HPAD=max(2, _pow2_ceil(H)), GROUP=MERGE_GROUP, MERGE_CH=MERGE_CHUNK, BN=plan.bn,
-        BLOCK_C=plan.block_c, num_warps=plan.num_warps, maxnreg=MAXNREG,
+        H=H,
+        SIZES=tuple(call.head_sizes),
+        BLKS=plan.blks,
+        FLOOR_ON=tuple(f > 0 for f in floors),
+        NG=len(plan.gh0),
+        GH0=plan.gh0,
+        GNH=plan.gnh,
+        GW=plan.gw,
+        GWID=plan.gwid,
+        GWIDE=plan.gwide,
+        HOFF=plan.hoff,
+        HAS_MASK=bool(call.masks),
+        HAS_REL=bool(call.relevance),
+        HAS_W=w is not None,
+        HAS_V=has_v,
+        HAS_VCLIP=has_vclip,
+        HAS_VW=has_vw,
+        PER_HEAD=bool(cfg.per_head),
+        ADV_PER_HEAD=adv_ph,
+        NORM_ADV=bool(cfg.normalize_advantages),
+        NORM_ENT=bool(cfg.normalize_entropy),
+        HAS_JCLAMP=math.isfinite(jc),
+        EXCL=bool(cfg.mask_exclude),
+        TILE_STORE=bool(TILE_STORE),
+        M_VCLIP=has_v and math.isfinite(cfg.value_clip),
+        RATIO_UNBIASED=bool(cfg.ratio_std_unbiased),
+        K=K,
+        KPAD=_pow2_ceil(K),
+        HPAD=max(2, _pow2_ceil(H)),
+        GROUP=MERGE_GROUP,
+        MERGE_CH=MERGE_CHUNK,
+        BN=plan.bn,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+        maxnreg=MAXNREG,
     )
     enc.fixup_consts = {**enc.consts, "TILE_STORE": bool(FIXUP_TILE_STORE)}
     # the pre-pass
     norm_adv = bool(cfg.normalize_advantages)
     pk = _kernels().NPG + H + 2 * (H if adv_ph else 1)
     rows_per_prog = max(PRE_CHUNK, _pow2_ceil(_cdiv(max(N, 1), PRE_PROGRAMS)))
-    enc.pre_args = (*rel, adv, adv.stride(0), adv.stride(1) if adv_ph else 0,
-                    None if w is None else _u8(w), 0 if w is None else w.stride(0),
-                    _u8(vw) if has_vw else None, vw.stride(0) if has_vw else 0)
-    enc.pre_consts = dict(rows_per_prog=rows_per_prog, programs=max(1, _cdiv(N, rows_per_prog)), pk=pk, consts=dict(
-        H=H, HAS_REL=bool(call.relevance), HAS_W=w is not None, HAS_V=has_v, HAS_VW=has_vw, NORM_ADV=norm_adv,
-        ADV_COLS=H if adv_ph else 1, STD_UNBIASED=bool(cfg.advantage_std_unbiased),
-        EPS_ADD=bool(cfg.advantage_eps_add), PK=pk, PKP=_pow2_ceil(pk), CH=PRE_CHUNK, MCH=PRE_MERGE_CHUNK,
-        num_warps=4))
+    enc.pre_args = (
+        *rel,
+        adv,
+        adv.stride(0),
+        adv.stride(1) if adv_ph else 0,
+        None if w is None else _u8(w),
+        0 if w is None else w.stride(0),
+        _u8(vw) if has_vw else None,
+        vw.stride(0) if has_vw else 0,
+    )
+    enc.pre_consts = dict(
+        rows_per_prog=rows_per_prog,
+        programs=max(1, _cdiv(N, rows_per_prog)),
+        pk=pk,
+        consts=dict(
+            H=H,
+            HAS_REL=bool(call.relevance),
+            HAS_W=w is not None,
+            HAS_V=has_v,
+            HAS_VW=has_vw,
+            NORM_ADV=norm_adv,
+            ADV_COLS=H if adv_ph else 1,
+            STD_UNBIASED=bool(cfg.advantage_std_unbiased),
+            EPS_ADD=bool(cfg.advantage_eps_add),
+            PK=pk,
+            PKP=_pow2_ceil(pk),
+            CH=PRE_CHUNK,
+            MCH=PRE_MERGE_CHUNK,
+            num_warps=4,
+        ),
+    )
     call.cache["triton"] = enc
     return enc
 
@@ -337,13 +430,17 @@ class TritonBackend(FusedBackend):
         if _interpreting():
             return []
         if not torch.cuda.is_available():
-            return ["no CUDA device (set TRITON_INTERPRET=1 before the first call to run Triton's interpreter "
-                    "on CPU tensors)"]
+            return [
+                "no CUDA device (set TRITON_INTERPRET=1 before the first call to run Triton's interpreter "
+                "on CPU tensors)"
+            ]
         if torch.version.hip is None:
             cap = device_capability(torch.device("cuda"))
             if cap < MIN_CAPABILITY:
-                return [f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
-                        f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} Triton needs"]
+                return [
+                    f"GPU compute capability {cap[0]}.{cap[1]} is older than the "
+                    f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} Triton needs"
+                ]
         return []
 
     # ---- the pre-pass ---------------------------------------------------------------------------------------
@@ -351,35 +448,84 @@ class TritonBackend(FusedBackend):
     def _pre(k, call: FusedCall, enc: _Encoded, norm: torch.Tensor, cnt: torch.Tensor) -> None:
         pc = enc.pre_consts
         prep = torch.empty((pc["programs"], pc["pk"]), dtype=torch.float32, device=norm.device)
-        k._ppo_pre_kernel[(pc["programs"],)](*enc.pre_args, prep, cnt, norm, call.n, pc["programs"],
-                                              pc["rows_per_prog"], call.cfg.advantage_eps, **pc["consts"])
+        k._ppo_pre_kernel[(pc["programs"],)](
+            *enc.pre_args,
+            prep,
+            cnt,
+            norm,
+            call.n,
+            pc["programs"],
+            pc["rows_per_prog"],
+            call.cfg.advantage_eps,
+            **pc["consts"],
+        )
 
-    def _main(self, k, call: FusedCall, enc: _Encoded, norm, *, grads, grad_values, log_probs, entropy, joint_ratio,
-              part, cnt, stats, losses, table, fixup: bool, holds: bool = False, grad_losses=None,
-              grad_log_probs=None, grad_entropy=None) -> None:
+    def _main(
+        self,
+        k,
+        call: FusedCall,
+        enc: _Encoded,
+        norm,
+        *,
+        grads,
+        grad_values,
+        log_probs,
+        entropy,
+        joint_ratio,
+        part,
+        cnt,
+        stats,
+        losses,
+        table,
+        fixup: bool,
+        holds: bool = False,
+        grad_losses=None,
+        grad_log_probs=None,
+        grad_entropy=None,
+    ) -> None:
         H = call.num_heads
         gr = _head_table(grads, call.offsets, H) if grads is not None else enc.inputs[:3]
         gl, glp, gent = grad_losses, grad_log_probs, grad_entropy
         dummy = norm
         k._ppo_main_kernel[(enc.plan.programs,)](
-            *enc.inputs[:6], *gr, *enc.inputs[6:],
-            dummy if log_probs is None else log_probs, dummy if entropy is None else entropy,
-            dummy if joint_ratio is None else joint_ratio, dummy if grad_values is None else grad_values, norm,
-            dummy if part is None else part, cnt, dummy if stats is None else stats,
-            dummy if losses is None else losses, dummy if table is None else table,
-            dummy if gl is None else gl, 0 if gl is None else gl.stride(0),
-            dummy if glp is None else glp, 0 if glp is None else glp.stride(0), 0 if glp is None else glp.stride(1),
-            dummy if gent is None else gent, 0 if gent is None else gent.stride(0),
+            *enc.inputs[:6],
+            *gr,
+            *enc.inputs[6:],
+            dummy if log_probs is None else log_probs,
+            dummy if entropy is None else entropy,
+            dummy if joint_ratio is None else joint_ratio,
+            dummy if grad_values is None else grad_values,
+            norm,
+            dummy if part is None else part,
+            cnt,
+            dummy if stats is None else stats,
+            dummy if losses is None else losses,
+            dummy if table is None else table,
+            dummy if gl is None else gl,
+            0 if gl is None else gl.stride(0),
+            dummy if glp is None else glp,
+            0 if glp is None else glp.stride(0),
+            0 if glp is None else glp.stride(1),
+            dummy if gent is None else gent,
+            0 if gent is None else gent.stride(0),
             0 if gent is None else gent.stride(1),
-            call.n, enc.plan.programs, *enc.scalars,
-            FIXUP=fixup, HOLDS=holds, HAS_GLOSS=gl is not None, HAS_GLP=glp is not None, HAS_GENT=gent is not None,
-            GRAD_ON=grads is not None, VGRAD_ON=grad_values is not None,
+            call.n,
+            enc.plan.programs,
+            *enc.scalars,
+            FIXUP=fixup,
+            HOLDS=holds,
+            HAS_GLOSS=gl is not None,
+            HAS_GLP=glp is not None,
+            HAS_GENT=gent is not None,
+            GRAD_ON=grads is not None,
+            VGRAD_ON=grad_values is not None,
             **(enc.fixup_consts if fixup else enc.consts),
         )
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def kernel_forward(self, call: FusedCall, grads: list[torch.Tensor] | None = None,
-                       grad_values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def kernel_forward(
+        self, call: FusedCall, grads: list[torch.Tensor] | None = None, grad_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         k = _kernels()
         N, H = call.n, call.num_heads
         dev = call.logits[0].device
@@ -398,32 +544,71 @@ class TritonBackend(FusedBackend):
         with _launch_context(dev):
             cnt = _counters(dev, plan.n_groups)
             self._pre(k, call, enc, norm, cnt)
-            self._main(k, call, enc, norm, grads=grads, grad_values=grad_values, log_probs=log_probs,
-                       entropy=entropy, joint_ratio=joint_ratio, part=part, cnt=cnt, stats=stats, losses=losses,
-                       table=table, fixup=False)
+            self._main(
+                k,
+                call,
+                enc,
+                norm,
+                grads=grads,
+                grad_values=grad_values,
+                log_probs=log_probs,
+                entropy=entropy,
+                joint_ratio=joint_ratio,
+                part=part,
+                cnt=cnt,
+                stats=stats,
+                losses=losses,
+                table=table,
+                fixup=False,
+            )
         return losses, log_probs, entropy, joint_ratio, stats, norm, table
 
     # ---- backward: the fix-up -------------------------------------------------------------------------------
-    def kernel_backward(self, call: FusedCall, stats: torch.Tensor, saved: torch.Tensor,
-                        grad_losses: torch.Tensor | None, grad_log_probs: torch.Tensor | None,
-                        grad_entropy: torch.Tensor | None, *, grads: list[torch.Tensor] | None = None,
-                        grad_values: torch.Tensor | None = None, holds: bool = False) -> None:
+    def kernel_backward(
+        self,
+        call: FusedCall,
+        stats: torch.Tensor,
+        saved: torch.Tensor,
+        grad_losses: torch.Tensor | None,
+        grad_log_probs: torch.Tensor | None,
+        grad_entropy: torch.Tensor | None,
+        *,
+        grads: list[torch.Tensor] | None = None,
+        grad_values: torch.Tensor | None = None,
+        holds: bool = False,
+    ) -> None:
         if call.n == 0 or (grads is None and grad_values is None):
             return
         k = _kernels()
         enc = _encode(call)
         dev = call.logits[0].device
         with _launch_context(dev):
-            self._main(k, call, enc, saved, grads=grads, grad_values=grad_values, log_probs=None, entropy=None,
-                       joint_ratio=None, part=None, cnt=saved, stats=None, losses=None, table=None, fixup=True,
-                       holds=holds, grad_losses=grad_losses, grad_log_probs=grad_log_probs,
-                       grad_entropy=grad_entropy)
+            self._main(
+                k,
+                call,
+                enc,
+                saved,
+                grads=grads,
+                grad_values=grad_values,
+                log_probs=None,
+                entropy=None,
+                joint_ratio=None,
+                part=None,
+                cnt=saved,
+                stats=None,
+                losses=None,
+                table=None,
+                fixup=True,
+                holds=holds,
+                grad_losses=grad_losses,
+                grad_log_probs=grad_log_probs,
+                grad_entropy=grad_entropy,
+            )
 
     # ---- metric table --------------------------------------------------------------------------------------
     has_metric_table = True
 
-    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig,
-                       has_values: bool) -> None:
+    def remember_table(self, stats: torch.Tensor, table: torch.Tensor, cfg: ResolvedConfig, has_values: bool) -> None:
         """The forward wrote the metric table of ``stats``: ``metric_table`` returns it instead of a launch while
         these statistics are alive and unmodified."""
         if stats.is_inference():  # no version counter: the table is derived again when asked
@@ -442,18 +627,33 @@ class TritonBackend(FusedBackend):
         if entry is not None:
             ref, version, table, tcfg, thv = entry
             orig = ref()
-            if (orig is not None and orig._version == version and stats._version == version and tcfg == cfg
-                    and thv == has_values and orig.data_ptr() == stats.data_ptr()):
+            if (
+                orig is not None
+                and orig._version == version
+                and stats._version == version
+                and tcfg == cfg
+                and thv == has_values
+                and orig.data_ptr() == stats.data_ptr()
+            ):
                 return table
         k = _kernels()
         H = (stats.numel() - int(k.GS)) // int(k.HS)
         out = torch.empty(len(GLOBAL_METRICS) + len(HEAD_METRICS) * H, dtype=torch.float32, device=stats.device)
         with _launch_context(stats.device):
             k._ppo_metrics_kernel[(1,)](
-                stats, out, cfg.entropy_coef, cfg.value_coef, tuple(float(x) for x in cfg.entropy_coef_per_head),
-                H=H, HPAD=max(2, _pow2_ceil(H)), PER_HEAD=bool(cfg.per_head), HAS_V=has_values,
-                M_VCLIP=has_values and math.isfinite(cfg.value_clip), RATIO_UNBIASED=bool(cfg.ratio_std_unbiased),
-                num_warps=1)
+                stats,
+                out,
+                cfg.entropy_coef,
+                cfg.value_coef,
+                tuple(float(x) for x in cfg.entropy_coef_per_head),
+                H=H,
+                HPAD=max(2, _pow2_ceil(H)),
+                PER_HEAD=bool(cfg.per_head),
+                HAS_V=has_values,
+                M_VCLIP=has_values and math.isfinite(cfg.value_clip),
+                RATIO_UNBIASED=bool(cfg.ratio_std_unbiased),
+                num_warps=1,
+            )
         return out
 
 

@@ -89,8 +89,9 @@ HD_LEARNABLE = tl.constexpr(HD.LEARNABLE)
 #: term fails at import, not with a wrong number
 _IMPLEMENTED_GLOBAL = {n[2:] for n in dir() if n.startswith("G_")}
 _IMPLEMENTED_HEAD = {n[3:] for n in dir() if n.startswith("HD_")}
-if {s.name for s in _schema.GLOBAL_STATS} != _IMPLEMENTED_GLOBAL or \
-        {s.name for s in _schema.HEAD_STATS} != _IMPLEMENTED_HEAD:
+if {s.name for s in _schema.GLOBAL_STATS} != _IMPLEMENTED_GLOBAL or {
+    s.name for s in _schema.HEAD_STATS
+} != _IMPLEMENTED_HEAD:
     raise ImportError("triton_kernels: the statistics of esper_kernels.schema and the kernels' per-row terms differ")
 
 #: fields of a head's row state (``_small_stats`` / ``_wide_stats``): m (row max of the masked, floored logits),
@@ -161,8 +162,9 @@ def _chunks(n: int) -> tuple[tuple[int, int], ...]:
 #: their counts, and the power-of-two pieces the per-program reductions join into tiles
 NFG_SUM, NFG_EXT, NFH_SUM, NFH_EXT = (tl.constexpr(len(x)) for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
 CH_FG_SUM, CH_FG_EXT, CH_FH_SUM, CH_FH_EXT = (tl.constexpr(_chunks(len(x))) for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
-NCH_FG_SUM, NCH_FG_EXT, NCH_FH_SUM, NCH_FH_EXT = (tl.constexpr(len(_chunks(len(x))))
-                                                  for x in (_FG[0], _FG[1], _FH[0], _FH[1]))
+NCH_FG_SUM, NCH_FG_EXT, NCH_FH_SUM, NCH_FH_EXT = (
+    tl.constexpr(len(_chunks(len(x)))) for x in (_FG[0], _FG[1], _FH[0], _FH[1])
+)
 NMOM = tl.constexpr(len(_schema.MOMENTS))
 #: the global moments (weight, mean, M2 indices)
 MOM_W = tl.constexpr(tuple(w for w, _, _ in _schema.MOMENTS))
@@ -206,8 +208,20 @@ HM_STAT = tl.constexpr(tuple(_stat_index(_schema.HEAD_STATS, m.stat) for m in _s
 HM_OVER = tl.constexpr(tuple(int(m.over) for m in _schema.HEAD_METRICS))
 HM_KIND = tl.constexpr(tuple(_stat_kind(_schema.HEAD_STATS, m.stat) for m in _schema.HEAD_METRICS))
 #: the SPECIAL rows, by name; each is written out in _metric_table
-SPECIAL_NAMES = ("loss", "policy_loss", "entropy_loss", "value_loss", "approx_kl", "ratio_std", "log_prob_min",
-                 "log_prob_max", "all_finite", "explained_variance", "value_clip_fraction", "invalid_value_weights")
+SPECIAL_NAMES = (
+    "loss",
+    "policy_loss",
+    "entropy_loss",
+    "value_loss",
+    "approx_kl",
+    "ratio_std",
+    "log_prob_min",
+    "log_prob_max",
+    "all_finite",
+    "explained_variance",
+    "value_clip_fraction",
+    "invalid_value_weights",
+)
 if {m.name for m in _schema.GLOBAL_METRICS if m.form == Form.SPECIAL} != set(SPECIAL_NAMES):
     raise ImportError("triton_kernels: the schema's SPECIAL metric rows and the kernel's differ")
 _GMI = {m.name: i for i, m in enumerate(_schema.GLOBAL_METRICS)}
@@ -408,8 +422,16 @@ def _pad(cs, value, P: tl.constexpr):
 
 
 @triton.jit
-def _reduce_cols(cols, IDX: tl.constexpr, NEG: tl.constexpr, CHUNKS: tl.constexpr, NCH: tl.constexpr,
-                 IS_MAX: tl.constexpr, part, BN: tl.constexpr):
+def _reduce_cols(
+    cols,
+    IDX: tl.constexpr,
+    NEG: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    NCH: tl.constexpr,
+    IS_MAX: tl.constexpr,
+    part,
+    BN: tl.constexpr,
+):
     """Reduce each [BN] column of ``cols`` over the rows (sum, or max with the NEG columns negated back) and store
     it at part[IDX[k]]. Power-of-two chunks of columns are joined into [BN, width] tiles (one reduction each, no
     padding columns); a chunk of one column is reduced alone."""
@@ -544,8 +566,19 @@ def _small_stats(zs, vs, a_safe, mask_fill, floor, A: tl.constexpr, EXCL: tl.con
 
 
 @triton.jit
-def _small_grad(zs, vs, st, a_safe, gL, gE, mask_fill, A: tl.constexpr, EXCL: tl.constexpr,
-                FLOOR_ON: tl.constexpr, NORM_ENT: tl.constexpr):
+def _small_grad(
+    zs,
+    vs,
+    st,
+    a_safe,
+    gL,
+    gE,
+    mask_fill,
+    A: tl.constexpr,
+    EXCL: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+):
     """d loss / d logits of one head's columns (docs/fused_math.md), from the row statistics ``st`` and the
     upstream gL (on ell) and gE (on the entropy output): one exp per logit (two more and a log with a floor).
     Valid actions of a row whose upstream is not finite get NaN; masked actions exactly 0."""
@@ -660,16 +693,18 @@ def _load_tile(base, rs, co, rl, ld, cols, other):
 
 
 @triton.jit
-def _store_cols(base, rs, co, rl, row_ok, gs, A: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
-                TILE: tl.constexpr):
+def _store_cols(base, rs, co, rl, row_ok, gs, A: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr):
     """Store A gradient columns at base[row, co + j] (the logits' dtype): one [BN, W] tile (joined columns; the
     compiler stores it coalesced), or one column at a time."""
     if TILE:
         zero = tl.zeros_like(gs[0])
         cols = tl.arange(0, W)
         t = _join_cols(_pad(gs, zero, W), BN, W)
-        tl.store(base + rl[:, None] * rs + co + cols[None, :], t.to(base.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols[None, :] < A))
+        tl.store(
+            base + rl[:, None] * rs + co + cols[None, :],
+            t.to(base.dtype.element_ty),
+            mask=row_ok[:, None] & (cols[None, :] < A),
+        )
     else:
         for j in tl.static_range(A):
             tl.store(base + rl * rs + co + j, gs[j].to(base.dtype.element_ty), mask=row_ok)
@@ -689,8 +724,7 @@ def _scale_tile(base, rs, co, rl, row_ok, scale, A: tl.constexpr, W: tl.constexp
 # wide heads: [BN, BLOCK_C] chunks of BN rows, online softmax
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A: tl.constexpr,
-               HAS_MASK: tl.constexpr):
+def _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A: tl.constexpr, HAS_MASK: tl.constexpr):
     """One chunk of a wide head: masked logits zhat (the fill at invalid actions, -inf at padding columns), the
     valid actions (absent rows: none) and the actions the mask marks valid (absent rows too)."""
     col_ok = cols < A
@@ -734,9 +768,25 @@ def _online(zhat, valid, m, s, sv, t, EXCL: tl.constexpr):
 
 
 @triton.jit
-def _wide_stats(lg, rs, co, mk, mrs, mco, rl, row_ok, present, a_safe, mask_fill, floor,
-                A: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr,
-                FLOOR_ON: tl.constexpr):
+def _wide_stats(
+    lg,
+    rs,
+    co,
+    mk,
+    mrs,
+    mco,
+    rl,
+    row_ok,
+    present,
+    a_safe,
+    mask_fill,
+    floor,
+    A: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EXCL: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+):
     """A wide head's row statistics (the ``_small_stats`` tuple) from one streaming pass over the row (three
     with a floor); the first chunk's (zhat, valid) is returned too, so a head of at most BLOCK_C actions is read
     once for the statistics and the gradient. Also the number of actions the mask marks valid (absent rows
@@ -842,8 +892,7 @@ def _wide_dps(zhat, valid, p1, q, g, st, sig, EXCL: tl.constexpr):
 
 
 @triton.jit
-def _wide_grad_chunk(zhat1, valid, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL: tl.constexpr,
-                     FLOOR_ON: tl.constexpr):
+def _wide_grad_chunk(zhat1, valid, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL: tl.constexpr, FLOOR_ON: tl.constexpr):
     """d loss / d logits of one chunk (valid actions; 0 elsewhere)."""
     zhat, p1, q, p, g = _wide_g(zhat1, valid, cols, st, a_safe, gL, ng, FLOOR_ON, EXCL)
     gz = g - p * sig[:, None]
@@ -863,9 +912,34 @@ def _wide_grad_chunk(zhat1, valid, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL:
 
 
 @triton.jit
-def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, rl, row_ok, present, a_safe, st, z0, v0, gL, gE, mask_fill,
-               A: tl.constexpr, BLOCK_C: tl.constexpr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr,
-               FLOOR_ON: tl.constexpr, NORM_ENT: tl.constexpr, REUSE0: tl.constexpr):
+def _wide_grad(
+    lg,
+    rs,
+    co,
+    mk,
+    mrs,
+    mco,
+    gr,
+    grs,
+    gco,
+    rl,
+    row_ok,
+    present,
+    a_safe,
+    st,
+    z0,
+    v0,
+    gL,
+    gE,
+    mask_fill,
+    A: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EXCL: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+    REUSE0: tl.constexpr,
+):
     """Write a wide head's gradient: the first chunk from registers (REUSE0), the others read again (with a
     floor, two more passes for the floor's row sums)."""
     m = st[S_M]
@@ -915,14 +989,20 @@ def _wide_grad(lg, rs, co, mk, mrs, mco, gr, grs, gco, rl, row_ok, present, a_sa
     else:
         zc, vc, _mc = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols0, mask_fill, A, HAS_MASK)
     gz = _wide_grad_chunk(zc, vc, cols0, st, a_safe, gL, ng, sig, fin, fl, EXCL, FLOOR_ON)
-    tl.store(gr + rl[:, None] * grs + gco + cols0[None, :], gz.to(gr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols0[None, :] < A))
+    tl.store(
+        gr + rl[:, None] * grs + gco + cols0[None, :],
+        gz.to(gr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols0[None, :] < A),
+    )
     for c0 in range(BLOCK_C, A, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         zb, vb, _mb = _wide_load(lg, rs, co, mk, mrs, mco, rl, row_ok, present, cols, mask_fill, A, HAS_MASK)
         gz = _wide_grad_chunk(zb, vb, cols, st, a_safe, gL, ng, sig, fin, fl, EXCL, FLOOR_ON)
-        tl.store(gr + rl[:, None] * grs + gco + cols[None, :], gz.to(gr.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols[None, :] < A))
+        tl.store(
+            gr + rl[:, None] * grs + gco + cols[None, :],
+            gz.to(gr.dtype.element_ty),
+            mask=row_ok[:, None] & (cols[None, :] < A),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1034,8 +1114,21 @@ def _global_stats(part, present, w, r, L, gpol, clip_lo, clip_hi, vpres, vw, vnu
 # one row block: the forward (statistics, outputs, gradient for an upstream 1) or the fix-up's recompute
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp, clip_lo, clip_hi,
-                 NORM_ENT: tl.constexpr, PER_HEAD: tl.constexpr):
+def _policy_head(
+    st,
+    in_range,
+    rel,
+    w,
+    old,
+    adv,
+    den,
+    g_pol,
+    log_clamp,
+    clip_lo,
+    clip_hi,
+    NORM_ENT: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+):
     """ell, the entropy as used in the loss, the clamped log-ratio and per-head ratio, whether the log-ratio's
     clamp passes the gradient, the per-head surrogate term and (per_head) d loss / d ell."""
     logs = st[S_LOGS]
@@ -1067,15 +1160,71 @@ def _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp, clip_lo,
 
 
 @triton.jit
-def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT,
-              ACT_S, OLD, OLD_S, REL, REL_S, FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, LOGP, ENT, NORM, part, GLP, GLP_S0,
-              GLP_S1, GENT, GENT_S0, GENT_S1, rl, row_ok, present, w, adv0, g_pol, g_ent, mask_fill, log_clamp,
-              clip_lo, clip_hi,
-              H: tl.constexpr, A: tl.constexpr, BLK: tl.constexpr, HOFF: tl.constexpr, FLOOR_ON: tl.constexpr,
-              HAS_MASK: tl.constexpr, HAS_REL: tl.constexpr, PER_HEAD: tl.constexpr, ADV_PER_HEAD: tl.constexpr,
-              NORM_ADV: tl.constexpr, NORM_ENT: tl.constexpr, EXCL: tl.constexpr, HAS_GLP: tl.constexpr,
-              HAS_GENT: tl.constexpr, GRAD_ON: tl.constexpr, OUT_ON: tl.constexpr, TILE_STORE: tl.constexpr,
-              BN: tl.constexpr, BLOCK_C: tl.constexpr):
+def _head_fwd(
+    HI: tl.constexpr,
+    WIDE: tl.constexpr,
+    group,
+    LG,
+    LG_RS,
+    LG_CO,
+    MK,
+    MK_RS,
+    MK_CO,
+    GR,
+    GR_RS,
+    GR_CO,
+    ACT,
+    ACT_S,
+    OLD,
+    OLD_S,
+    REL,
+    REL_S,
+    FLOOR,
+    KCOEF,
+    ADV,
+    ADV_SN,
+    ADV_SH,
+    LOGP,
+    ENT,
+    NORM,
+    part,
+    GLP,
+    GLP_S0,
+    GLP_S1,
+    GENT,
+    GENT_S0,
+    GENT_S1,
+    rl,
+    row_ok,
+    present,
+    w,
+    adv0,
+    g_pol,
+    g_ent,
+    mask_fill,
+    log_clamp,
+    clip_lo,
+    clip_hi,
+    H: tl.constexpr,
+    A: tl.constexpr,
+    BLK: tl.constexpr,
+    HOFF: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    ADV_PER_HEAD: tl.constexpr,
+    NORM_ADV: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+    EXCL: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    GRAD_ON: tl.constexpr,
+    OUT_ON: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Head HI of one row block: statistics, outputs, partial statistics, and (per_head) its gradient; returns
     the clamped log-ratio and what the joint surrogate's gradient needs of this head."""
     a = tl.load(ACT[HI] + rl * ACT_S[HI], mask=row_ok, other=0)
@@ -1086,8 +1235,25 @@ def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK,
     else:
         rel = present
     if WIDE:
-        st, zs, vs, n_mask = _wide_stats(LG[HI], LG_RS[HI], LG_CO[HI], MK[HI], MK_RS[HI], MK_CO[HI], rl, row_ok,
-                                         present, a_safe, mask_fill, FLOOR[HI], A, BLOCK_C, HAS_MASK, EXCL, FLOOR_ON)
+        st, zs, vs, n_mask = _wide_stats(
+            LG[HI],
+            LG_RS[HI],
+            LG_CO[HI],
+            MK[HI],
+            MK_RS[HI],
+            MK_CO[HI],
+            rl,
+            row_ok,
+            present,
+            a_safe,
+            mask_fill,
+            FLOOR[HI],
+            A,
+            BLOCK_C,
+            HAS_MASK,
+            EXCL,
+            FLOOR_ON,
+        )
     else:
         zs = ()
         vs = ()
@@ -1112,16 +1278,31 @@ def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK,
     else:
         adv = adv0
     den = tl.load(NORM + NPG + HI)
-    ell, ent, lograt, ratio, inside, pol, gl = _policy_head(st, in_range, rel, w, old, adv, den, g_pol, log_clamp,
-                                                        clip_lo, clip_hi, NORM_ENT, PER_HEAD)
+    ell, ent, lograt, ratio, inside, pol, gl = _policy_head(
+        st, in_range, rel, w, old, adv, den, g_pol, log_clamp, clip_lo, clip_hi, NORM_ENT, PER_HEAD
+    )
     if OUT_ON:
         # an absent step's log-prob is the reference's: no action is used, so every action has -log A (NaN when
         # the mask has no valid action or the action is out of range)
         absent = tl.where(in_range & (n_mask > 0.0), -tl.log(tl.zeros_like(w) + A), float("nan"))
         tl.store(LOGP + rl * H + HI, tl.where(present, ell, absent), mask=row_ok)
         tl.store(ENT + rl * H + HI, ent, mask=row_ok)
-        _head_stats(part + GS + HI * HS, present, rel, w, ell, ent, lograt, ratio, st[S_N], st[S_TAKEN] & in_range, pol,
-                    clip_lo, clip_hi, BN)
+        _head_stats(
+            part + GS + HI * HS,
+            present,
+            rel,
+            w,
+            ell,
+            ent,
+            lograt,
+            ratio,
+            st[S_N],
+            st[S_TAKEN] & in_range,
+            pol,
+            clip_lo,
+            clip_hi,
+            BN,
+        )
     keep = ()
     if GRAD_ON:
         gE = tl.where(rel, _safe_div(g_ent * -KCOEF[HI], den) * w, 0.0)
@@ -1133,30 +1314,126 @@ def _head_fwd(HI: tl.constexpr, WIDE: tl.constexpr, group, LG, LG_RS, LG_CO, MK,
             glp = tl.zeros_like(gE)
         if PER_HEAD:
             gL = tl.where(in_range, gl + glp, 0.0)
-            _head_grad(WIDE, zs, vs, st, a_safe, gL, gE, LG[HI], LG_RS[HI], LG_CO[HI], MK[HI], MK_RS[HI], MK_CO[HI],
-                       GR[HI], GR_RS[HI], GR_CO[HI], rl, row_ok, present, mask_fill, A, BLK, HAS_MASK, EXCL,
-                       FLOOR_ON, NORM_ENT, TILE_STORE, BN, BLOCK_C)
+            _head_grad(
+                WIDE,
+                zs,
+                vs,
+                st,
+                a_safe,
+                gL,
+                gE,
+                LG[HI],
+                LG_RS[HI],
+                LG_CO[HI],
+                MK[HI],
+                MK_RS[HI],
+                MK_CO[HI],
+                GR[HI],
+                GR_RS[HI],
+                GR_CO[HI],
+                rl,
+                row_ok,
+                present,
+                mask_fill,
+                A,
+                BLK,
+                HAS_MASK,
+                EXCL,
+                FLOOR_ON,
+                NORM_ENT,
+                TILE_STORE,
+                BN,
+                BLOCK_C,
+            )
         else:
             keep = (zs, vs, st, a_safe, in_range, inside, gE, glp)
     return lograt, keep
 
 
 @triton.jit
-def _head_grad(WIDE: tl.constexpr, zs, vs, st, a_safe, gL, gE, lg, lg_rs, lg_co, mk, mk_rs, mk_co, gr, gr_rs, gr_co,
-               rl, row_ok, present, mask_fill, A: tl.constexpr, BLK: tl.constexpr, HAS_MASK: tl.constexpr,
-               EXCL: tl.constexpr, FLOOR_ON: tl.constexpr, NORM_ENT: tl.constexpr, TILE_STORE: tl.constexpr,
-               BN: tl.constexpr, BLOCK_C: tl.constexpr):
+def _head_grad(
+    WIDE: tl.constexpr,
+    zs,
+    vs,
+    st,
+    a_safe,
+    gL,
+    gE,
+    lg,
+    lg_rs,
+    lg_co,
+    mk,
+    mk_rs,
+    mk_co,
+    gr,
+    gr_rs,
+    gr_co,
+    rl,
+    row_ok,
+    present,
+    mask_fill,
+    A: tl.constexpr,
+    BLK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    EXCL: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     if WIDE:
-        _wide_grad(lg, lg_rs, lg_co, mk, mk_rs, mk_co, gr, gr_rs, gr_co, rl, row_ok, present, a_safe, st, zs, vs,
-                   gL, gE, mask_fill, A, BLOCK_C, HAS_MASK, EXCL, FLOOR_ON, NORM_ENT, True)
+        _wide_grad(
+            lg,
+            lg_rs,
+            lg_co,
+            mk,
+            mk_rs,
+            mk_co,
+            gr,
+            gr_rs,
+            gr_co,
+            rl,
+            row_ok,
+            present,
+            a_safe,
+            st,
+            zs,
+            vs,
+            gL,
+            gE,
+            mask_fill,
+            A,
+            BLOCK_C,
+            HAS_MASK,
+            EXCL,
+            FLOOR_ON,
+            NORM_ENT,
+            True,
+        )
     else:
         gz = _small_grad(zs, vs, st, a_safe, gL, gE, mask_fill, A, EXCL, FLOOR_ON, NORM_ENT)
         _store_cols(gr, gr_rs, gr_co, rl, row_ok, gz, A, BLK, BN, TILE_STORE)
 
 
 @triton.jit
-def _load_group(GI_H0: tl.constexpr, WIDE: tl.constexpr, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, rl, row_ok, present,
-                W: tl.constexpr, WID: tl.constexpr, HAS_MASK: tl.constexpr, BN: tl.constexpr):
+def _load_group(
+    GI_H0: tl.constexpr,
+    WIDE: tl.constexpr,
+    LG,
+    LG_RS,
+    LG_CO,
+    MK,
+    MK_RS,
+    MK_CO,
+    rl,
+    row_ok,
+    present,
+    W: tl.constexpr,
+    WID: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BN: tl.constexpr,
+):
     """A group of small heads (packed side by side): one [BN, W] tile of logits (present rows) and of masks
     (every row: an absent step's log-prob output needs its mask count), as columns."""
     if WIDE:
@@ -1175,26 +1452,108 @@ def _load_group(GI_H0: tl.constexpr, WIDE: tl.constexpr, LG, LG_RS, LG_CO, MK, M
 
 
 @triton.jit
-def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S, OLD, OLD_S, REL, REL_S, FLOOR,
-          KCOEF, ADV, ADV_SN, ADV_SH, WT, WT_S, VAL, VAL_S, RET, RET_S, OVAL, OVAL_S, VWT, VWT_S,
-          LOGP, ENT, JR, GV, NORM, part, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1,
-          g0, g1, g2, g3, N, mask_fill, log_clamp, joint_clamp, clip_lo, clip_hi, value_clip, entropy_coef, value_coef,
-          H: tl.constexpr, SIZES: tl.constexpr, BLKS: tl.constexpr, FLOOR_ON: tl.constexpr, NG: tl.constexpr,
-          GH0: tl.constexpr, GNH: tl.constexpr, GW: tl.constexpr, GWID: tl.constexpr, GWIDE: tl.constexpr,
-          HOFF: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REL: tl.constexpr, HAS_W: tl.constexpr,
-          HAS_V: tl.constexpr, HAS_VCLIP: tl.constexpr, HAS_VW: tl.constexpr, PER_HEAD: tl.constexpr,
-          ADV_PER_HEAD: tl.constexpr, NORM_ADV: tl.constexpr, NORM_ENT: tl.constexpr, HAS_JCLAMP: tl.constexpr,
-          EXCL: tl.constexpr, HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, GRAD_ON: tl.constexpr,
-          VGRAD_ON: tl.constexpr, OUT_ON: tl.constexpr, TILE_STORE: tl.constexpr, BN: tl.constexpr,
-          BLOCK_C: tl.constexpr):
+def _rows(
+    pid,
+    LG,
+    LG_RS,
+    LG_CO,
+    MK,
+    MK_RS,
+    MK_CO,
+    GR,
+    GR_RS,
+    GR_CO,
+    ACT,
+    ACT_S,
+    OLD,
+    OLD_S,
+    REL,
+    REL_S,
+    FLOOR,
+    KCOEF,
+    ADV,
+    ADV_SN,
+    ADV_SH,
+    WT,
+    WT_S,
+    VAL,
+    VAL_S,
+    RET,
+    RET_S,
+    OVAL,
+    OVAL_S,
+    VWT,
+    VWT_S,
+    LOGP,
+    ENT,
+    JR,
+    GV,
+    NORM,
+    part,
+    GLP,
+    GLP_S0,
+    GLP_S1,
+    GENT,
+    GENT_S0,
+    GENT_S1,
+    g0,
+    g1,
+    g2,
+    g3,
+    N,
+    mask_fill,
+    log_clamp,
+    joint_clamp,
+    clip_lo,
+    clip_hi,
+    value_clip,
+    entropy_coef,
+    value_coef,
+    H: tl.constexpr,
+    SIZES: tl.constexpr,
+    BLKS: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    NG: tl.constexpr,
+    GH0: tl.constexpr,
+    GNH: tl.constexpr,
+    GW: tl.constexpr,
+    GWID: tl.constexpr,
+    GWIDE: tl.constexpr,
+    HOFF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_V: tl.constexpr,
+    HAS_VCLIP: tl.constexpr,
+    HAS_VW: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    ADV_PER_HEAD: tl.constexpr,
+    NORM_ADV: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+    HAS_JCLAMP: tl.constexpr,
+    EXCL: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    GRAD_ON: tl.constexpr,
+    VGRAD_ON: tl.constexpr,
+    OUT_ON: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     # every pointer moved to the block's first row (int64, once per tensor), so that per-element offsets are
     # int32 (local row x stride + column): no 64-bit address arithmetic per element
     row0 = (pid * BN).to(tl.int64)
-    LG, MK, GR, ACT, OLD, REL = (_rebase(LG, LG_RS, row0, H), _rebase(MK, MK_RS, row0, H), _rebase(GR, GR_RS, row0, H),
-                                 _rebase(ACT, ACT_S, row0, H), _rebase(OLD, OLD_S, row0, H),
-                                 _rebase(REL, REL_S, row0, H))
+    LG, MK, GR, ACT, OLD, REL = (
+        _rebase(LG, LG_RS, row0, H),
+        _rebase(MK, MK_RS, row0, H),
+        _rebase(GR, GR_RS, row0, H),
+        _rebase(ACT, ACT_S, row0, H),
+        _rebase(OLD, OLD_S, row0, H),
+        _rebase(REL, REL_S, row0, H),
+    )
     ADV = ADV + row0 * ADV_SN
     if HAS_W:
         WT = WT + row0 * WT_S
@@ -1240,16 +1599,75 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
     Lsum = zero
     keep = ()
     for gi in tl.static_range(NG):
-        group = _load_group(GH0[gi], GWIDE[gi], LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, rl, row_ok, present, GW[gi],
-                            GWID[gi], HAS_MASK, BN)
+        group = _load_group(
+            GH0[gi], GWIDE[gi], LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, rl, row_ok, present, GW[gi], GWID[gi], HAS_MASK, BN
+        )
         for i in tl.static_range(tl.constexpr(GNH[gi])):
-            lograt, kh = _head_fwd(GH0[gi] + i, GWIDE[gi], group, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO,
-                               ACT, ACT_S, OLD, OLD_S, REL, REL_S, FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, LOGP, ENT, NORM,
-                               part, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1, rl, row_ok, present, w, adv0,
-                               g_pol, g_ent, mask_fill, log_clamp, clip_lo, clip_hi, H, SIZES[GH0[gi] + i],
-                               BLKS[GH0[gi] + i], HOFF[GH0[gi] + i], FLOOR_ON[GH0[gi] + i], HAS_MASK, HAS_REL,
-                               PER_HEAD, ADV_PER_HEAD, NORM_ADV, NORM_ENT, EXCL, HAS_GLP, HAS_GENT, GRAD_ON, OUT_ON,
-                               TILE_STORE, BN, BLOCK_C)
+            lograt, kh = _head_fwd(
+                GH0[gi] + i,
+                GWIDE[gi],
+                group,
+                LG,
+                LG_RS,
+                LG_CO,
+                MK,
+                MK_RS,
+                MK_CO,
+                GR,
+                GR_RS,
+                GR_CO,
+                ACT,
+                ACT_S,
+                OLD,
+                OLD_S,
+                REL,
+                REL_S,
+                FLOOR,
+                KCOEF,
+                ADV,
+                ADV_SN,
+                ADV_SH,
+                LOGP,
+                ENT,
+                NORM,
+                part,
+                GLP,
+                GLP_S0,
+                GLP_S1,
+                GENT,
+                GENT_S0,
+                GENT_S1,
+                rl,
+                row_ok,
+                present,
+                w,
+                adv0,
+                g_pol,
+                g_ent,
+                mask_fill,
+                log_clamp,
+                clip_lo,
+                clip_hi,
+                H,
+                SIZES[GH0[gi] + i],
+                BLKS[GH0[gi] + i],
+                HOFF[GH0[gi] + i],
+                FLOOR_ON[GH0[gi] + i],
+                HAS_MASK,
+                HAS_REL,
+                PER_HEAD,
+                ADV_PER_HEAD,
+                NORM_ADV,
+                NORM_ENT,
+                EXCL,
+                HAS_GLP,
+                HAS_GENT,
+                GRAD_ON,
+                OUT_ON,
+                TILE_STORE,
+                BN,
+                BLOCK_C,
+            )
             Lsum += lograt
             keep = keep + (kh,)
 
@@ -1278,11 +1696,37 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
                 for i in tl.static_range(tl.constexpr(GNH[gi])):
                     zs, vs, st, a_safe, in_range, inside, gE, glp = keep[GH0[gi] + i]
                     gL = tl.where(in_range, tl.where(inside, base, 0.0) + glp, 0.0)
-                    _head_grad(GWIDE[gi], zs, vs, st, a_safe, gL, gE, LG[GH0[gi] + i], LG_RS[GH0[gi] + i],
-                               LG_CO[GH0[gi] + i], MK[GH0[gi] + i], MK_RS[GH0[gi] + i], MK_CO[GH0[gi] + i],
-                               GR[GH0[gi] + i], GR_RS[GH0[gi] + i], GR_CO[GH0[gi] + i], rl, row_ok, present,
-                               mask_fill, SIZES[GH0[gi] + i], BLKS[GH0[gi] + i], HAS_MASK, EXCL,
-                               FLOOR_ON[GH0[gi] + i], NORM_ENT, TILE_STORE, BN, BLOCK_C)
+                    _head_grad(
+                        GWIDE[gi],
+                        zs,
+                        vs,
+                        st,
+                        a_safe,
+                        gL,
+                        gE,
+                        LG[GH0[gi] + i],
+                        LG_RS[GH0[gi] + i],
+                        LG_CO[GH0[gi] + i],
+                        MK[GH0[gi] + i],
+                        MK_RS[GH0[gi] + i],
+                        MK_CO[GH0[gi] + i],
+                        GR[GH0[gi] + i],
+                        GR_RS[GH0[gi] + i],
+                        GR_CO[GH0[gi] + i],
+                        rl,
+                        row_ok,
+                        present,
+                        mask_fill,
+                        SIZES[GH0[gi] + i],
+                        BLKS[GH0[gi] + i],
+                        HAS_MASK,
+                        EXCL,
+                        FLOOR_ON[GH0[gi] + i],
+                        NORM_ENT,
+                        TILE_STORE,
+                        BN,
+                        BLOCK_C,
+                    )
 
     # value loss terms
     if HAS_V:
@@ -1335,9 +1779,25 @@ def _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S,
 
 
 @triton.jit
-def _rescale(pid, GR, GR_RS, GR_CO, GV, N, scale, SIZES: tl.constexpr, NG: tl.constexpr, GH0: tl.constexpr,
-             GW: tl.constexpr, GWID: tl.constexpr, GWIDE: tl.constexpr, GRAD_ON: tl.constexpr,
-             VGRAD_ON: tl.constexpr, BN: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rescale(
+    pid,
+    GR,
+    GR_RS,
+    GR_CO,
+    GV,
+    N,
+    scale,
+    SIZES: tl.constexpr,
+    NG: tl.constexpr,
+    GH0: tl.constexpr,
+    GW: tl.constexpr,
+    GWID: tl.constexpr,
+    GWIDE: tl.constexpr,
+    GRAD_ON: tl.constexpr,
+    VGRAD_ON: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """The fix-up when only the loss's upstream scalar differs from 1: the forward's gradient times it, in place
     (the buffers' own coalesced tiles, no layout change)."""
     rows = pid * BN + tl.arange(0, BN)
@@ -1441,9 +1901,21 @@ def _merge_rows(SRC, row0, nrows, K: tl.constexpr, KPAD: tl.constexpr, CH: tl.co
 
 
 @triton.jit
-def _metric_table(STATS, OUT, LOSSES, entropy_coef, value_coef, KCOEF, H: tl.constexpr, HPAD: tl.constexpr,
-                  PER_HEAD: tl.constexpr, HAS_V: tl.constexpr, M_VCLIP: tl.constexpr, RATIO_UNBIASED: tl.constexpr,
-                  WRITE_LOSSES: tl.constexpr):
+def _metric_table(
+    STATS,
+    OUT,
+    LOSSES,
+    entropy_coef,
+    value_coef,
+    KCOEF,
+    H: tl.constexpr,
+    HPAD: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    HAS_V: tl.constexpr,
+    M_VCLIP: tl.constexpr,
+    RATIO_UNBIASED: tl.constexpr,
+    WRITE_LOSSES: tl.constexpr,
+):
     """The metric table of esper_kernels.metrics._derive_table (rows from the schema) from the statistics vector;
     with WRITE_LOSSES also the four losses."""
     hrow = tl.arange(0, HPAD)
@@ -1575,9 +2047,24 @@ def _metric_table(STATS, OUT, LOSSES, entropy_coef, value_coef, KCOEF, H: tl.con
 
 
 @triton.jit
-def _finalize(res, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF, H: tl.constexpr, K: tl.constexpr,
-              KPAD: tl.constexpr, HPAD: tl.constexpr, PER_HEAD: tl.constexpr, HAS_V: tl.constexpr,
-              M_VCLIP: tl.constexpr, RATIO_UNBIASED: tl.constexpr):
+def _finalize(
+    res,
+    NORM,
+    STATS,
+    LOSSES,
+    TABLE,
+    entropy_coef,
+    value_coef,
+    KCOEF,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    KPAD: tl.constexpr,
+    HPAD: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    HAS_V: tl.constexpr,
+    M_VCLIP: tl.constexpr,
+    RATIO_UNBIASED: tl.constexpr,
+):
     """The merged statistics with the pre-pass's normalisers filled in, then the losses and the metric table."""
     cols = tl.arange(0, KPAD)
     for k in tl.static_range(NPG):
@@ -1587,15 +2074,35 @@ def _finalize(res, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF, 
     res = tl.where(is_rw, tl.load(NORM + NPG + head, mask=is_rw, other=0.0), res)
     tl.store(STATS + cols, res, mask=cols < K)
     tl.debug_barrier()
-    _metric_table(STATS, TABLE, LOSSES, entropy_coef, value_coef, KCOEF, H, HPAD, PER_HEAD, HAS_V, M_VCLIP,
-                  RATIO_UNBIASED, True)
+    _metric_table(
+        STATS, TABLE, LOSSES, entropy_coef, value_coef, KCOEF, H, HPAD, PER_HEAD, HAS_V, M_VCLIP, RATIO_UNBIASED, True
+    )
 
 
 @triton.jit
-def _last_program(pid, n_prog, PART, CNT, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF,
-                  H: tl.constexpr, K: tl.constexpr, KPAD: tl.constexpr, HPAD: tl.constexpr, GROUP: tl.constexpr,
-                  CH: tl.constexpr, PER_HEAD: tl.constexpr, HAS_V: tl.constexpr, M_VCLIP: tl.constexpr,
-                  RATIO_UNBIASED: tl.constexpr):
+def _last_program(
+    pid,
+    n_prog,
+    PART,
+    CNT,
+    NORM,
+    STATS,
+    LOSSES,
+    TABLE,
+    entropy_coef,
+    value_coef,
+    KCOEF,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    KPAD: tl.constexpr,
+    HPAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    CH: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    HAS_V: tl.constexpr,
+    M_VCLIP: tl.constexpr,
+    RATIO_UNBIASED: tl.constexpr,
+):
     """Two-level ticket: the last program of each group of GROUP programs merges the group's partial rows into a
     group row (after the programs' rows), the last group merger merges the group rows and finalises. Tickets
     reset themselves; rows merge in index order, so the result does not depend on which program is last."""
@@ -1609,8 +2116,24 @@ def _last_program(pid, n_prog, PART, CNT, NORM, STATS, LOSSES, TABLE, entropy_co
         tl.store(CNT + C_GROUP0 + g, 0)
         res = _merge_rows(PART, first, count, K, KPAD, CH)
         if n_groups == 1:
-            _finalize(res, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF, H, K, KPAD, HPAD, PER_HEAD,
-                      HAS_V, M_VCLIP, RATIO_UNBIASED)
+            _finalize(
+                res,
+                NORM,
+                STATS,
+                LOSSES,
+                TABLE,
+                entropy_coef,
+                value_coef,
+                KCOEF,
+                H,
+                K,
+                KPAD,
+                HPAD,
+                PER_HEAD,
+                HAS_V,
+                M_VCLIP,
+                RATIO_UNBIASED,
+            )
         else:
             cols = tl.arange(0, KPAD)
             tl.store(PART + (n_prog + g).to(tl.int64) * K + cols, res, mask=cols < K)
@@ -1619,8 +2142,24 @@ def _last_program(pid, n_prog, PART, CNT, NORM, STATS, LOSSES, TABLE, entropy_co
             if t2 == n_groups - 1:
                 tl.store(CNT + C_FINAL, 0)
                 res2 = _merge_rows(PART, n_prog, n_groups, K, KPAD, CH)
-                _finalize(res2, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF, H, K, KPAD, HPAD,
-                          PER_HEAD, HAS_V, M_VCLIP, RATIO_UNBIASED)
+                _finalize(
+                    res2,
+                    NORM,
+                    STATS,
+                    LOSSES,
+                    TABLE,
+                    entropy_coef,
+                    value_coef,
+                    KCOEF,
+                    H,
+                    K,
+                    KPAD,
+                    HPAD,
+                    PER_HEAD,
+                    HAS_V,
+                    M_VCLIP,
+                    RATIO_UNBIASED,
+                )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1628,21 +2167,104 @@ def _last_program(pid, n_prog, PART, CNT, NORM, STATS, LOSSES, TABLE, entropy_co
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["N", "n_prog"])
 def _ppo_main_kernel(
-    LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO,  # per-head tuples: logits, masks, gradient buffers
-    ACT, ACT_S, OLD, OLD_S, REL, REL_S, FLOOR, KCOEF,  # per-head tuples
-    ADV, ADV_SN, ADV_SH, WT, WT_S, VAL, VAL_S, RET, RET_S, OVAL, OVAL_S, VWT, VWT_S,
-    LOGP, ENT, JR, GV, NORM, PART, CNT, STATS, LOSSES, TABLE,
-    GLOSS, GLOSS_S, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1,
-    N, n_prog, mask_fill, log_clamp, joint_clamp, clip_lo, clip_hi, value_clip, entropy_coef, value_coef,
-    H: tl.constexpr, SIZES: tl.constexpr, BLKS: tl.constexpr, FLOOR_ON: tl.constexpr, NG: tl.constexpr,
-    GH0: tl.constexpr, GNH: tl.constexpr, GW: tl.constexpr, GWID: tl.constexpr, GWIDE: tl.constexpr,
-    HOFF: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REL: tl.constexpr, HAS_W: tl.constexpr, HAS_V: tl.constexpr,
-    HAS_VCLIP: tl.constexpr, HAS_VW: tl.constexpr, PER_HEAD: tl.constexpr, ADV_PER_HEAD: tl.constexpr,
-    NORM_ADV: tl.constexpr, NORM_ENT: tl.constexpr, HAS_JCLAMP: tl.constexpr, EXCL: tl.constexpr,
-    FIXUP: tl.constexpr, HOLDS: tl.constexpr, HAS_GLOSS: tl.constexpr, HAS_GLP: tl.constexpr,
-    HAS_GENT: tl.constexpr, GRAD_ON: tl.constexpr, VGRAD_ON: tl.constexpr, TILE_STORE: tl.constexpr,
-    M_VCLIP: tl.constexpr, RATIO_UNBIASED: tl.constexpr, K: tl.constexpr, KPAD: tl.constexpr,
-    HPAD: tl.constexpr, GROUP: tl.constexpr, MERGE_CH: tl.constexpr, BN: tl.constexpr, BLOCK_C: tl.constexpr,
+    LG,
+    LG_RS,
+    LG_CO,
+    MK,
+    MK_RS,
+    MK_CO,
+    GR,
+    GR_RS,
+    GR_CO,  # per-head tuples: logits, masks, gradient buffers
+    ACT,
+    ACT_S,
+    OLD,
+    OLD_S,
+    REL,
+    REL_S,
+    FLOOR,
+    KCOEF,  # per-head tuples
+    ADV,
+    ADV_SN,
+    ADV_SH,
+    WT,
+    WT_S,
+    VAL,
+    VAL_S,
+    RET,
+    RET_S,
+    OVAL,
+    OVAL_S,
+    VWT,
+    VWT_S,
+    LOGP,
+    ENT,
+    JR,
+    GV,
+    NORM,
+    PART,
+    CNT,
+    STATS,
+    LOSSES,
+    TABLE,
+    GLOSS,
+    GLOSS_S,
+    GLP,
+    GLP_S0,
+    GLP_S1,
+    GENT,
+    GENT_S0,
+    GENT_S1,
+    N,
+    n_prog,
+    mask_fill,
+    log_clamp,
+    joint_clamp,
+    clip_lo,
+    clip_hi,
+    value_clip,
+    entropy_coef,
+    value_coef,
+    H: tl.constexpr,
+    SIZES: tl.constexpr,
+    BLKS: tl.constexpr,
+    FLOOR_ON: tl.constexpr,
+    NG: tl.constexpr,
+    GH0: tl.constexpr,
+    GNH: tl.constexpr,
+    GW: tl.constexpr,
+    GWID: tl.constexpr,
+    GWIDE: tl.constexpr,
+    HOFF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_V: tl.constexpr,
+    HAS_VCLIP: tl.constexpr,
+    HAS_VW: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    ADV_PER_HEAD: tl.constexpr,
+    NORM_ADV: tl.constexpr,
+    NORM_ENT: tl.constexpr,
+    HAS_JCLAMP: tl.constexpr,
+    EXCL: tl.constexpr,
+    FIXUP: tl.constexpr,
+    HOLDS: tl.constexpr,
+    HAS_GLOSS: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    GRAD_ON: tl.constexpr,
+    VGRAD_ON: tl.constexpr,
+    TILE_STORE: tl.constexpr,
+    M_VCLIP: tl.constexpr,
+    RATIO_UNBIASED: tl.constexpr,
+    K: tl.constexpr,
+    KPAD: tl.constexpr,
+    HPAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    MERGE_CH: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """The forward (FIXUP=False) or the backward's fix-up (FIXUP=True) of one block of BN rows."""
     pid = tl.program_id(0)
@@ -1662,43 +2284,337 @@ def _ppo_main_kernel(
             only_loss = (g1 == 0.0) & (g2 == 0.0) & (g3 == 0.0)
             scalable = only_loss & _isfinite(g0)
             if scalable & (g0 != 1.0):
-                _rescale(pid, GR, GR_RS, GR_CO, GV, N, g0, SIZES, NG, GH0, GW, GWID, GWIDE, GRAD_ON, VGRAD_ON, BN,
-                         BLOCK_C)
+                _rescale(
+                    pid, GR, GR_RS, GR_CO, GV, N, g0, SIZES, NG, GH0, GW, GWID, GWIDE, GRAD_ON, VGRAD_ON, BN, BLOCK_C
+                )
             if not scalable:
-                _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S, OLD, OLD_S, REL, REL_S,
-                      FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, WT, WT_S, VAL, VAL_S, RET, RET_S, OVAL, OVAL_S, VWT, VWT_S,
-                      LOGP, ENT, JR, GV, NORM, PART, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1,
-                      g0, g1, g2, g3, N, mask_fill, log_clamp, joint_clamp, clip_lo, clip_hi, value_clip,
-                      entropy_coef, value_coef, H, SIZES, BLKS, FLOOR_ON, NG, GH0, GNH, GW, GWID, GWIDE, HOFF,
-                      HAS_MASK, HAS_REL, HAS_W, HAS_V, HAS_VCLIP, HAS_VW, PER_HEAD, ADV_PER_HEAD, NORM_ADV, NORM_ENT,
-                      HAS_JCLAMP, EXCL, HAS_GLP, HAS_GENT, GRAD_ON, VGRAD_ON, False, TILE_STORE, BN, BLOCK_C)
+                _rows(
+                    pid,
+                    LG,
+                    LG_RS,
+                    LG_CO,
+                    MK,
+                    MK_RS,
+                    MK_CO,
+                    GR,
+                    GR_RS,
+                    GR_CO,
+                    ACT,
+                    ACT_S,
+                    OLD,
+                    OLD_S,
+                    REL,
+                    REL_S,
+                    FLOOR,
+                    KCOEF,
+                    ADV,
+                    ADV_SN,
+                    ADV_SH,
+                    WT,
+                    WT_S,
+                    VAL,
+                    VAL_S,
+                    RET,
+                    RET_S,
+                    OVAL,
+                    OVAL_S,
+                    VWT,
+                    VWT_S,
+                    LOGP,
+                    ENT,
+                    JR,
+                    GV,
+                    NORM,
+                    PART,
+                    GLP,
+                    GLP_S0,
+                    GLP_S1,
+                    GENT,
+                    GENT_S0,
+                    GENT_S1,
+                    g0,
+                    g1,
+                    g2,
+                    g3,
+                    N,
+                    mask_fill,
+                    log_clamp,
+                    joint_clamp,
+                    clip_lo,
+                    clip_hi,
+                    value_clip,
+                    entropy_coef,
+                    value_coef,
+                    H,
+                    SIZES,
+                    BLKS,
+                    FLOOR_ON,
+                    NG,
+                    GH0,
+                    GNH,
+                    GW,
+                    GWID,
+                    GWIDE,
+                    HOFF,
+                    HAS_MASK,
+                    HAS_REL,
+                    HAS_W,
+                    HAS_V,
+                    HAS_VCLIP,
+                    HAS_VW,
+                    PER_HEAD,
+                    ADV_PER_HEAD,
+                    NORM_ADV,
+                    NORM_ENT,
+                    HAS_JCLAMP,
+                    EXCL,
+                    HAS_GLP,
+                    HAS_GENT,
+                    GRAD_ON,
+                    VGRAD_ON,
+                    False,
+                    TILE_STORE,
+                    BN,
+                    BLOCK_C,
+                )
         else:
-            _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S, OLD, OLD_S, REL, REL_S,
-                  FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, WT, WT_S, VAL, VAL_S, RET, RET_S, OVAL, OVAL_S, VWT, VWT_S,
-                  LOGP, ENT, JR, GV, NORM, PART, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1,
-                  g0, g1, g2, g3, N, mask_fill, log_clamp, joint_clamp, clip_lo, clip_hi, value_clip,
-                  entropy_coef, value_coef, H, SIZES, BLKS, FLOOR_ON, NG, GH0, GNH, GW, GWID, GWIDE, HOFF,
-                  HAS_MASK, HAS_REL, HAS_W, HAS_V, HAS_VCLIP, HAS_VW, PER_HEAD, ADV_PER_HEAD, NORM_ADV, NORM_ENT,
-                  HAS_JCLAMP, EXCL, HAS_GLP, HAS_GENT, GRAD_ON, VGRAD_ON, False, TILE_STORE, BN, BLOCK_C)
+            _rows(
+                pid,
+                LG,
+                LG_RS,
+                LG_CO,
+                MK,
+                MK_RS,
+                MK_CO,
+                GR,
+                GR_RS,
+                GR_CO,
+                ACT,
+                ACT_S,
+                OLD,
+                OLD_S,
+                REL,
+                REL_S,
+                FLOOR,
+                KCOEF,
+                ADV,
+                ADV_SN,
+                ADV_SH,
+                WT,
+                WT_S,
+                VAL,
+                VAL_S,
+                RET,
+                RET_S,
+                OVAL,
+                OVAL_S,
+                VWT,
+                VWT_S,
+                LOGP,
+                ENT,
+                JR,
+                GV,
+                NORM,
+                PART,
+                GLP,
+                GLP_S0,
+                GLP_S1,
+                GENT,
+                GENT_S0,
+                GENT_S1,
+                g0,
+                g1,
+                g2,
+                g3,
+                N,
+                mask_fill,
+                log_clamp,
+                joint_clamp,
+                clip_lo,
+                clip_hi,
+                value_clip,
+                entropy_coef,
+                value_coef,
+                H,
+                SIZES,
+                BLKS,
+                FLOOR_ON,
+                NG,
+                GH0,
+                GNH,
+                GW,
+                GWID,
+                GWIDE,
+                HOFF,
+                HAS_MASK,
+                HAS_REL,
+                HAS_W,
+                HAS_V,
+                HAS_VCLIP,
+                HAS_VW,
+                PER_HEAD,
+                ADV_PER_HEAD,
+                NORM_ADV,
+                NORM_ENT,
+                HAS_JCLAMP,
+                EXCL,
+                HAS_GLP,
+                HAS_GENT,
+                GRAD_ON,
+                VGRAD_ON,
+                False,
+                TILE_STORE,
+                BN,
+                BLOCK_C,
+            )
     else:
         part = PART + pid.to(tl.int64) * K
-        _rows(pid, LG, LG_RS, LG_CO, MK, MK_RS, MK_CO, GR, GR_RS, GR_CO, ACT, ACT_S, OLD, OLD_S, REL, REL_S,
-              FLOOR, KCOEF, ADV, ADV_SN, ADV_SH, WT, WT_S, VAL, VAL_S, RET, RET_S, OVAL, OVAL_S, VWT, VWT_S,
-              LOGP, ENT, JR, GV, NORM, part, GLP, GLP_S0, GLP_S1, GENT, GENT_S0, GENT_S1,
-              1.0, 0.0, 0.0, 0.0, N, mask_fill, log_clamp, joint_clamp, clip_lo, clip_hi, value_clip,
-              entropy_coef, value_coef, H, SIZES, BLKS, FLOOR_ON, NG, GH0, GNH, GW, GWID, GWIDE, HOFF,
-              HAS_MASK, HAS_REL, HAS_W, HAS_V, HAS_VCLIP, HAS_VW, PER_HEAD, ADV_PER_HEAD, NORM_ADV, NORM_ENT,
-              HAS_JCLAMP, EXCL, False, False, GRAD_ON, VGRAD_ON, True, TILE_STORE, BN, BLOCK_C)
-        _last_program(pid, n_prog, PART, CNT, NORM, STATS, LOSSES, TABLE, entropy_coef, value_coef, KCOEF, H, K, KPAD,
-                      HPAD, GROUP, MERGE_CH, PER_HEAD, HAS_V, M_VCLIP, RATIO_UNBIASED)
+        _rows(
+            pid,
+            LG,
+            LG_RS,
+            LG_CO,
+            MK,
+            MK_RS,
+            MK_CO,
+            GR,
+            GR_RS,
+            GR_CO,
+            ACT,
+            ACT_S,
+            OLD,
+            OLD_S,
+            REL,
+            REL_S,
+            FLOOR,
+            KCOEF,
+            ADV,
+            ADV_SN,
+            ADV_SH,
+            WT,
+            WT_S,
+            VAL,
+            VAL_S,
+            RET,
+            RET_S,
+            OVAL,
+            OVAL_S,
+            VWT,
+            VWT_S,
+            LOGP,
+            ENT,
+            JR,
+            GV,
+            NORM,
+            part,
+            GLP,
+            GLP_S0,
+            GLP_S1,
+            GENT,
+            GENT_S0,
+            GENT_S1,
+            1.0,
+            0.0,
+            0.0,
+            0.0,
+            N,
+            mask_fill,
+            log_clamp,
+            joint_clamp,
+            clip_lo,
+            clip_hi,
+            value_clip,
+            entropy_coef,
+            value_coef,
+            H,
+            SIZES,
+            BLKS,
+            FLOOR_ON,
+            NG,
+            GH0,
+            GNH,
+            GW,
+            GWID,
+            GWIDE,
+            HOFF,
+            HAS_MASK,
+            HAS_REL,
+            HAS_W,
+            HAS_V,
+            HAS_VCLIP,
+            HAS_VW,
+            PER_HEAD,
+            ADV_PER_HEAD,
+            NORM_ADV,
+            NORM_ENT,
+            HAS_JCLAMP,
+            EXCL,
+            False,
+            False,
+            GRAD_ON,
+            VGRAD_ON,
+            True,
+            TILE_STORE,
+            BN,
+            BLOCK_C,
+        )
+        _last_program(
+            pid,
+            n_prog,
+            PART,
+            CNT,
+            NORM,
+            STATS,
+            LOSSES,
+            TABLE,
+            entropy_coef,
+            value_coef,
+            KCOEF,
+            H,
+            K,
+            KPAD,
+            HPAD,
+            GROUP,
+            MERGE_CH,
+            PER_HEAD,
+            HAS_V,
+            M_VCLIP,
+            RATIO_UNBIASED,
+        )
 
 
 @triton.jit(do_not_specialize=["N", "n_prog", "rows_per_prog"])
-def _ppo_pre_kernel(REL, REL_S, ADV, ADV_SN, ADV_SH, WT, WT_S, VWT, VWT_S, PREP, CNT, NORM, N, n_prog, rows_per_prog,
-                    adv_eps, H: tl.constexpr, HAS_REL: tl.constexpr, HAS_W: tl.constexpr, HAS_V: tl.constexpr,
-                    HAS_VW: tl.constexpr, NORM_ADV: tl.constexpr, ADV_COLS: tl.constexpr,
-                    STD_UNBIASED: tl.constexpr, EPS_ADD: tl.constexpr, PK: tl.constexpr, PKP: tl.constexpr,
-                    CH: tl.constexpr, MCH: tl.constexpr):
+def _ppo_pre_kernel(
+    REL,
+    REL_S,
+    ADV,
+    ADV_SN,
+    ADV_SH,
+    WT,
+    WT_S,
+    VWT,
+    VWT_S,
+    PREP,
+    CNT,
+    NORM,
+    N,
+    n_prog,
+    rows_per_prog,
+    adv_eps,
+    H: tl.constexpr,
+    HAS_REL: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_V: tl.constexpr,
+    HAS_VW: tl.constexpr,
+    NORM_ADV: tl.constexpr,
+    ADV_COLS: tl.constexpr,
+    STD_UNBIASED: tl.constexpr,
+    EPS_ADD: tl.constexpr,
+    PK: tl.constexpr,
+    PKP: tl.constexpr,
+    CH: tl.constexpr,
+    MCH: tl.constexpr,
+):
     """The per-step normalisers. Program p sums rows [p * rows_per_prog, ...) into PREP[p] = (PRE_GLOBAL sums,
     each head's relevant weight, then (mean, M2) of each advantage column weighted by WEIGHT); the last program
     merges the rows in order into NORM (the advantage columns as (mean, divisor) of normalize_advantages)."""
@@ -1794,8 +2710,12 @@ def _ppo_pre_kernel(REL, REL_S, ADV, ADV_SN, ADV_SH, WT, WT_S, VWT, VWT_S, PREP,
             pr = p + tl.arange(0, MCH)
             pok = pr < n_prog
             base = PREP + pr.to(tl.int64) * PK
-            tile = tl.load(base[:, None] + cols[None, :], mask=pok[:, None] & (cols[None, :] < NPG + H), other=0.0,
-                           cache_modifier=".cg")
+            tile = tl.load(
+                base[:, None] + cols[None, :],
+                mask=pok[:, None] & (cols[None, :] < NPG + H),
+                other=0.0,
+                cache_modifier=".cg",
+            )
             acc += tl.sum(tile, axis=0)
             if NORM_ADV:
                 new = ()
@@ -1829,10 +2749,21 @@ def _ppo_pre_kernel(REL, REL_S, ADV, ADV_SN, ADV_SH, WT, WT_S, VWT, VWT_S, PREP,
 
 
 @triton.jit
-def _ppo_metrics_kernel(STATS, OUT, entropy_coef, value_coef, KCOEF, H: tl.constexpr, HPAD: tl.constexpr,
-                        PER_HEAD: tl.constexpr, HAS_V: tl.constexpr, M_VCLIP: tl.constexpr,
-                        RATIO_UNBIASED: tl.constexpr):
+def _ppo_metrics_kernel(
+    STATS,
+    OUT,
+    entropy_coef,
+    value_coef,
+    KCOEF,
+    H: tl.constexpr,
+    HPAD: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    HAS_V: tl.constexpr,
+    M_VCLIP: tl.constexpr,
+    RATIO_UNBIASED: tl.constexpr,
+):
     """One program: the metric table of any statistics vector (the forward writes its own table; this serves
     merged or all-reduced statistics)."""
-    _metric_table(STATS, OUT, STATS, entropy_coef, value_coef, KCOEF, H, HPAD, PER_HEAD, HAS_V, M_VCLIP,
-                  RATIO_UNBIASED, False)
+    _metric_table(
+        STATS, OUT, STATS, entropy_coef, value_coef, KCOEF, H, HPAD, PER_HEAD, HAS_V, M_VCLIP, RATIO_UNBIASED, False
+    )

@@ -45,6 +45,23 @@ from .results import COLUMNS, read_csv, write_csv
 from .summary import summary_text
 from .timing import copy_bandwidth
 
-__all__ = ["CASES", "COLUMNS", "DTYPES", "MODES", "PROVIDERS", "QUICK_CASES", "Case", "copy_bandwidth", "device_slug",
-           "floor_bytes", "floor_bytes_per_row", "main", "parse_args", "plot", "read_csv", "resolve_providers",
-           "summary_text", "write_csv"]
+__all__ = [
+    "CASES",
+    "COLUMNS",
+    "DTYPES",
+    "MODES",
+    "PROVIDERS",
+    "QUICK_CASES",
+    "Case",
+    "copy_bandwidth",
+    "device_slug",
+    "floor_bytes",
+    "floor_bytes_per_row",
+    "main",
+    "parse_args",
+    "plot",
+    "read_csv",
+    "resolve_providers",
+    "summary_text",
+    "write_csv",
+]

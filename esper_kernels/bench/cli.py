@@ -20,8 +20,9 @@ from .summary import summary_text
 
 __all__ = ["main", "parse_args"]
 
-_DESCRIPTION = ("``python -m esper_kernels bench``: the benchmark matrix of benchmarks/README.md on whatever device "
-                "is here.")
+_DESCRIPTION = (
+    "``python -m esper_kernels bench``: the benchmark matrix of benchmarks/README.md on whatever device is here."
+)
 
 
 def _default_out() -> Path:
@@ -35,11 +36,18 @@ def _split(s: str | None) -> list[str] | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m esper_kernels bench", description=_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m esper_kernels bench",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the small subset (default): cases tiny and esper on CPU "
-                   "(plus rl_64k and rl_1m on GPU), both dtypes, every mode, no torch.compile")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small subset (default): cases tiny and esper on CPU "
+        "(plus rl_64k and rl_1m on GPU), both dtypes, every mode, no torch.compile",
+    )
     g.add_argument("--full", action="store_true", help="every case, dtype, mode and provider")
     p.add_argument("--cases", help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--providers", help=f"comma-separated, of {', '.join(PROVIDERS)}")
@@ -47,24 +55,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", help="comma-separated, of forward, backward, full")
     p.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds: work not started by then is skipped (the compiles go last, by priority)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds: work not started by then is skipped (the compiles go last, by priority)",
+    )
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (GPU)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (GPU)")
-    p.add_argument("--cpu-seconds", type=float, default=None,
-                   help="timed seconds per provider and group on the CPU (default 1 quick, 3 full); at least 3 calls")
+    p.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=None,
+        help="timed seconds per provider and group on the CPU (default 1 quick, 3 full); at least 3 calls",
+    )
     p.add_argument("--sets", type=int, default=None, help="input sets to rotate (default: enough to exceed 2x cache)")
-    p.add_argument("--copy-mb", type=float, default=None,
-                   help="size of the bandwidth copy's source, MiB (default 1024 on GPU, 256 on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the CPU (default: PyTorch's); recorded in the device column")
+    p.add_argument(
+        "--copy-mb",
+        type=float,
+        default=None,
+        help="size of the bandwidth copy's source, MiB (default 1024 on GPU, 256 on CPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the CPU (default: PyTorch's); recorded in the device column",
+    )
     p.add_argument("--surrogate", choices=("joint", "per_head"), default="joint")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--append", action="store_true",
-                   help="merge into the existing bench_<device>.csv: new rows replace rows of the same case, "
-                        "provider, mode and dtype; the others stay (the plot and summary show the merged rows)")
-    p.add_argument("--from-csv", type=Path, default=None,
-                   help="measure nothing: print the summary of this CSV and plot it (to --out, or beside it)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the existing bench_<device>.csv: new rows replace rows of the same case, "
+        "provider, mode and dtype; the others stay (the plot and summary show the merged rows)",
+    )
+    p.add_argument(
+        "--from-csv",
+        type=Path,
+        default=None,
+        help="measure nothing: print the summary of this CSV and plot it (to --out, or beside it)",
+    )
     return p.parse_args(argv)
 
 
@@ -102,16 +133,30 @@ def _run(a: argparse.Namespace) -> int:
             raise SystemExit(f"bench: unknown {name} {bad}; expected some of {', '.join(allowed)}")
     providers, skipped = resolve_providers(device, _split(a.providers), include_compile=full)
     config = PPOLossConfig(surrogate=a.surrogate, entropy_coef=0.01)
-    opts = Options(device=device, cases=cases, dtypes=dtypes, modes=modes, providers=providers,
-                   out=a.out or _default_out(), budget=a.budget, warmup_ms=a.warmup_ms, rep_ms=a.rep_ms,
-                   cpu_seconds=a.cpu_seconds if a.cpu_seconds is not None else (3.0 if full else 1.0),
-                   sets=a.sets, config=config, plot=not a.no_plot, copy_mb=a.copy_mb,
-                   append=a.append)
+    opts = Options(
+        device=device,
+        cases=cases,
+        dtypes=dtypes,
+        modes=modes,
+        providers=providers,
+        out=a.out or _default_out(),
+        budget=a.budget,
+        warmup_ms=a.warmup_ms,
+        rep_ms=a.rep_ms,
+        cpu_seconds=a.cpu_seconds if a.cpu_seconds is not None else (3.0 if full else 1.0),
+        sets=a.sets,
+        config=config,
+        plot=not a.no_plot,
+        copy_mb=a.copy_mb,
+        append=a.append,
+    )
     bench = Bench(opts)
     for name, why in skipped:
         bench.skip(name, why)
-    bench.log(f"providers: {', '.join(providers) or 'none'}; cases: {', '.join(cases)}; dtypes: {', '.join(dtypes)};"
-              f" modes: {', '.join(modes)}")
+    bench.log(
+        f"providers: {', '.join(providers) or 'none'}; cases: {', '.join(cases)}; dtypes: {', '.join(dtypes)};"
+        f" modes: {', '.join(modes)}"
+    )
     if not providers:
         print("bench: no provider can run here", file=sys.stderr)
         return 1

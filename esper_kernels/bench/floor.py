@@ -29,10 +29,14 @@ def floor_bytes_per_row(sizes: tuple[int, ...], logit_bytes: int, mode: str = "f
 
 def floor_bytes(batch: dict, layout: HeadLayout, mode: str = "full") -> int:
     """``floor_bytes_per_row`` counted from the batch's own tensors (their real dtypes): the measured rows use this."""
-    big = sum(batch[k].numel() * batch[k].element_size() for k in ("logits", "action_masks")
-              if batch.get(k) is not None)
-    per_step = sum(t.numel() * t.element_size() for k, t in batch.items()
-                   if k not in ("logits", "action_masks") and isinstance(t, torch.Tensor))
+    big = sum(
+        batch[k].numel() * batch[k].element_size() for k in ("logits", "action_masks") if batch.get(k) is not None
+    )
+    per_step = sum(
+        t.numel() * t.element_size()
+        for k, t in batch.items()
+        if k not in ("logits", "action_masks") and isinstance(t, torch.Tensor)
+    )
     grad = batch["logits"].numel() * batch["logits"].element_size()
     if batch.get("values") is not None:
         grad += batch["values"].numel() * 4

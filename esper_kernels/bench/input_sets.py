@@ -66,11 +66,11 @@ def set_count(case: Case, dtype: torch.dtype, device: torch.device, override: in
 def fits(case: Case, dtype: torch.dtype, device: torch.device, n_sets: int) -> tuple[bool, str]:
     """Inputs of every set, their gradients and the reference's [N, S] float32 temporaries (about 12 of them)."""
     e = torch.empty((), dtype=dtype).element_size()
-    need = n_sets * case.n_rows * floor_bytes_per_row(case.sizes, e, "backward") \
-        + case.n_rows * sum(case.sizes) * 4 * 12
+    need = (
+        n_sets * case.n_rows * floor_bytes_per_row(case.sizes, e, "backward") + case.n_rows * sum(case.sizes) * 4 * 12
+    )
     free = free_bytes(device)
     if device.type == "cpu":
         need += case.n_rows * sum(case.sizes) * 4 * 3  # make_batch's own temporaries on the host
     ok = need <= 0.7 * free
     return ok, f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-

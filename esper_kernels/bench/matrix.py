@@ -108,20 +108,44 @@ class Bench:
         t0 = time.perf_counter()
         self._sets = make_sets(case, dtype, self.device, n)
         self._sets_key = key
-        self.log(f"{case.name} {dtype_name}: N={case.n_rows} heads={case.head_sizes}, {n} input set(s), "
-                 f"made in {time.perf_counter() - t0:.1f}s")
+        self.log(
+            f"{case.name} {dtype_name}: N={case.n_rows} heads={case.head_sizes}, {n} input set(s), "
+            f"made in {time.perf_counter() - t0:.1f}s"
+        )
         return self._sets
 
-    def add_row(self, case: Case, provider: str, mode: str, dtype_name: str, stats: tuple[float, float, float],
-                peak_mb: float, floor_ms: float) -> None:
+    def add_row(
+        self,
+        case: Case,
+        provider: str,
+        mode: str,
+        dtype_name: str,
+        stats: tuple[float, float, float],
+        peak_mb: float,
+        floor_ms: float,
+    ) -> None:
         med, p20, p80 = stats
         frac = _NAN if case.name == "tiny" else floor_ms / med
-        row = dict(case=case.name, provider=provider, mode=mode, dtype=dtype_name, n_rows=case.n_rows,
-                   head_sizes=case.head_sizes, median_ms=med, p20_ms=p20, p80_ms=p80, peak_extra_mb=peak_mb,
-                   floor_ms=floor_ms, floor_fraction=frac, **self.meta)
+        row = dict(
+            case=case.name,
+            provider=provider,
+            mode=mode,
+            dtype=dtype_name,
+            n_rows=case.n_rows,
+            head_sizes=case.head_sizes,
+            median_ms=med,
+            p20_ms=p20,
+            p80_ms=p80,
+            peak_extra_mb=peak_mb,
+            floor_ms=floor_ms,
+            floor_fraction=frac,
+            **self.meta,
+        )
         self.rows.append(row)
-        self.log(f"{case.name:<7} {dtype_name} {mode:<8} {provider:<22} {med:10.4f} ms [{p20:.4f}, {p80:.4f}]"
-                 f"  floor {floor_ms:.4f} ms ({frac:.3f})  peak {peak_mb:.1f} MiB")
+        self.log(
+            f"{case.name:<7} {dtype_name} {mode:<8} {provider:<22} {med:10.4f} ms [{p20:.4f}, {p80:.4f}]"
+            f"  floor {floor_ms:.4f} ms ({frac:.3f})  peak {peak_mb:.1f} MiB"
+        )
 
     # -- one group: a case, a dtype, a mode and some providers ----------------------------------------------------
     def group(self, case: Case, dtype_name: str, mode: str, providers: list[str]) -> None:
@@ -207,9 +231,14 @@ class Bench:
                     self.group(case, dt, mode, other_p)
         if not compile_p:
             return
-        order = sorted(((c, dt) for c in cases for dt in o.dtypes),
-                       key=lambda cd: (cd[0].name in ("wide", "vocab", "tiny"), o.dtypes.index(cd[1]),
-                                       CASE_ORDER.index(cd[0].name)))
+        order = sorted(
+            ((c, dt) for c in cases for dt in o.dtypes),
+            key=lambda cd: (
+                cd[0].name in ("wide", "vocab", "tiny"),
+                o.dtypes.index(cd[1]),
+                CASE_ORDER.index(cd[0].name),
+            ),
+        )
         for modes in (["full"], ["forward", "backward"]):
             for case, dt in order:
                 for mode in modes:
@@ -222,4 +251,3 @@ class Bench:
         if self.o.append and self.prior:
             rows = merge_rows(self.prior, self.rows)
         write_csv(rows, self.csv_path)
-

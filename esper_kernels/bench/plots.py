@@ -51,23 +51,44 @@ def plot(rows: list[dict], path: Path) -> bool:
     for c in STANDARD_CASES.values():
         for ax in axes:
             ax.axvline(c.n_rows, color="0.85", lw=0.8, zorder=0)
-            ax.annotate(c.name, (c.n_rows, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                        textcoords="offset points", fontsize=7, color="0.4")
-    axes[0].set(xscale="log", yscale="log", xlabel="N (steps)", ylabel="speedup over reference eager",
-                title="forward+backward+metrics: speedup")
+            ax.annotate(
+                c.name,
+                (c.n_rows, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -10),
+                textcoords="offset points",
+                fontsize=7,
+                color="0.4",
+            )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="N (steps)",
+        ylabel="speedup over reference eager",
+        title="forward+backward+metrics: speedup",
+    )
     axes[1].axhline(1.0, color="0.5", lw=0.8)
-    axes[1].set(xscale="log", yscale="log", xlabel="N (steps)", ylabel="floor time / median time (log)",
-                title="fraction of the bandwidth floor (1 = at the floor)")
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="N (steps)",
+        ylabel="floor time / median time (log)",
+        title="fraction of the bandwidth floor (1 = at the floor)",
+    )
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-                   title="solid fp32, dashed bf16\no esper heads, s wide, ^ vocab", title_fontsize=7)
+    axes[1].legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        title="solid fp32, dashed bf16\no esper heads, s wide, ^ vocab",
+        title_fontsize=7,
+    )
     r0 = full[0]
-    fig.suptitle(f"esper_kernels ppo_loss on {r0['device']} (torch {r0['torch']}, commit {r0['commit']})",
-                 fontsize=9)
+    fig.suptitle(f"esper_kernels ppo_loss on {r0['device']} (torch {r0['torch']}, commit {r0['commit']})", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-

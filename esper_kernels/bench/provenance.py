@@ -49,14 +49,28 @@ def commit_id() -> str:
         return os.environ["ESPER_BENCH_COMMIT"]
     root = REPO_ROOT
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if not rev:
             return "unknown"
         # the benchmark's own outputs (benchmarks/results) do not make the measured code dirty
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)benchmarks/results",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -73,5 +87,10 @@ def triton_version() -> str:
 
 def run_metadata(device: torch.device) -> dict[str, str]:
     """The CSV's provenance columns, the same for every row of one run: device, torch, triton, commit, date."""
-    return dict(device=device_name(device), torch=torch.__version__, triton=triton_version(), commit=commit_id(),
-                date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return dict(
+        device=device_name(device),
+        torch=torch.__version__,
+        triton=triton_version(),
+        commit=commit_id(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )

@@ -22,8 +22,9 @@ PROVIDERS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-def resolve_providers(device: torch.device, requested: list[str] | None, include_compile: bool
-                      ) -> tuple[list[str], list[tuple[str, str]]]:
+def resolve_providers(
+    device: torch.device, requested: list[str] | None, include_compile: bool
+) -> tuple[list[str], list[tuple[str, str]]]:
     """(providers to measure, [(provider, why not)]) for this device; ``requested`` None = every applicable one."""
     infos = available_backends()
     chosen, skipped = [], []

@@ -14,8 +14,25 @@ from pathlib import Path
 
 __all__ = ["COLUMNS", "NUMERIC", "merge_rows", "read_csv", "reference_median", "row_key", "write_csv"]
 
-COLUMNS = ("case", "provider", "mode", "dtype", "n_rows", "head_sizes", "median_ms", "p20_ms", "p80_ms",
-           "peak_extra_mb", "floor_ms", "floor_fraction", "device", "torch", "triton", "commit", "date")
+COLUMNS = (
+    "case",
+    "provider",
+    "mode",
+    "dtype",
+    "n_rows",
+    "head_sizes",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_extra_mb",
+    "floor_ms",
+    "floor_fraction",
+    "device",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+)
 #: the columns ``read_csv`` converts: n_rows to int, the others to float
 NUMERIC = ("n_rows", "median_ms", "p20_ms", "p80_ms", "peak_extra_mb", "floor_ms", "floor_fraction")
 _NAN = float("nan")

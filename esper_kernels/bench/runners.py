@@ -15,16 +15,27 @@ from .timing import sync
 
 __all__ = ["MIB", "Runner"]
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 _NAN = float("nan")
 
 
 def _loss_fns(layout: HeadLayout, config: PPOLossConfig, backend: str):
     def call(b):
-        return ppo_loss(b["logits"], b["action_masks"], b["actions"], b["old_log_probs"], b["advantages"],
-                        layout=layout, head_relevance=b["head_relevance"], weights=b["weights"],
-                        values=b.get("values"), returns=b.get("returns"), config=config, backend=backend,
-                        validate=False)
+        return ppo_loss(
+            b["logits"],
+            b["action_masks"],
+            b["actions"],
+            b["old_log_probs"],
+            b["advantages"],
+            layout=layout,
+            head_relevance=b["head_relevance"],
+            weights=b["weights"],
+            values=b.get("values"),
+            returns=b.get("returns"),
+            config=config,
+            backend=backend,
+            validate=False,
+        )
 
     def loss_only(b):
         return call(b).loss
@@ -52,8 +63,15 @@ def _set_compile_limits() -> None:
 class Runner:
     """One provider in one mode. ``setup()`` warms it up (compiles, captures); ``run()`` is the timed call."""
 
-    def __init__(self, provider: str, mode: str, sets: list[dict], layout: HeadLayout, config: PPOLossConfig,
-                 device: torch.device):
+    def __init__(
+        self,
+        provider: str,
+        mode: str,
+        sets: list[dict],
+        layout: HeadLayout,
+        config: PPOLossConfig,
+        device: torch.device,
+    ):
         self.name = provider
         self.kind, self.backend, self.compile_mode = PROVIDERS[provider]
         self.mode = mode
@@ -74,8 +92,9 @@ class Runner:
 
                 self._donated, fc.donated_buffer = fc.donated_buffer, False
             fn = with_metrics if mode == "full" else loss_only
-            compiled = torch.compile(fn, mode=None if self.compile_mode == "default" else self.compile_mode,
-                                     dynamic=False)
+            compiled = torch.compile(
+                fn, mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=False
+            )
             if mode == "full":
                 self.fwd_m, self.fwd = compiled, None
             else:
@@ -129,7 +148,7 @@ class Runner:
                     self._op(self.sets[0])
             torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
-        for b in self.sets[len(self.graphs):upto]:
+        for b in self.sets[len(self.graphs) : upto]:
             _clear_grads(b)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):

@@ -44,8 +44,10 @@ def gpu_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> tupl
     est = max((time.perf_counter() - t0) * 1e3, 1e-3)
     for _ in range(max(1, int(warmup_ms / est))):
         fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(max(5, int(rep_ms / est)))]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(max(5, int(rep_ms / est)))
+    ]
     for start, end in events:
         start.record()
         fn()
@@ -54,8 +56,9 @@ def gpu_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> tupl
     return percentiles([s.elapsed_time(e) for s, e in events])
 
 
-def interleaved(runners: list[Runner], seconds: float, device: torch.device, min_reps: int = 3,
-                max_reps: int = 200) -> dict[str, tuple[float, float, float]]:
+def interleaved(
+    runners: list[Runner], seconds: float, device: torch.device, min_reps: int = 3, max_reps: int = 200
+) -> dict[str, tuple[float, float, float]]:
     """Host wall time of each runner's call, the runners interleaved call by call (order alternating per round).
 
     On a GPU the device is synchronised after each call, outside the timed region: this is host time.
@@ -70,7 +73,7 @@ def interleaved(runners: list[Runner], seconds: float, device: torch.device, min
     reps = int(min(max_reps, max(min_reps, seconds / max(sum(est.values()), 1e-6))))
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for k in range(reps):
-        for r in (runners if k % 2 == 0 else runners[::-1]):
+        for r in runners if k % 2 == 0 else runners[::-1]:
             t0 = time.perf_counter()
             r.run()
             t1 = time.perf_counter()

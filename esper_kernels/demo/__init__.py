@@ -41,11 +41,11 @@ class TrainResult:
 
     @property
     def first(self) -> float:
-        return sum(self.returns[:self.window()]) / self.window()
+        return sum(self.returns[: self.window()]) / self.window()
 
     @property
     def final(self) -> float:
-        return sum(self.returns[-self.window():]) / self.window()
+        return sum(self.returns[-self.window() :]) / self.window()
 
 
 class _Progress:
@@ -78,9 +78,20 @@ class _Progress:
             self.drawn = False
 
 
-def train(updates: int = DEFAULT_UPDATES, *, backend: str = "auto", seed: int = 0, device: str = "cpu",
-          num_envs: int = 128, horizon: int = 25, num_slots: int = 3, agent_config: AgentConfig | None = None,
-          report_every: int | None = None, out=None, verbose: bool = True) -> TrainResult:
+def train(
+    updates: int = DEFAULT_UPDATES,
+    *,
+    backend: str = "auto",
+    seed: int = 0,
+    device: str = "cpu",
+    num_envs: int = 128,
+    horizon: int = 25,
+    num_slots: int = 3,
+    agent_config: AgentConfig | None = None,
+    report_every: int | None = None,
+    out=None,
+    verbose: bool = True,
+) -> TrainResult:
     """Train for ``updates`` PPO updates; returns the learning curve and the per-head telemetry history."""
     out = out or sys.stdout
     torch.manual_seed(seed)
@@ -92,9 +103,12 @@ def train(updates: int = DEFAULT_UPDATES, *, backend: str = "auto", seed: int = 
         report_every = max(1, math.ceil(updates / 4))
     if verbose:
         cfg = agent.cfg
-        print(f"esper_kernels demo: PPO on the seed-slot environment ({num_envs} envs x {horizon} steps, "
-              f"{num_slots} slots; {cfg.epochs} epochs x {cfg.minibatches} minibatches per update), "
-              f"device {env.device}, seed {seed}", file=out)
+        print(
+            f"esper_kernels demo: PPO on the seed-slot environment ({num_envs} envs x {horizon} steps, "
+            f"{num_slots} slots; {cfg.epochs} epochs x {cfg.minibatches} minibatches per update), "
+            f"device {env.device}, seed {seed}",
+            file=out,
+        )
         print(f"heads {dict(env.layout.items())}", file=out)
     bar = _Progress(updates, out)
     start = time.perf_counter()
@@ -111,18 +125,23 @@ def train(updates: int = DEFAULT_UPDATES, *, backend: str = "auto", seed: int = 
             continue
         if u == 1:
             print(f"backend {backend} -> {r.backend}", file=out)
-        bar.update(u, f"return {r.mean_return:7.3f}  kl {m['approx_kl']:.4f}  "
-                      f"clip {m['clip_fraction']:.3f}  ev {m['explained_variance']:5.2f}")
+        bar.update(
+            u,
+            f"return {r.mean_return:7.3f}  kl {m['approx_kl']:.4f}  "
+            f"clip {m['clip_fraction']:.3f}  ev {m['explained_variance']:5.2f}",
+        )
         if u % report_every == 0 or u == updates:
             bar.newline()
-            print(f"-- update {u}: per-head telemetry (grad: L2 norm of each head's Linear, last minibatch)",
-                  file=out)
+            print(f"-- update {u}: per-head telemetry (grad: L2 norm of each head's Linear, last minibatch)", file=out)
             print(head_report(m, r.grad_norms, heads=names), file=out)
     res.seconds = time.perf_counter() - start
     if verbose:
         bar.newline()
-        print(f"{updates} updates in {res.seconds:.1f} s ({res.seconds / max(updates, 1):.2f} s/update), "
-              f"backend {res.backend}", file=out)
+        print(
+            f"{updates} updates in {res.seconds:.1f} s ({res.seconds / max(updates, 1):.2f} s/update), "
+            f"backend {res.backend}",
+            file=out,
+        )
     return res
 
 
@@ -157,8 +176,9 @@ def plot_history(res: TrainResult, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m esper_kernels demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m esper_kernels demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backend", default="auto", help="reference, triton, cuda, cpu or auto (default)")
     p.add_argument("--updates", type=int, default=DEFAULT_UPDATES, help=f"PPO updates (default {DEFAULT_UPDATES})")
     p.add_argument("--seed", type=int, default=0)
@@ -168,14 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--horizon", type=int, default=25, help="steps per episode and per rollout (default 25)")
     p.add_argument("--slots", type=int, default=3, help="seed slots (the slot head's size; default 3)")
     p.add_argument("--report-every", type=int, default=None, help="updates between per-head reports")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: this model's small ops run fastest on one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: this model's small ops run fastest on one)",
+    )
     a = p.parse_args(argv)
     if a.updates < 1:
         p.error("--updates must be >= 1")
     torch.set_num_threads(max(1, a.threads))
-    res = train(a.updates, backend=a.backend, seed=a.seed, device=a.device, num_envs=a.envs, horizon=a.horizon,
-                num_slots=a.slots, report_every=a.report_every)
+    res = train(
+        a.updates,
+        backend=a.backend,
+        seed=a.seed,
+        device=a.device,
+        num_envs=a.envs,
+        horizon=a.horizon,
+        num_slots=a.slots,
+        report_every=a.report_every,
+    )
     if a.plot:
         plot_history(res, a.plot)
         print(f"plot written to {a.plot}")

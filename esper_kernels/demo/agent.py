@@ -33,8 +33,11 @@ class AgentConfig:
     epochs: int = 4
     minibatches: int = 4
     max_grad_norm: float = 1.0
-    loss: PPOLossConfig = field(default_factory=lambda: PPOLossConfig(
-        clip_eps=0.2, normalize_advantages=True, normalize_entropy=True, entropy_coef=0.01, value_coef=0.5))
+    loss: PPOLossConfig = field(
+        default_factory=lambda: PPOLossConfig(
+            clip_eps=0.2, normalize_advantages=True, normalize_entropy=True, entropy_coef=0.01, value_coef=0.5
+        )
+    )
 
 
 class Policy(torch.nn.Module):
@@ -45,11 +48,12 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.layout = layout
         self.num_ops = layout.sizes[layout.index("op")]
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(obs_size, hidden), torch.nn.Tanh(),
-                                         torch.nn.Linear(hidden, hidden), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleDict({
-            name: torch.nn.Linear(hidden if name == "op" else hidden + self.num_ops, a)
-            for name, a in layout.items()})
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Linear(obs_size, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh()
+        )
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(hidden if name == "op" else hidden + self.num_ops, a) for name, a in layout.items()}
+        )
         self.value = torch.nn.Linear(hidden, 1)
         for head in self.heads.values():  # small initial logits: a near-uniform starting policy
             torch.nn.init.orthogonal_(head.weight, gain=0.01)
@@ -148,9 +152,16 @@ class PPOAgent:
             w_l.append((op_mask.sum(-1) > 1).float())
             self.obs, reward, _done = env.step(actions)
             rew_l.append(reward)
-        return Rollout(torch.stack(obs_l), torch.stack(act_l), {n: torch.stack(m) for n, m in mask_l.items()},
-                       torch.stack(rel_l), torch.stack(lp_l), torch.stack(val_l), torch.stack(rew_l),
-                       torch.stack(w_l))
+        return Rollout(
+            torch.stack(obs_l),
+            torch.stack(act_l),
+            {n: torch.stack(m) for n, m in mask_l.items()},
+            torch.stack(rel_l),
+            torch.stack(lp_l),
+            torch.stack(val_l),
+            torch.stack(rew_l),
+            torch.stack(w_l),
+        )
 
     def advantages(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """GAE(gamma, lambda) over whole episodes (the last step is terminal): (advantages, returns)."""
@@ -181,14 +192,25 @@ class PPOAgent:
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=self.cpu_gen).to(self.device)
             for k in range(cfg.minibatches):
-                idx = perm[k * size:(k + 1) * size]
+                idx = perm[k * size : (k + 1) * size]
                 feat = self.policy.features(obs[idx])
                 logits = self.policy.head_logits(feat, actions[idx, op_idx])
-                out = ppo_loss(logits, {h: m[idx] for h, m in masks.items()}, actions[idx], old_lp[idx], adv[idx],
-                               layout=self.layout, head_relevance=rel[idx], weights=weights[idx],
-                               values=self.policy.values(feat), returns=returns[idx],
-                               value_weights=torch.ones_like(weights[idx]), config=cfg.loss, backend=self.backend,
-                               validate=False)
+                out = ppo_loss(
+                    logits,
+                    {h: m[idx] for h, m in masks.items()},
+                    actions[idx],
+                    old_lp[idx],
+                    adv[idx],
+                    layout=self.layout,
+                    head_relevance=rel[idx],
+                    weights=weights[idx],
+                    values=self.policy.values(feat),
+                    returns=returns[idx],
+                    value_weights=torch.ones_like(weights[idx]),
+                    config=cfg.loss,
+                    backend=self.backend,
+                    validate=False,
+                )
                 self.opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 norms = head_grad_norms(self.policy.heads)

@@ -23,8 +23,20 @@ import torch
 from ..layout import ESPER_HEADS, HeadLayout
 from ..synthetic import ESPER_RELEVANCE
 
-__all__ = ["SeedSlotEnv", "OPS", "WAIT", "GERMINATE", "SET_ALPHA_TARGET", "PRUNE", "FOSSILIZE", "ADVANCE",
-           "EMPTY", "TRAINING", "BLENDING", "FOSSILIZED"]
+__all__ = [
+    "SeedSlotEnv",
+    "OPS",
+    "WAIT",
+    "GERMINATE",
+    "SET_ALPHA_TARGET",
+    "PRUNE",
+    "FOSSILIZE",
+    "ADVANCE",
+    "EMPTY",
+    "TRAINING",
+    "BLENDING",
+    "FOSSILIZED",
+]
 
 OPS = ("WAIT", "GERMINATE", "SET_ALPHA_TARGET", "PRUNE", "FOSSILIZE", "ADVANCE")
 WAIT, GERMINATE, SET_ALPHA_TARGET, PRUNE, FOSSILIZE, ADVANCE = range(6)
@@ -56,8 +68,14 @@ class SeedSlotEnv:
     ``step(actions [B, H]) -> (obs, reward [B], done [B])`` (all episodes end together and restart).
     """
 
-    def __init__(self, num_envs: int = 64, num_slots: int = 3, horizon: int = 25, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        num_envs: int = 64,
+        num_slots: int = 3,
+        horizon: int = 25,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
         if num_slots < 1:
             raise ValueError(f"num_slots: expected >= 1, got {num_slots}")
         self.num_envs, self.num_slots, self.horizon = num_envs, num_slots, horizon
@@ -105,11 +123,17 @@ class SeedSlotEnv:
         then the time left and the fraction of slots in use."""
         stage = torch.nn.functional.one_hot(self.stage, len(STAGES)).float()
         occupied = self.stage != EMPTY
-        per_slot = torch.cat([
-            stage, self.alpha.unsqueeze(-1), torch.where(occupied, self.alpha_target, 0.0).unsqueeze(-1),
-            torch.where(occupied, self.quality, 0.0).unsqueeze(-1),
-            (self.training_left.float() / max(TEMPO_STEPS)).unsqueeze(-1), self._ready().float().unsqueeze(-1),
-        ], dim=-1)
+        per_slot = torch.cat(
+            [
+                stage,
+                self.alpha.unsqueeze(-1),
+                torch.where(occupied, self.alpha_target, 0.0).unsqueeze(-1),
+                torch.where(occupied, self.quality, 0.0).unsqueeze(-1),
+                (self.training_left.float() / max(TEMPO_STEPS)).unsqueeze(-1),
+                self._ready().float().unsqueeze(-1),
+            ],
+            dim=-1,
+        )
         B = self.num_envs
         time_left = torch.full((B, 1), 1.0 - self.t / self.horizon, device=self.device)
         used = occupied.float().mean(-1, keepdim=True)
@@ -125,8 +149,9 @@ class SeedSlotEnv:
         """[B, 6, S]: the slots each op can act on."""
         st = self.stage
         active = (st == TRAINING) | (st == BLENDING)
-        return torch.stack([torch.ones_like(active), st == EMPTY, st == BLENDING, active, self._reached(),
-                            self._ready()], dim=1)
+        return torch.stack(
+            [torch.ones_like(active), st == EMPTY, st == BLENDING, active, self._reached(), self._ready()], dim=1
+        )
 
     # -- masks and relevance --------------------------------------------------------------------------------
     def op_mask(self) -> torch.Tensor:
@@ -161,15 +186,15 @@ class SeedSlotEnv:
         noise = (torch.randn(B, generator=self._gen) * QUALITY_NOISE).to(self.device)
 
         germ = at & (op == GERMINATE).unsqueeze(-1)
-        q = (self._bp_quality[a["blueprint"]] + self._style_bonus[a["style"]] + self._tempo_bonus[a["tempo"]]
-             + noise).unsqueeze(-1)
+        q = (
+            self._bp_quality[a["blueprint"]] + self._style_bonus[a["style"]] + self._tempo_bonus[a["tempo"]] + noise
+        ).unsqueeze(-1)
         self.stage = torch.where(germ, TRAINING, self.stage)
         self.quality = torch.where(germ, q, self.quality)
         self.style = torch.where(germ, a["style"].unsqueeze(-1), self.style)
         self.training_left = torch.where(germ, self._tempo_steps[a["tempo"]].unsqueeze(-1), self.training_left)
         self.alpha = torch.where(germ, 0.0, self.alpha)
-        self.alpha_target = torch.where(germ, self._alpha_targets[a["alpha_target"]].unsqueeze(-1),
-                                        self.alpha_target)
+        self.alpha_target = torch.where(germ, self._alpha_targets[a["alpha_target"]].unsqueeze(-1), self.alpha_target)
         self.alpha_rate = torch.where(germ, ALPHA_SPEEDS[1], self.alpha_rate)
         reward = reward - GERMINATE_COST * (op == GERMINATE).float()
 
@@ -177,8 +202,9 @@ class SeedSlotEnv:
         restyle = self._style_bonus[a["style"]].unsqueeze(-1) - self._style_bonus[self.style]
         self.quality = torch.where(retarget, self.quality + restyle, self.quality)
         self.style = torch.where(retarget, a["style"].unsqueeze(-1), self.style)
-        self.alpha_target = torch.where(retarget, self._alpha_targets[a["alpha_target"]].unsqueeze(-1),
-                                        self.alpha_target)
+        self.alpha_target = torch.where(
+            retarget, self._alpha_targets[a["alpha_target"]].unsqueeze(-1), self.alpha_target
+        )
         rate = (self._alpha_speeds[a["alpha_speed"]] * self._alpha_curves[a["alpha_curve"]]).unsqueeze(-1)
         self.alpha_rate = torch.where(retarget, rate, self.alpha_rate)
 
@@ -198,8 +224,7 @@ class SeedSlotEnv:
         training = self.stage == TRAINING
         self.training_left = torch.where(training, (self.training_left - 1).clamp(min=0), self.training_left)
         blending = self.stage == BLENDING
-        self.alpha = torch.where(blending, torch.minimum(self.alpha + self.alpha_rate, self.alpha_target),
-                                 self.alpha)
+        self.alpha = torch.where(blending, torch.minimum(self.alpha + self.alpha_rate, self.alpha_target), self.alpha)
 
         # the host's improvement this step: every blended or fossilized seed, minus upkeep of active seeds
         contributing = (self.stage == BLENDING) | (self.stage == FOSSILIZED)
