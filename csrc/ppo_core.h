@@ -46,6 +46,17 @@ namespace esper {
 // --------------------------------------------------------------------------------------------------------
 ESPER_HD float f_inf() { return INFINITY; }
 ESPER_HD float f_nan() { return NAN; }
+// The saved coefficient of a (step, head) or a step: +0.0 where no gradient flows (an irrelevant head, a clipped
+// or clamped ratio, an absent step, a binding value clamp on the clipped branch alone), read as exactly 0 whatever
+// the upstream (autograd's where); a flowing coefficient that is zero is kept as -0.0, so that an infinite
+// upstream still makes it NaN (0 x inf) as in the reference. (No fast-math here: signed zeros are kept.)
+ESPER_HD float no_flow() { return 0.f; }
+ESPER_HD float flowing(float c) { return c == 0.f ? -0.f : c; }
+ESPER_HD bool flows(float u) {
+  uint32_t b;
+  memcpy(&b, &u, 4);
+  return b != 0u;
+}
 ESPER_HD bool is_finite(float x) { return x == x && x != INFINITY && x != -INFINITY; }
 ESPER_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 ESPER_HD float clamp_min(float x, float lo) { return x < lo ? lo : x; }
@@ -612,13 +623,13 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   float lr = rel ? clampf(d, -C, C) : 0.f;
   float ratio = ek_exp(lr);
   float wr = rel ? s.w : 0.f;
-  float pol = 0.f, u = f_nan();  // u: NaN = nothing flows (see head_grads)
+  float pol = 0.f, u = no_flow();  // (head_grads)
   if (P.per_head) {
     float adv = P.adv_per_head ? (s.present ? load_adv(P, h, i) : 0.f) : s.adv0;
     float s1 = ratio * adv, s2 = clampf(ratio, lo, hi_c) * adv;
     float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     pol = rel ? wr * surr : 0.f;
-    u = (rel && inside && !(s1 > s2)) ? -(s.w * adv) * ratio : f_nan();
+    u = (rel && inside && !(s1 > s2)) ? flowing(-(s.w * adv) * ratio) : no_flow();
   }
   const bool pres = s.present;
   const float n = rf.n, ell = rf.ell;
@@ -656,19 +667,19 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
   float r = ek_exp(L);
   GlobalStep g;
   g.r = r;
-  g.base = f_nan();
+  g.base = no_flow();
   float gpol = 0.f;
   if (!P.per_head) {
     float a = s.adv0;
     float s1 = r * a, s2 = clampf(r, lo, hi_c) * a;
     float surr = (s1 <= s2 || s1 != s1) ? s1 : s2;
     gpol = pres ? w * surr : 0.f;
-    g.base = (pres && jin && !(s1 > s2)) ? -(w * a) * r : f_nan();
+    g.base = (pres && jin && !(s1 > s2)) ? flowing(-(w * a) * r) : no_flow();
   }
   // value loss
   bool vpres = false, bad_vw = false;
   float vw = 0.f, vl = 0.f, vclip = 0.f, R = 0.f, v = 0.f;
-  g.vsaved = f_nan();
+  g.vsaved = no_flow();
   if (P.has_values) {
     float vw_raw = P.value_weights.ptr ? load_f(P.value_weights, i) : s.w_raw;
     bool fin = is_finite(vw_raw);
@@ -699,7 +710,7 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
       vl = l1;
       dvl = dl1;
     }
-    g.vsaved = (vpres && vflow) ? vw * dvl : f_nan();  // NaN: nothing flows (value_grad)
+    g.vsaved = (vpres && vflow) ? flowing(vw * dvl) : no_flow();  // (value_grad)
   }
   float res = vpres ? R - v : 0.f;
   bool rk = pres && r == r;
@@ -787,10 +798,10 @@ ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs
   const int H = P.num_heads;
   float den = st[ESPER_GLOBAL_SIZE + h * ESPER_HEAD_SIZE + HD_REL_WEIGHT];
   float pscale = safe_div(gs.g_pol, P.per_head ? den : st[G_WEIGHT]);
-  // the saved coefficient: NaN where nothing flows (an irrelevant head, a clipped or clamped ratio), whose
-  // gradient is exactly 0 whatever the upstream (autograd's where); a flowing one is scaled (0 x inf = NaN)
+  // the saved coefficient: no_flow() where nothing flows (an irrelevant head, a clipped or clamped ratio): exactly 0
+  // whatever the upstream (autograd's where); a flowing one is scaled (0 x inf = NaN, NaN stays NaN)
   float u = reinterpret_cast<const float*>(P.saved)[i * (H + 1) + h];
-  float l = u == u ? u * pscale : 0.f;
+  float l = flows(u) ? u * pscale : 0.f;
   if (P.grad_log_probs.ptr) l += load_m(P.grad_log_probs, i, h);
   gL = hi.in_range ? l : 0.f;
   float ecoef = safe_div(gs.g_ent * -P.kcoef[h], den);
@@ -802,9 +813,9 @@ ESPER_HD void head_grads(const PPOParams& P, const float* st, const GradScal& gs
 ESPER_HD float value_grad(const PPOParams& P, const float* st, const GradScal& gs, int64_t i) {
   const int H = P.num_heads;
   float vscale = safe_div(gs.g_val * 0.5f, st[G_VALUE_WEIGHT]);
-  // NaN saved where nothing flows (an absent step, a binding clamp on the clipped branch alone): exactly 0
+  // no_flow() saved where nothing flows (an absent step, a binding clamp on the clipped branch alone): exactly 0
   const float u = reinterpret_cast<const float*>(P.saved)[i * (H + 1) + H];
-  return u == u ? u * vscale : 0.f;
+  return flows(u) ? u * vscale : 0.f;
 }
 
 }  // namespace esper

@@ -442,8 +442,15 @@ def test_backward_recompute_path(backend, term, dtype):
 def test_backward_infinite_upstream(backend, config):
     """An infinite upstream on ``loss`` (the one-pass backends recompute): NaN at every valid action of a row the
     loss reaches, exactly 0 at masked actions, absent steps, irrelevant (step, head) rows and rows whose clipped
-    or clamped ratio passes no gradient, as the reference's autograd (docs/semantics.md section 3)."""
-    _same_grads(backend, _esper_batch(backend), ESPER, config, lambda out: out.loss.backward(backend.tensor(math.inf)))
+    or clamped ratio passes no gradient, as the reference's autograd (docs/semantics.md section 3). Some
+    advantages are exactly 0 and some values equal their returns: a term that passes a gradient with a zero
+    coefficient gets 0 x inf = NaN, never the 0 of a term that passes none."""
+    b = _esper_batch(backend)
+    adv, v = b["advantages"].clone(), b["values"].clone()
+    adv.view(-1)[::7] = 0.0
+    v.view(-1)[::5] = b["returns"].view(-1)[::5]
+    b = dict(b, advantages=adv, values=v)
+    _same_grads(backend, b, ESPER, config, lambda out: out.loss.backward(backend.tensor(math.inf)))
 
 
 def test_backward_recompute_path_for_per_step_outputs_with_loss(backend):

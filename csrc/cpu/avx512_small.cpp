@@ -301,6 +301,12 @@ inline __m512 floor_q(const FloorLanes& fl, __m512 p1, __mmask16 under) {
   return _mm512_mask_blend_ps(under, _mm512_mul_ps(p1, fl.s_f), fl.f);
 }
 
+// ppo_core.h's flowing() / no_flow() lane-wise: x in the lanes of m (a zero as -0.0), +0.0 in the others
+__m512 flowing16(__mmask16 m, __m512 x) {
+  const __m512 z = _mm512_setzero_ps();
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(m, x), m & _mm512_cmp_ps_mask(x, z, _CMP_EQ_OQ), _mm512_set1_ps(-0.f));
+}
+
 // head_stat_terms (ppo_head_terms.h) over 16 lanes: values in a zmm register, conditions as a lane mask
 struct LaneTerms {
   using V = __m512;
@@ -447,8 +453,8 @@ void fast_forward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& B
     const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
     pol = _mm512_maskz_mul_ps(rel, wr, _mm512_mask_blend_ps(take1, s2, s1));
     const __mmask16 ug = flag & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ);
-    const __m512 u = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), ug,  // NaN: nothing flows (head_grads)
-                                        _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio);
+    const __m512 u =  // (head_grads)
+        flowing16(ug, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(w, adv)), ratio));
     if (F.otr) {
       _mm512_store_ps(C.oc[3][h], u);
     } else {
@@ -569,7 +575,8 @@ void fast_backward(const PPOParams& P, const FastPlan& F, int h, const BlockIn& 
                                  reinterpret_cast<const float*>(P.saved) + B.b0 * (H + 1) + h, 4);
   }
   // incoming gradients of ell and of the entropy (head_grads, lane-wise; 0 for absent steps)
-  __m512 l = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(u, u, _CMP_ORD_Q), u, _mm512_set1_ps(F.pscale[h]));
+  const __mmask16 fl = _mm512_test_epi32_mask(_mm512_castps_si512(u), _mm512_castps_si512(u));  // flows()
+  __m512 l = _mm512_maskz_mul_ps(fl, u, _mm512_set1_ps(F.pscale[h]));
   __m512 e = _mm512_maskz_mul_ps((__mmask16)L.rel, _mm512_set1_ps(F.ecoef[h]), _mm512_load_ps(B.w));
   if (P.grad_log_probs.ptr || P.grad_entropy.ptr) {
     alignas(64) float gx[RB], ex[RB];
@@ -679,8 +686,8 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
     const __m512 s1 = _mm512_mul_ps(r, a), s2 = _mm512_mul_ps(clamp16(r, lo, hic), a);
     const __mmask16 take1 = _mm512_cmp_ps_mask(s1, s2, _CMP_LE_OQ) | _mm512_cmp_ps_mask(s1, s1, _CMP_UNORD_Q);
     gpol = _mm512_maskz_mul_ps(pres, w, _mm512_mask_blend_ps(take1, s2, s1));
-    base = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), pres & jin & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ),
-                              _mm512_sub_ps(zero, _mm512_mul_ps(w, a)), r);  // NaN: nothing flows (head_grads)
+    base = flowing16(pres & jin & _mm512_cmp_ps_mask(s1, s2, _CMP_NGT_UQ),
+                     _mm512_mul_ps(_mm512_sub_ps(zero, _mm512_mul_ps(w, a)), r));  // (head_grads)  // (head_grads)
   }
   __mmask16 vpres = 0, bad_vw = 0;
   __m512 vw = zero, vl = zero, vclip = zero, R = zero, v = zero, vsaved = zero;
@@ -721,7 +728,7 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
       vl = l1;
       dvl = dl1;
     }
-    vsaved = _mm512_mask_mul_ps(_mm512_set1_ps(NAN), vpres & vflow, vw, dvl);  // NaN: nothing flows
+    vsaved = flowing16(vpres & vflow, _mm512_mul_ps(vw, dvl));  // (value_grad)
   }
   const __m512 res = _mm512_maskz_sub_ps(vpres, R, v);
   // per-step outputs
@@ -737,7 +744,7 @@ void fast_global(const PPOParams& P, const FastPlan& F, const BlockIn& B, const 
     const __m512i fl = _mm512_load_si512(flags);
     for (int h = 0; h < H; ++h) {
       const __mmask16 fh = _mm512_test_epi32_mask(fl, _mm512_set1_epi32((int32_t)(1u << h)));
-      const __m512 uh = _mm512_mask_mov_ps(_mm512_set1_ps(NAN), fh, base);  // NaN: nothing flows (head_grads)
+      const __m512 uh = _mm512_maskz_mov_ps(fh, base);  // (head_grads)
       if (F.otr)
         _mm512_store_ps(C.oc[3][h], uh);
       else

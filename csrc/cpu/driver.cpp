@@ -442,7 +442,7 @@ void forward_chunk(const PPOParams& P, const FastPlan& F, int64_t r0, int64_t r1
       for (int k = 0; k < GX_SIZE; ++k) gacc[k] = kind_combine(global_kind(k), gacc[k], c[k]);
       jr[i] = g.r;
       if (!P.per_head)
-        for (int h = 0; h < H; ++h) saved[i * (H + 1) + h] = ((flags[q] >> h) & 1u) ? g.base : f_nan();
+        for (int h = 0; h < H; ++h) saved[i * (H + 1) + h] = ((flags[q] >> h) & 1u) ? g.base : no_flow();
       saved[i * (H + 1) + H] = g.vsaved;
       for (int m = 0; m < 3; ++m) {
         xs[m][i - r0] = g.x[m];
