@@ -231,3 +231,20 @@ def check_output_grads_only(backend: str, batch: dict, layout: ek.HeadLayout) ->
         torch.where(keep, out.log_probs * 0.3 + out.entropy, 0.0).sum().backward()
         grads.append(logits.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+def leaf_batch(batch: dict) -> dict:
+    """The batch with fresh leaf copies of its logits and values (requires_grad), the other tensors shared."""
+    b = dict(batch)
+    b["logits"] = batch["logits"].detach().clone().requires_grad_(True)
+    if b.get("values") is not None:
+        b["values"] = batch["values"].detach().clone().requires_grad_(True)
+    return b
+
+
+def grads_after(backend: str, batch: dict, layout: ek.HeadLayout, config: ek.PPOLossConfig, backward):
+    """``backward(out)`` after one call of ``backend``; returns (out, logits.grad, values.grad)."""
+    b = leaf_batch(batch)
+    out = ek.ppo_loss(**b, layout=layout, config=config, backend=backend, validate=False)
+    backward(out)
+    return out, b["logits"].grad, None if b.get("values") is None else b["values"].grad

@@ -25,6 +25,8 @@ from harness import (
     assert_grad_close,
     assert_same_non_finite,
     check_output_grads_only,
+    grads_after,
+    leaf_batch,
     per_head,
     run,
 )
@@ -346,33 +348,17 @@ def _esper_batch(backend, dtype=torch.float32, seed=3):
     return backend.to(b)
 
 
-def _leaf_batch(batch):
-    b = dict(batch)
-    b["logits"] = batch["logits"].detach().clone().requires_grad_(True)
-    if b.get("values") is not None:
-        b["values"] = batch["values"].detach().clone().requires_grad_(True)
-    return b
-
-
-def _grads_after(name, batch, layout, config, backward):
-    """``backward(out)`` after one call of backend ``name``; returns (out, logits.grad, values.grad)."""
-    b = _leaf_batch(batch)
-    out = ek.ppo_loss(**b, layout=layout, config=config, backend=name, validate=False)
-    backward(out)
-    return out, b["logits"].grad, None if b.get("values") is None else b["values"].grad
-
-
 def _same_grads(backend, batch, layout, config, backward, arbitrate=False):
     """The backend's gradients after ``backward`` equal the reference's (float32 on upcast inputs). With
     ``arbitrate``, a logits-gradient mismatch is re-judged against the float64 reference (float64_arbiter's rule)."""
-    _, g, gv = _grads_after(backend.name, batch, layout, config, backward)
-    _, rg, rgv = _grads_after("reference", dict(batch, logits=batch["logits"].float()), layout, config, backward)
+    _, g, gv = grads_after(backend.name, batch, layout, config, backward)
+    _, rg, rgv = grads_after("reference", dict(batch, logits=batch["logits"].float()), layout, config, backward)
     try:
         assert_grad_close("grad logits", g, rg, batch["logits"].dtype)
     except AssertionError:
         if not arbitrate:
             raise
-        _, tg, _ = _grads_after("reference", dict(batch, logits=batch["logits"].double()), layout, config, backward)
+        _, tg, _ = grads_after("reference", dict(batch, logits=batch["logits"].double()), layout, config, backward)
         assert_grad_vs_float64("grad logits", g, rg, tg)
     if gv is not None:
         if torch.isfinite(rgv).all():
@@ -477,7 +463,7 @@ def test_two_backward_calls_with_retain_graph(backend):
     for config in PATH_CONFIGS.values():
         outs = {}
         for name in (backend.name, "reference"):
-            lb = _leaf_batch(b)
+            lb = leaf_batch(b)
             out = ek.ppo_loss(**lb, layout=ESPER, config=config, backend=name, validate=False)
             (g1,) = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(1.0), retain_graph=True)
             (g2,) = torch.autograd.grad(out.loss, lb["logits"], backend.tensor(-3.0), retain_graph=True)
@@ -496,13 +482,13 @@ def test_gradient_accumulates_into_an_existing_grad(backend):
     config = PATH_CONFIGS["joint"]
     results = {}
     for name in (backend.name, "reference"):
-        lb = _leaf_batch(b)
+        lb = leaf_batch(b)
         lb["logits"].grad = torch.full_like(lb["logits"], 0.25)
         lb["values"].grad = torch.full_like(lb["values"], -0.5)
         for scale in (1.0, 2.0):
             out = ek.ppo_loss(**lb, layout=ESPER, config=config, backend=name, validate=False)
             out.loss.backward(backend.tensor(scale))
-        lb2 = _leaf_batch(b)
+        lb2 = leaf_batch(b)
         lb2["logits"].grad = torch.ones_like(lb2["logits"])
         out = ek.ppo_loss(**lb2, layout=ESPER, config=config, backend=name, validate=False)
         out.loss.backward(retain_graph=True)

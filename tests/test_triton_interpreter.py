@@ -25,7 +25,7 @@ import pytest
 import torch
 from backends_under_test import TINY, tuning
 from float64_arbiter import check_triton
-from harness import ATOL, RTOL, assert_grad_close, run
+from harness import ATOL, RTOL, assert_grad_close, grads_after, leaf_batch, run
 from ref_cases import (
     random_batch,
 )
@@ -54,27 +54,11 @@ def check(batch, layout, config=None, **kw):
     return check_triton(batch, layout, config, **kw)
 
 
-def _leaf_batch(batch):
-    b = dict(batch)
-    b["logits"] = batch["logits"].detach().clone().requires_grad_(True)
-    if b.get("values") is not None:
-        b["values"] = batch["values"].detach().clone().requires_grad_(True)
-    return b
-
-
-def _grads_after(backend, batch, layout, config, backward):
-    """``backward(out)`` after one call of ``backend``; returns (out, logits.grad, values.grad)."""
-    b = _leaf_batch(batch)
-    out = ek.ppo_loss(**b, layout=layout, config=config, backend=backend, validate=False)
-    backward(out)
-    return out, b["logits"].grad, None if b.get("values") is None else b["values"].grad
-
-
 def _same_grads(batch, layout, config, backward):
     """The triton backend's gradients after ``backward`` equal the reference's (float32 on upcast inputs)."""
     ref_batch = dict(batch, logits=batch["logits"].float())
-    _, g, gv = _grads_after("triton", batch, layout, config, backward)
-    _, rg, rgv = _grads_after("reference", ref_batch, layout, config, backward)
+    _, g, gv = grads_after("triton", batch, layout, config, backward)
+    _, rg, rgv = grads_after("reference", ref_batch, layout, config, backward)
     assert_grad_close("grad logits", g, rg, batch["logits"].dtype)
     if gv is not None:
         torch.testing.assert_close(gv, rgv, rtol=RTOL, atol=ATOL, equal_nan=True)
@@ -111,7 +95,7 @@ def test_fast_path_returns_the_forwards_gradient(config, dtype):
     held it (HOLDS)."""
     b = _esper_batch(dtype)
     with Launches().recording() as rec:
-        _grads_after("triton", b, LAYOUT, config, lambda out: out.loss.backward())
+        grads_after("triton", b, LAYOUT, config, lambda out: out.loss.backward())
     (fwd,) = rec.main(fixup=False)
     (fix,) = rec.main(fixup=True)
     assert fwd["GRAD_ON"] and fwd["VGRAD_ON"]
@@ -127,7 +111,7 @@ def test_recompute_path_for_per_step_outputs():
     glp = torch.randn(15, 8, generator=g)
     gent = torch.randn(15, 8, generator=g)
     with Launches().recording() as rec:
-        _grads_after(
+        grads_after(
             "triton",
             b,
             LAYOUT,
@@ -168,7 +152,7 @@ def test_no_gradient_written_without_grad():
 def test_launch_count_of_a_training_step():
     """One forward + ``loss.backward()`` + reading the metrics: three kernel launches (pre-pass, forward, fix-up);
     the metric table comes from the forward (no launch of its own)."""
-    b = _leaf_batch(make_batch((9,), LAYOUT, seed=5))
+    b = leaf_batch(make_batch((9,), LAYOUT, seed=5))
     with Launches().recording() as rec:
         out = ek.ppo_loss(**b, layout=LAYOUT, backend="triton", validate=False)
         out.loss.backward()
