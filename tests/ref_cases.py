@@ -315,3 +315,31 @@ def check_metric_table(table_fn, case) -> None:
     got = table_fn(s, cfg, has_values).cpu()
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0, equal_nan=True)
+
+
+#: the configs of the backward-path tests (fast, rescale, recompute): the joint surrogate with value clipping, and
+#: the per-head surrogate with floors, normalised entropy and advantages, per-head entropy coefficients
+PATH_CONFIGS = {
+    "joint": ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
+    "per_head_floor_norm": ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.05,
+        clip_eps_high=0.28,
+        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
+        normalize_advantages=True,
+        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
+    ),
+}
+
+
+def wide_config(floor: float | None) -> ek.PPOLossConfig:
+    """The wide-head tests' config: per-head surrogate, normalised entropy, value clipping, and a floor on the
+    head named "wide" (and 0.1 on "a") when ``floor`` is given."""
+    return ek.PPOLossConfig(
+        surrogate="per_head",
+        normalize_entropy=True,
+        entropy_coef=0.1,
+        value_clip=0.5,
+        prob_floor=None if floor is None else {"wide": floor, "a": 0.1},
+    )

@@ -33,6 +33,7 @@ from harness import (
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from ref_cases import (
+    PATH_CONFIGS,
     cases,
     check_metric_table,
     layout_of,
@@ -40,6 +41,7 @@ from ref_cases import (
     random_batch,
     stats_cases,
     strided_rows_case,
+    wide_config,
 )
 
 import esper_kernels as ek
@@ -190,13 +192,7 @@ def test_wide_head(backend, width, floor, dtype):
     batch = random_batch(
         list(layout.sizes), (6,), seed=11, mask_density=0.5, values=True, old_values=True, logit_scale=3.0, dtype=dtype
     )
-    config = ek.PPOLossConfig(
-        surrogate="per_head",
-        normalize_entropy=True,
-        entropy_coef=0.1,
-        value_clip=0.5,
-        prob_floor=None if floor is None else {"wide": floor, "a": 0.1},
-    )
+    config = wide_config(floor)
     check(backend, batch, layout, config)
 
 
@@ -327,18 +323,6 @@ def test_deterministic_repeated_calls(backend):
 
 
 # -- the backward: fast path, rescale, recompute, two backwards, accumulation, no autograd -----------------------
-PATH_CONFIGS = {
-    "joint": ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
-    "per_head_floor_norm": ek.PPOLossConfig(
-        surrogate="per_head",
-        normalize_entropy=True,
-        entropy_coef=0.05,
-        clip_eps_high=0.28,
-        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
-        normalize_advantages=True,
-        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
-    ),
-}
 
 
 def _esper_batch(backend, dtype=torch.float32, seed=3):

@@ -27,7 +27,9 @@ from backends_under_test import TINY, tuning
 from float64_arbiter import check_triton
 from harness import ATOL, RTOL, assert_grad_close, grads_after, leaf_batch, run
 from ref_cases import (
+    PATH_CONFIGS,
     random_batch,
+    wide_config,
 )
 from triton_launches import Launches
 
@@ -67,18 +69,7 @@ def _same_grads(batch, layout, config, backward):
 
 # -- every config field, both surrogates, floors, values, messy data: hypothesis ---------------------------
 # -- the three backward paths ---------------------------------------------------------------------------------
-PATH_CONFIGS = [
-    ek.PPOLossConfig(entropy_coef=0.01, value_clip=0.2),
-    ek.PPOLossConfig(
-        surrogate="per_head",
-        normalize_entropy=True,
-        entropy_coef=0.05,
-        clip_eps_high=0.28,
-        prob_floor={"op": 0.05, "blueprint": 0.02, "slot": 0.2},
-        normalize_advantages=True,
-        entropy_coef_per_head={"op": 2.0, "tempo": 0.0},
-    ),
-]
+PATH_LIST = list(PATH_CONFIGS.values())
 
 
 def _esper_batch(dtype=torch.float32, seed=3, shape=(3, 5)):
@@ -87,7 +78,7 @@ def _esper_batch(dtype=torch.float32, seed=3, shape=(3, 5)):
     return b
 
 
-@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["joint", "per_head_floor_norm"])
+@pytest.mark.parametrize("config", PATH_LIST, ids=list(PATH_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fast_path_returns_the_forwards_gradient(config, dtype):
     """``loss.backward()``: the fix-up launches and leaves the forward's gradient as it is (equal to the reference:
@@ -106,7 +97,7 @@ def test_recompute_path_for_per_step_outputs():
     """Gradients on log_probs and entropy with loss: the fix-up recomputes (HOLDS with HAS_GLP / HAS_GENT); the
     gradients equal the reference's (test_conformance.test_backward_recompute_path_for_per_step_outputs_with_loss)."""
     b = _esper_batch()
-    config = PATH_CONFIGS[1]
+    config = PATH_CONFIGS["per_head_floor_norm"]
     g = torch.Generator().manual_seed(4)
     glp = torch.randn(15, 8, generator=g)
     gent = torch.randn(15, 8, generator=g)
@@ -176,13 +167,7 @@ def test_wide_head_streams(floor):
     batch = random_batch(
         list(layout.sizes), (7,), seed=11, mask_density=0.5, values=True, old_values=True, logit_scale=3.0
     )
-    config = ek.PPOLossConfig(
-        surrogate="per_head",
-        normalize_entropy=True,
-        entropy_coef=0.1,
-        value_clip=0.5,
-        prob_floor=None if floor is None else {"wide": floor, "a": 0.1},
-    )
+    config = wide_config(floor)
     with tuning(**TINY):
         enc_plan = tb._Plan(layout.sizes, 7, torch.device("cpu"), True)
         assert enc_plan.wide == (False, True, False) and enc_plan.block_c == 16
@@ -227,7 +212,7 @@ def test_head_groups_and_column_stores():
     """Packed heads sharing tiles (GROUP_MAX 16 and 32) and column-at-a-time gradient stores (the forward's, and
     the backward's recompute's joined tiles) give the same results as one tile per head."""
     b = make_batch((6,), LAYOUT, seed=13)
-    config = PATH_CONFIGS[1]
+    config = PATH_CONFIGS["per_head_floor_norm"]
     ref, ref_grads = run("triton", b, LAYOUT, config, grad_seed=2)
     for knobs in (
         dict(GROUP_MAX=32),
