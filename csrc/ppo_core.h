@@ -643,6 +643,51 @@ ESPER_HD HeadStep head_step(const PPOParams& P, int h, int64_t i, const StepIn& 
   return out;
 }
 
+// one step's value-loss terms (docs/semantics.md 2.11), shared by the CPU rows and the CUDA one-pass kernels
+struct ValueTerms {
+  bool vpres;   // a finite value weight > 0 (values given)
+  bool bad_vw;  // a negative or non-finite value weight
+  bool vflow;   // a gradient flows into v (not where the clipped branch alone is taken and its clamp binds)
+  float vw;     // the value weight (0 where !vpres)
+  float v, R;   // the value and the return (0 where !vpres)
+  float vl;     // the squared error, or the larger of the plain and clipped ones with value clipping
+  float vclip;  // vw where the clipped error is the larger one, else 0
+  float dvl;    // d vl / d v (each branch's share at a tie, as torch.maximum)
+};
+
+ESPER_HD ValueTerms value_terms(const PPOParams& P, int64_t i, float w_raw) {
+  ValueTerms t{false, false, true, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (!P.has_values) return t;
+  const float vw_raw = P.value_weights.ptr ? load_f(P.value_weights, i) : w_raw;
+  const bool fin = is_finite(vw_raw);
+  t.vpres = fin && vw_raw > 0.f;
+  t.bad_vw = !fin || vw_raw < 0.f;
+  t.vw = t.vpres ? vw_raw : 0.f;
+  t.v = t.vpres ? load_f(P.values, i) : 0.f;
+  t.R = t.vpres ? load_f(P.returns, i) : 0.f;
+  const float d1 = t.v - t.R;
+  const float l1 = d1 * d1;
+  const float dl1 = 2.f * d1;
+  if (P.has_vclip) {
+    const float dc = P.value_clip;
+    const float vo = t.vpres ? load_f(P.old_values, i) : 0.f;
+    const float dv = t.v - vo;
+    const float vc = dv > dc ? vo + dc : (dv < -dc ? vo - dc : t.v);
+    const float d2 = vc - t.R;
+    const float l2 = d2 * d2;
+    t.vl = (l1 != l1 || l1 >= l2) ? l1 : l2;
+    t.vclip = (t.vpres && l2 > l1) ? t.vw : 0.f;
+    const bool inside = dv >= -dc && dv <= dc;
+    const float dl2 = inside ? 2.f * d2 : 0.f;
+    t.dvl = l1 > l2 ? dl1 : (l2 > l1 ? dl2 : 0.5f * dl1 + 0.5f * dl2);
+    t.vflow = !(l2 > l1 && !inside);  // the clipped branch alone, its clamp binding: nothing flows
+  } else {
+    t.vl = l1;
+    t.dvl = dl1;
+  }
+  return t;
+}
+
 struct GlobalStep {
   float r;       // joint ratio
   float base;    // joint: unnormalised d PL / d ell for every flagged head (times W)
@@ -677,41 +722,10 @@ ESPER_HD GlobalStep global_step(const PPOParams& P, int64_t i, const StepIn& s, 
     g.base = (pres && jin && !(s1 > s2)) ? flowing(-(w * a) * r) : no_flow();
   }
   // value loss
-  bool vpres = false, bad_vw = false;
-  float vw = 0.f, vl = 0.f, vclip = 0.f, R = 0.f, v = 0.f;
-  g.vsaved = no_flow();
-  if (P.has_values) {
-    float vw_raw = P.value_weights.ptr ? load_f(P.value_weights, i) : s.w_raw;
-    bool fin = is_finite(vw_raw);
-    vpres = fin && vw_raw > 0.f;
-    bad_vw = !fin || vw_raw < 0.f;
-    vw = vpres ? vw_raw : 0.f;
-    v = vpres ? load_f(P.values, i) : 0.f;
-    R = vpres ? load_f(P.returns, i) : 0.f;
-    bool vflow = true;
-    float d1 = v - R;
-    float l1 = d1 * d1;
-    float dl1 = 2.f * d1;
-    float dvl;
-    if (P.has_vclip) {
-      const float dc = P.value_clip;
-      float vo = vpres ? load_f(P.old_values, i) : 0.f;
-      float dv = v - vo;
-      float vc = dv > dc ? vo + dc : (dv < -dc ? vo - dc : v);
-      float d2 = vc - R;
-      float l2 = d2 * d2;
-      vl = (l1 != l1 || l1 >= l2) ? l1 : l2;
-      vclip = (vpres && l2 > l1) ? vw : 0.f;
-      const bool inside = dv >= -dc && dv <= dc;
-      float dl2 = inside ? 2.f * d2 : 0.f;
-      dvl = l1 > l2 ? dl1 : (l2 > l1 ? dl2 : 0.5f * dl1 + 0.5f * dl2);
-      vflow = !(l2 > l1 && !inside);  // the clipped branch alone, its clamp binding: nothing flows
-    } else {
-      vl = l1;
-      dvl = dl1;
-    }
-    g.vsaved = (vpres && vflow) ? flowing(vw * dvl) : no_flow();  // (value_grad)
-  }
+  const ValueTerms vt = value_terms(P, i, s.w_raw);
+  const bool vpres = vt.vpres, bad_vw = vt.bad_vw;
+  const float vw = vt.vw, vl = vt.vl, vclip = vt.vclip, R = vt.R, v = vt.v;
+  g.vsaved = (vpres && vt.vflow) ? flowing(vw * vt.dvl) : no_flow();  // (value_grad)
   float res = vpres ? R - v : 0.f;
   bool rk = pres && r == r;
   c[G_STEPS] = pres ? 1.0 : 0.0;

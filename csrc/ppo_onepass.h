@@ -878,41 +878,10 @@ ESPER_HD GlobalTerms global_terms(const PPOParams& P, const float* nm, const Up&
     const bool act = pres && jin && !(s1 > s2);
     g.gbase = act ? (-(w * a) * r) * hc[2 * P.num_heads] : 0.f;
   }
-  bool vpres = false, bad_vw = false;
-  float vw = 0.f, vl = 0.f, vclip = 0.f, R = 0.f, v = 0.f;
-  g.gv = 0.f;
-  if (P.has_values) {
-    const float vw_raw = P.value_weights.ptr ? load_f(P.value_weights, i) : s.w_raw;
-    const bool fin = is_finite(vw_raw);
-    vpres = fin && vw_raw > 0.f;
-    bad_vw = !fin || vw_raw < 0.f;
-    vw = vpres ? vw_raw : 0.f;
-    v = vpres ? load_f(P.values, i) : 0.f;
-    R = vpres ? load_f(P.returns, i) : 0.f;
-    const float d1 = v - R;
-    const float l1 = d1 * d1;
-    const float dl1 = 2.f * d1;
-    bool vflow = true;
-    float dvl;
-    if (P.has_vclip) {
-      const float dc = P.value_clip;
-      const float vo = vpres ? load_f(P.old_values, i) : 0.f;
-      const float dv = v - vo;
-      const float vc = dv > dc ? vo + dc : (dv < -dc ? vo - dc : v);
-      const float d2 = vc - R;
-      const float l2 = d2 * d2;
-      vl = (l1 != l1 || l1 >= l2) ? l1 : l2;
-      vclip = (vpres && l2 > l1) ? vw : 0.f;
-      const bool inside = dv >= -dc && dv <= dc;
-      const float dl2 = inside ? 2.f * d2 : 0.f;
-      dvl = l1 > l2 ? dl1 : (l2 > l1 ? dl2 : 0.5f * dl1 + 0.5f * dl2);
-      vflow = !(l2 > l1 && !inside);  // the clipped branch alone, its clamp binding: exactly 0 (any upstream)
-    } else {
-      vl = l1;
-      dvl = dl1;
-    }
-    g.gv = (vpres && vflow) ? (vw * dvl) * hc[2 * P.num_heads + 1] : 0.f;
-  }
+  const ValueTerms vt = value_terms(P, i, s.w_raw);
+  const bool vpres = vt.vpres, bad_vw = vt.bad_vw;
+  const float vw = vt.vw, vl = vt.vl, vclip = vt.vclip, R = vt.R, v = vt.v;
+  g.gv = (vpres && vt.vflow) ? (vw * vt.dvl) * hc[2 * P.num_heads + 1] : 0.f;
   const float res = vpres ? R - v : 0.f;
   for (int m = 0; m < NMOM; ++m) {
     const int mi = moment_idx(m).m;
